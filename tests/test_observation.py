@@ -1,0 +1,126 @@
+"""The observation model: the one definition of pooling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stsr.observation import Grid, ObservationModel
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def test_blocks_preserve_total_counts_exactly(rng):
+    hr = rng.poisson(4.0, size=(3, 37, 29)).astype(np.float64)  # not a multiple of the factor
+    op = ObservationModel.blocks(hr.shape[-2:], 4)
+    lr = op.pool(hr)
+    assert op.params["lr_shape"] == (10, 8)
+    assert lr.shape == (3, 80)
+    np.testing.assert_array_equal(lr.sum(-1), hr.sum((-2, -1)))
+    # block (1, 2) holds rows 4..7, cols 8..11
+    np.testing.assert_array_equal(lr[:, 1 * 8 + 2], hr[:, 4:8, 8:12].sum((-2, -1)))
+    # the partial corner block (rows 36, cols 28)
+    np.testing.assert_array_equal(lr[:, -1], hr[:, 36:, 28:].sum((-2, -1)))
+
+
+def test_disk_rows_cover_disk_area():
+    centres = np.array([[20.0, 20.0], [20.3, 60.7], [61.5, 40.2]])
+    for radius in (3.3, 7.25, 12.0):
+        op = ObservationModel.disks((90, 90), centres, radius, supersample=16)
+        np.testing.assert_allclose(op.support_area, np.pi * radius**2, rtol=0.01)
+        assert op.is_disjoint
+    # a disk cut by the grid edge keeps only its inside part
+    op = ObservationModel.disks((40, 40), [[0.0, 20.0]], 10.0, supersample=16)
+    np.testing.assert_allclose(op.support_area, np.pi * 100 / 2, rtol=0.02)
+
+
+def test_disks_reject_bad_geometry():
+    with pytest.raises(ValueError, match="NaN"):
+        ObservationModel.disks((10, 10), [[np.nan, 1.0]], 2.0)
+    with pytest.raises(ValueError, match="radius"):
+        ObservationModel.disks((10, 10), [[5.0, 5.0]], -1.0)
+
+
+@pytest.mark.parametrize("mode", ["additive", "multiplicative"])
+def test_project_reproduces_measurement(rng, mode):
+    op = ObservationModel.disks((64, 64), [[16, 16], [16, 48], [48, 16], [48, 48]], 9.0)
+    truth = rng.gamma(2.0, 1.0, size=(5, 64, 64))
+    lr = op.pool(truth)
+    guess = rng.gamma(2.0, 1.0, size=(5, 64, 64))
+    out = op.project(guess, lr, mode=mode)
+    np.testing.assert_allclose(op.pool(out), lr, rtol=1e-10)
+    # pixels outside every spot are untouched
+    outside = op.coverage == 0
+    np.testing.assert_array_equal(out[:, outside], guess[:, outside])
+    if mode == "multiplicative":
+        assert out.min() >= 0
+
+
+def test_project_additive_is_least_change(rng):
+    """The additive projection is the orthogonal projection: the change lies in the row space of A."""
+    op = ObservationModel.blocks((16, 16), 4)
+    guess = rng.normal(size=(16, 16))
+    lr = rng.normal(size=op.n_obs) * 10
+    out = op.project(guess, lr)
+    delta = (out - guess).reshape(-1)
+    # within each block the correction is constant (row space of a 0/1 block operator)
+    blocks = delta.reshape(4, 4, 4, 4).transpose(0, 2, 1, 3).reshape(16, 16)
+    np.testing.assert_allclose(blocks.std(axis=1), 0, atol=1e-12)
+
+
+def test_overlapping_disks_solve_exactly(rng):
+    op = ObservationModel.disks((40, 40), [[20, 15], [20, 24]], 8.0)
+    assert not op.is_disjoint
+    lr = np.array([50.0, 80.0])
+    out = op.project(np.zeros((40, 40)), lr)
+    np.testing.assert_allclose(op.pool(out), lr, rtol=1e-10)
+
+
+def test_torch_matches_numpy(rng):
+    op = ObservationModel.disks((32, 32), [[8, 8], [8, 24], [24, 16]], 6.0)
+    hr = rng.gamma(2.0, 1.0, size=(2, 3, 32, 32))
+    lr = op.pool(hr) * 1.3
+    t_out = op.project(torch.tensor(hr, dtype=torch.float32), torch.tensor(lr, dtype=torch.float32), "multiplicative")
+    assert isinstance(t_out, torch.Tensor)
+    np.testing.assert_allclose(t_out.numpy(), op.project(hr, lr, "multiplicative"), rtol=1e-4, atol=1e-5)
+    pooled = op.pool(t_out)
+    assert torch.max(torch.abs(pooled - torch.tensor(lr, dtype=torch.float32)) / torch.tensor(lr)) < 1e-4
+
+
+def test_lift_and_interpolate(rng):
+    op = ObservationModel.blocks((12, 12), 3)
+    lr = rng.uniform(1, 10, size=op.n_obs)
+    lifted = op.lift(lr)
+    np.testing.assert_allclose(op.pool(lifted), lr)
+    np.testing.assert_allclose(lifted[:3, :3], lr[0] / 9)
+    # a constant density is reproduced exactly everywhere by the interpolation, gaps included
+    disks = ObservationModel.disks((50, 50), [[10 + 15 * i, 10 + 15 * j] for i in range(3) for j in range(3)], 4.0)
+    dens = disks.interpolate(disks.support_area * 2.5)
+    np.testing.assert_allclose(dens, 2.5)
+    # a linear ramp in density is interpolated monotonically between spots
+    ramp = disks.interpolate(disks.support_area * disks.centres[:, 1])
+    assert np.all(np.diff(ramp[25, 10:41]) > 0)
+
+
+def test_crop_keeps_whole_observations(rng):
+    op = ObservationModel.blocks((16, 16), 4)
+    sub, keep = op.crop(2, 4, 10, 12)  # whole blocks inside: block rows 1-2, block cols 1-3
+    np.testing.assert_array_equal(keep, [5, 6, 7, 9, 10, 11])
+    hr = rng.poisson(3, size=(16, 16)).astype(float)
+    np.testing.assert_array_equal(sub.pool(hr[2:12, 4:16]), op.pool(hr)[keep])
+
+
+def test_grid_round_trip():
+    g = Grid((10, 20), 2.5, origin=(100.0, -5.0))
+    y, x = g.pixel_centres()
+    assert (y[0, 0], x[0, 0]) == (101.25, -3.75)
+    r, c = g.to_grid(y, x)
+    np.testing.assert_allclose(r[:, 0], np.arange(10) + 0.5)
+    sub = g.crop(2, 3, 4, 5)
+    np.testing.assert_allclose(sub.pixel_centres()[0], y[2:6, 3:8])
+    with pytest.raises(ValueError, match="pixel_size"):
+        Grid((3, 3), 0.0)
