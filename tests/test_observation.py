@@ -84,7 +84,9 @@ def test_torch_matches_numpy(rng):
     op = ObservationModel.disks((32, 32), [[8, 8], [8, 24], [24, 16]], 6.0)
     hr = rng.gamma(2.0, 1.0, size=(2, 3, 32, 32))
     lr = op.pool(hr) * 1.3
-    t_out = op.project(torch.tensor(hr, dtype=torch.float32), torch.tensor(lr, dtype=torch.float32), "multiplicative")
+    t_out = op.project(
+        torch.tensor(hr, dtype=torch.float32), torch.tensor(lr, dtype=torch.float32), "multiplicative"
+    )
     assert isinstance(t_out, torch.Tensor)
     np.testing.assert_allclose(t_out.numpy(), op.project(hr, lr, "multiplicative"), rtol=1e-4, atol=1e-5)
     pooled = op.pool(t_out)
@@ -98,7 +100,9 @@ def test_lift_and_interpolate(rng):
     np.testing.assert_allclose(op.pool(lifted), lr)
     np.testing.assert_allclose(lifted[:3, :3], lr[0] / 9)
     # a constant density is reproduced exactly everywhere by the interpolation, gaps included
-    disks = ObservationModel.disks((50, 50), [[10 + 15 * i, 10 + 15 * j] for i in range(3) for j in range(3)], 4.0)
+    disks = ObservationModel.disks(
+        (50, 50), [[10 + 15 * i, 10 + 15 * j] for i in range(3) for j in range(3)], 4.0
+    )
     dens = disks.interpolate(disks.support_area * 2.5)
     np.testing.assert_allclose(dens, 2.5)
     # a linear ramp in density is interpolated monotonically between spots
@@ -124,3 +128,18 @@ def test_grid_round_trip():
     np.testing.assert_allclose(sub.pixel_centres()[0], y[2:6, 3:8])
     with pytest.raises(ValueError, match="pixel_size"):
         Grid((3, 3), 0.0)
+
+
+def test_windows_match_the_whole_grid(rng):
+    """Interpolation and pooling computed window by window equal the whole-grid results (tiling independence)."""
+    centres = [[8 + 14 * i + (j % 2) * 3, 6 + 14 * j] for i in range(5) for j in range(5)]
+    op = ObservationModel.disks((70, 72), centres, 4.0)
+    lr = rng.gamma(2.0, 30.0, size=(3, op.n_obs))
+    full = op.interpolate(lr)
+    np.testing.assert_allclose(op.interpolate(lr, window=(10, 20, 30, 25)), full[:, 10:40, 20:45], rtol=1e-12)
+    hr = rng.gamma(2.0, 1.0, size=(3, 70, 72))
+    parts = sum(op.pool_window(hr[:, r : r + 35, c : c + 36], r, c) for r in (0, 35) for c in (0, 36))
+    np.testing.assert_allclose(parts, op.pool(hr), rtol=1e-12)
+    owner = op.owner_map()
+    assert owner.shape == (70, 72)
+    assert set(np.unique(owner)) == set(range(op.n_obs + 1))

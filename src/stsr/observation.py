@@ -110,7 +110,9 @@ class ObservationModel:
     ) -> None:
         matrix = sparse.csr_matrix(matrix, dtype=np.float64)
         if matrix.shape[1] != shape[0] * shape[1]:
-            raise ValueError(f"Operator has {matrix.shape[1]} columns but the grid {shape} has {shape[0] * shape[1]}.")
+            raise ValueError(
+                f"Operator has {matrix.shape[1]} columns but the grid {shape} has {shape[0] * shape[1]}."
+            )
         if matrix.nnz and matrix.data.min() < 0:
             raise ValueError("Observation weights must be non-negative.")
         self.matrix = matrix
@@ -179,7 +181,8 @@ class ObservationModel:
             vals.append(frac[rr, cc])
         if rows:
             mat = sparse.csr_matrix(
-                (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(len(centres), h * w)
+                (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                shape=(len(centres), h * w),
             )
         else:
             mat = sparse.csr_matrix((len(centres), h * w))
@@ -221,9 +224,13 @@ class ObservationModel:
         if key not in self._torch_cache:
             m = (self.matrix.T if transpose else self.matrix).tocoo()
             idx = torch.as_tensor(np.vstack([m.row, m.col]), dtype=torch.long)
-            self._torch_cache[key] = torch.sparse_coo_tensor(
-                idx, torch.as_tensor(m.data, dtype=like.dtype), m.shape, check_invariants=False
-            ).coalesce().to(like.device)
+            self._torch_cache[key] = (
+                torch.sparse_coo_tensor(
+                    idx, torch.as_tensor(m.data, dtype=like.dtype), m.shape, check_invariants=False
+                )
+                .coalesce()
+                .to(like.device)
+            )
         return self._torch_cache[key]
 
     def _apply(self, x2d: Any, transpose: bool) -> Any:
@@ -236,11 +243,15 @@ class ObservationModel:
 
     def _check_hr(self, hr: Any) -> None:
         if tuple(hr.shape[-2:]) != self.shape:
-            raise ValueError(f"HR array has spatial shape {tuple(hr.shape[-2:])}, the operator expects {self.shape}.")
+            raise ValueError(
+                f"HR array has spatial shape {tuple(hr.shape[-2:])}, the operator expects {self.shape}."
+            )
 
     def _check_lr(self, lr: Any) -> None:
         if lr.shape[-1] != self.n_obs:
-            raise ValueError(f"LR array has {lr.shape[-1]} observations in its last axis, expected {self.n_obs}.")
+            raise ValueError(
+                f"LR array has {lr.shape[-1]} observations in its last axis, expected {self.n_obs}."
+            )
 
     def pool(self, hr: Any) -> Any:
         """``A @ hr``: pool an HR array ``(..., height, width)`` into LR observations ``(..., n_obs)``.
@@ -322,7 +333,9 @@ class ObservationModel:
         if _is_torch(h2d):
             import torch
 
-            ratio = torch.where(ok, l2d / torch.where(ok, pooled, torch.ones_like(pooled)), torch.ones_like(pooled))
+            ratio = torch.where(
+                ok, l2d / torch.where(ok, pooled, torch.ones_like(pooled)), torch.ones_like(pooled)
+            )
             resid = torch.where(ok, torch.zeros_like(pooled), l2d - pooled)
         else:
             ratio = np.where(ok, l2d / np.where(ok, pooled, 1.0), 1.0)
@@ -349,7 +362,9 @@ class ObservationModel:
             self._torch_cache["owner"] = owner
         return self._torch_cache["owner"]
 
-    def interpolate(self, lr: Any, sigma: float | None = None) -> np.ndarray:
+    def interpolate(
+        self, lr: Any, sigma: float | None = None, window: tuple[int, int, int, int] | None = None
+    ) -> np.ndarray:
         """Smooth HR *density* map (counts per HR pixel) from LR observations, covering the gaps between spots.
 
         Each observation's density ``lr_i / area_i`` is placed at its centre and interpolated with normalised
@@ -362,6 +377,9 @@ class ObservationModel:
             ``(..., n_obs)`` numpy array.
         sigma
             Gaussian width in grid pixels.
+        window
+            ``(row0, col0, height, width)``: compute only this window of the grid (identical to cropping the full
+            result, up to observations further than ``6 sigma`` whose weight underflows).
         """
         lr = np.asarray(lr, dtype=np.float64)
         self._check_lr(lr)
@@ -371,17 +389,31 @@ class ObservationModel:
         c = self.centres[valid]
         if sigma is None:
             sigma = 0.5 * self.pitch()
-        rr = np.arange(self.shape[0]) + 0.5
-        cc = np.arange(self.shape[1]) + 0.5
-        wy = np.exp(-0.5 * ((rr[:, None] - c[None, :, 0]) / sigma) ** 2)  # (H, n)
-        wx = np.exp(-0.5 * ((cc[:, None] - c[None, :, 1]) / sigma) ** 2)  # (W, n)
+        r0, c0, hh, ww = window if window is not None else (0, 0, *self.shape)
+        rr = np.arange(r0, r0 + hh) + 0.5
+        cc = np.arange(c0, c0 + ww) + 0.5
+        near = (
+            (c[:, 0] > r0 - 6 * sigma)
+            & (c[:, 0] < r0 + hh + 6 * sigma)
+            & (c[:, 1] > c0 - 6 * sigma)
+            & (c[:, 1] < c0 + ww + 6 * sigma)
+        )
+        c = c[near]
+        dens = dens[..., np.flatnonzero(valid)[near]]
+        # separable Gaussian truncated at 6 sigma per axis, so a window's values do not depend on the window
+        dy = (rr[:, None] - c[None, :, 0]) / sigma
+        dx = (cc[:, None] - c[None, :, 1]) / sigma
+        wy = np.where(np.abs(dy) < 6, np.exp(-0.5 * dy**2), 0.0)  # (H, n)
+        wx = np.where(np.abs(dx) < 6, np.exp(-0.5 * dx**2), 0.0)  # (W, n)
         # sum_i w_i(y, x) v_i with separable Gaussian weights: einsum over observations
-        num = np.einsum("yn,xn,...n->...yx", wy, wx, dens[..., valid], optimize=True)
+        num = np.einsum("yn,xn,...n->...yx", wy, wx, dens, optimize=True)
         den = np.einsum("yn,xn->yx", wy, wx, optimize=True)
-        return num / np.maximum(den, 1e-300)
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
 
     def pitch(self) -> float:
         """Median distance (grid pixels) from each observation centre to its nearest neighbour."""
+        if "pitch" in self._torch_cache:
+            return self._torch_cache["pitch"]
         if self.kind == "blocks":
             return float(self.params["factor"])
         if self.n_obs < 2:
@@ -389,7 +421,27 @@ class ObservationModel:
         from scipy.spatial import cKDTree
 
         d, _ = cKDTree(self.centres).query(self.centres, k=2)
-        return float(np.median(d[:, 1]))
+        self._torch_cache["pitch"] = float(np.median(d[:, 1]))
+        return self._torch_cache["pitch"]
+
+    def _bboxes(self) -> np.ndarray:
+        """``(n_obs, 4)`` inclusive pixel bounding boxes ``(row_min, row_max, col_min, col_max)`` of the supports."""
+        if "bbox" not in self._torch_cache:
+            coo = self.matrix.tocoo()
+            r, c = np.divmod(coo.col, self.shape[1])
+            box = np.empty((self.n_obs, 4), np.int64)
+            box[:, 0] = box[:, 2] = np.iinfo(np.int64).max
+            box[:, 1] = box[:, 3] = -1
+            np.minimum.at(box[:, 0], coo.row, r)
+            np.maximum.at(box[:, 1], coo.row, r)
+            np.minimum.at(box[:, 2], coo.row, c)
+            np.maximum.at(box[:, 3], coo.row, c)
+            self._torch_cache["bbox"] = box
+        return self._torch_cache["bbox"]
+
+    def _window_columns(self, row0: int, col0: int, height: int, width: int) -> np.ndarray:
+        rr, cc = np.meshgrid(np.arange(row0, row0 + height), np.arange(col0, col0 + width), indexing="ij")
+        return (rr * self.shape[1] + cc).ravel()
 
     def crop(self, row0: int, col0: int, height: int, width: int) -> tuple[ObservationModel, np.ndarray]:
         """Restrict to a ``height x width`` window at ``(row0, col0)``.
@@ -400,16 +452,36 @@ class ObservationModel:
         -------
         The cropped operator and the indices of the kept observations in this operator.
         """
-        h, w = self.shape
-        rr, cc = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        inside = ((rr >= row0) & (rr < row0 + height) & (cc >= col0) & (cc < col0 + width)).ravel()
-        outside_weight = np.asarray(self.matrix[:, ~inside].sum(axis=1)).ravel()
-        keep = np.flatnonzero((outside_weight == 0) & (self.support_area > 0))
-        sub = self.matrix[keep][:, np.flatnonzero(inside)]
+        box = self._bboxes()
+        keep = np.flatnonzero(
+            (box[:, 0] >= row0)
+            & (box[:, 1] < row0 + height)
+            & (box[:, 2] >= col0)
+            & (box[:, 3] < col0 + width)
+        )
+        sub = self.matrix[keep][:, self._window_columns(row0, col0, height, width)]
         centres = self.centres[keep] - np.array([row0, col0], dtype=float)
         params = dict(self.params)
         params.pop("lr_shape", None)
         return ObservationModel(sub, (height, width), centres, self.kind, params), keep
+
+    def pool_window(self, values: np.ndarray, row0: int, col0: int) -> np.ndarray:
+        """Contribution of a window of the grid to every observation: ``A[:, window] @ values``.
+
+        Summing this over windows that tile the grid gives :meth:`pool` of the whole grid, so large grids can be
+        pooled chunk by chunk. ``values`` is ``(..., h, w)``; returns ``(..., n_obs)``.
+        """
+        h, w = values.shape[-2:]
+        x2d, lead = self._as_2d(np.asarray(values, np.float64), 2)
+        sub = self.matrix[:, self._window_columns(row0, col0, h, w)]
+        return np.asarray((sub @ x2d.T).T).reshape(*lead, self.n_obs)
+
+    def owner_map(self) -> np.ndarray:
+        """``(height, width)`` index of the observation holding each pixel (``n_obs`` for none).
+
+        Meaningful for disjoint observations; where two overlap, one of them is returned.
+        """
+        return self._owner().reshape(self.shape)
 
 
 def _is_torch(x: Any) -> bool:
