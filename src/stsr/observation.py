@@ -406,8 +406,11 @@ class ObservationModel:
         wy = np.where(np.abs(dy) < 6, np.exp(-0.5 * dy**2), 0.0)  # (H, n)
         wx = np.where(np.abs(dx) < 6, np.exp(-0.5 * dx**2), 0.0)  # (W, n)
         # sum_i w_i(y, x) v_i with separable Gaussian weights: einsum over observations
-        num = np.einsum("yn,xn,...n->...yx", wy, wx, dens, optimize=True)
-        den = np.einsum("yn,xn->yx", wy, wx, optimize=True)
+        # sum_i wy[y, i] wx[x, i] v_i as one (H, n) @ (n, W) product per gene
+        lead = dens.shape[:-1]
+        flat = dens.reshape(-1, dens.shape[-1])
+        num = np.stack([(wy * v) @ wx.T for v in flat]).reshape(*lead, len(rr), len(cc))
+        den = wy @ wx.T
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
 
     def pitch(self) -> float:

@@ -1,0 +1,324 @@
+"""Spot-based measurements (Visium, legacy ST) placed on the HR grid of an image."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy import sparse
+
+from .._constants import CS_GLOBAL, IMAGE_HE, RASTER_LR, TABLE
+from .._validate import check_counts, check_element, check_genes, check_new_key, shared_coordinate_systems
+from ..observation import Grid, ObservationModel
+from ._grid import hr_grid, raster_element
+from ._provenance import grid_to_dict, record
+from ._transforms import affine_yx, all_transformations, spatial_shape
+
+__all__ = ["spots_observation_model", "rasterize_spots", "spot_counts", "spot_geometry", "table_region"]
+
+#: Above this many genes, :func:`rasterize_spots` asks for an explicit gene list.
+MAX_DEFAULT_GENES = 500
+
+
+def spot_geometry(
+    sdata: Any, spots_key: str, grid: Grid, image_key: str, coordinate_system: str | None = None
+) -> tuple[np.ndarray, float, Any]:
+    """Spot centres and radius in continuous ``grid`` coordinates.
+
+    Returns
+    -------
+    ``(centres, radius, index)``: ``(n, 2)`` ``(row, col)`` centres, the common radius in grid pixels, and the
+    index of the spots element (row ``i`` of ``centres`` is ``index[i]``).
+    """
+    spots = check_element(sdata, spots_key, "shapes")
+    check_element(sdata, image_key, "images")
+    if "radius" not in spots.columns:
+        raise ValueError(
+            f"Shapes element {spots_key!r} has no 'radius' column: spots must be circles (points with a radius, "
+            "spatialdata.models.ShapesModel.parse(..., radius=...))."
+        )
+    geom_types = set(spots.geometry.geom_type.unique())
+    if geom_types - {"Point"}:
+        raise ValueError(
+            f"Shapes element {spots_key!r} must hold circles (Point geometries), found {geom_types}."
+        )
+    cs = shared_coordinate_systems(
+        sdata, image_key, spots_key, preferred=CS_GLOBAL, required=coordinate_system, names=("image", "spots")
+    )[0]
+    a_spots = affine_yx(all_transformations(spots)[cs])
+    a_image = affine_yx(all_transformations(sdata.images[image_key])[cs])
+    m = np.linalg.inv(a_image) @ a_spots  # spots intrinsic (y, x) -> image intrinsic (y, x)
+    yx = np.stack([spots.geometry.y.to_numpy(float), spots.geometry.x.to_numpy(float), np.ones(len(spots))])
+    img = (m @ yx)[:2].T
+    sv = np.linalg.svd(m[:2, :2], compute_uv=False)
+    if sv.min() <= 0:
+        raise ValueError(f"The transformation from spots {spots_key!r} to image {image_key!r} is singular.")
+    if sv.max() / sv.min() > 1.02:
+        warnings.warn(
+            f"The transformation from spots {spots_key!r} to image {image_key!r} is anisotropic "
+            f"(scales {sv.tolist()}); spots are treated as circles of the mean radius.",
+            stacklevel=3,
+        )
+    radii = spots["radius"].to_numpy(float) * float(np.sqrt(sv.prod()))
+    if not np.all(np.isfinite(radii)) or np.any(radii <= 0):
+        raise ValueError(f"Spots {spots_key!r} have missing or non-positive radii.")
+    if radii.max() > 1.01 * radii.min():
+        raise ValueError(
+            f"Spots {spots_key!r} have different radii ({radii.min():.4g} to {radii.max():.4g} image pixels); "
+            "stsr needs one spot size per shapes element."
+        )
+    h, w = spatial_shape(sdata.images[image_key])
+    outside = ~((img[:, 0] >= 0) & (img[:, 0] <= h) & (img[:, 1] >= 0) & (img[:, 1] <= w))
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        raise ValueError(
+            f"{int(outside.sum())} of {len(spots)} spots of {spots_key!r} fall outside image {image_key!r} "
+            f"({h} x {w} pixels) in coordinate system {cs!r}, e.g. spot {spots.index[i]!r} at image pixel "
+            f"(y={img[i, 0]:.1f}, x={img[i, 1]:.1f}). Check the transformations of both elements, or crop the spots "
+            "to the image first."
+        )
+    rows, cols = grid.to_grid(img[:, 0], img[:, 1])
+    return np.stack([rows, cols], 1), float(radii.mean()) / grid.pixel_size, spots.index
+
+
+def spots_observation_model(
+    sdata: Any,
+    spots_key: str,
+    grid: Grid,
+    image_key: str,
+    coordinate_system: str | None = None,
+    supersample: int = 8,
+) -> ObservationModel:
+    """The disk pooling operator of the spots of ``spots_key`` on ``grid``.
+
+    Spot centres and radius are mapped into the image's intrinsic frame (the grid's reference frame) through a
+    coordinate system shared by the spots and the image (``"global"`` preferred).
+
+    Parameters
+    ----------
+    sdata
+        A :class:`~spatialdata.SpatialData` object (not modified).
+    spots_key
+        Shapes element of circles (``radius`` column).
+    grid
+        HR grid in the intrinsic frame of ``image_key`` (see :func:`stsr.pp.hr_grid`).
+    image_key
+        The image the grid is aligned to.
+    coordinate_system
+        Force a shared coordinate system.
+    supersample
+        Sub-samples per pixel side for the area fractions.
+
+    Returns
+    -------
+    :meth:`ObservationModel.disks <stsr.observation.ObservationModel.disks>`; observation ``i`` is row ``i`` of the
+    spots element.
+    """
+    centres, radius, _ = spot_geometry(sdata, spots_key, grid, image_key, coordinate_system)
+    return ObservationModel.disks(grid.shape, centres, radius, supersample=supersample)
+
+
+def table_region(sdata: Any, table_key: str, spots_key: str | None = None) -> tuple[Any, str, str, str]:
+    """The table, the spots element it annotates, and its region/instance columns.
+
+    Returns
+    -------
+    ``(table, spots_key, region_key, instance_key)``.
+    """
+    from spatialdata.models import get_table_keys
+
+    table = check_element(sdata, table_key, "tables")
+    try:
+        region, region_key, instance_key = get_table_keys(table)
+    except ValueError as err:
+        raise ValueError(
+            f"Table {table_key!r} does not say which element it annotates; parse it with "
+            "spatialdata.models.TableModel.parse(table, region=..., region_key=..., instance_key=...)."
+        ) from err
+    regions = [region] if isinstance(region, str) else list(region)
+    if spots_key is None:
+        if len(regions) != 1:
+            raise ValueError(
+                f"Table {table_key!r} annotates several elements {regions}; pass spots_key= to choose."
+            )
+        spots_key = regions[0]
+    elif spots_key not in regions:
+        raise ValueError(f"Table {table_key!r} does not annotate {spots_key!r}; it annotates {regions}.")
+    check_element(sdata, spots_key, "shapes")
+    return table, spots_key, region_key, instance_key
+
+
+def _spot_counts(
+    sdata: Any,
+    table_key: str,
+    spots_key: str | None,
+    genes: Sequence[str],
+    grid: Grid,
+    image_key: str,
+    coordinate_system: str | None = None,
+    layer: str | None = None,
+) -> tuple[ObservationModel, np.ndarray, list[str], list[str]]:
+    table, spots_key, region_key, instance_key = table_region(sdata, table_key, spots_key)
+    genes = check_genes(genes, table.var_names, where=f"table {table_key!r}")
+    if layer is not None and layer not in table.layers:
+        raise KeyError(f"Table {table_key!r} has no layer {layer!r}; layers: {list(table.layers)}.")
+    rows = np.flatnonzero((table.obs[region_key] == spots_key).to_numpy())
+    if rows.size == 0:
+        raise ValueError(f"Table {table_key!r} has no rows for region {spots_key!r}.")
+    centres, radius, index = spot_geometry(sdata, spots_key, grid, image_key, coordinate_system)
+    ids = table.obs[instance_key].to_numpy()[rows]
+    pos = index.get_indexer(ids)
+    if (pos < 0).any():
+        bad = ids[pos < 0][:5]
+        raise ValueError(
+            f"{int((pos < 0).sum())} rows of table {table_key!r} have {instance_key!r} values that are not in the "
+            f"index of {spots_key!r}, e.g. {list(bad)}."
+        )
+    x = table.layers[layer] if layer is not None else table.X
+    x = x[rows][:, table.var_names.get_indexer(genes)]
+    obs_names = [str(o) for o in table.obs_names[rows]]
+    check_counts(x, genes, obs_names, what=f"Counts of table {table_key!r}")
+    lr = (x.toarray() if sparse.issparse(x) else np.asarray(x)).astype(np.float64).T  # (genes, n_obs)
+    op = ObservationModel.disks(grid.shape, centres[pos], radius)
+    return op, lr, list(genes), obs_names
+
+
+def spot_counts(
+    sdata: Any,
+    table_key: str,
+    spots_key: str | None,
+    genes: Sequence[str],
+    grid: Grid,
+    image_key: str,
+    coordinate_system: str | None = None,
+    layer: str | None = None,
+) -> tuple[ObservationModel, np.ndarray, list[str]]:
+    """The spots' disk operator on ``grid`` and their counts, checked (nothing is modified).
+
+    Parameters
+    ----------
+    sdata
+        A :class:`~spatialdata.SpatialData` object.
+    table_key
+        Table of spot counts.
+    spots_key
+        Spots element annotated by the table (``None``: the table's only region).
+    genes
+        Genes to read (validated, with close matches for unknown names).
+    grid
+        HR grid in the intrinsic frame of ``image_key``.
+    image_key
+        The image the grid is aligned to.
+    coordinate_system
+        Coordinate system relating spots and image (default: ``"global"`` if shared).
+    layer
+        Layer of raw counts (default ``X``).
+
+    Returns
+    -------
+    ``(model, counts, genes)``: the :class:`~stsr.observation.ObservationModel` (observation ``i`` = ``i``-th table
+    row annotating the spots), ``(n_genes, n_obs)`` float64 counts, and the gene names.
+    """
+    op, lr, genes, _ = _spot_counts(
+        sdata, table_key, spots_key, genes, grid, image_key, coordinate_system, layer
+    )
+    return op, lr, genes
+
+
+def rasterize_spots(
+    sdata: Any,
+    *,
+    pixel_size: float,
+    table_key: str = TABLE,
+    image_key: str = IMAGE_HE,
+    genes: Sequence[str] | None = None,
+    key_added: str = RASTER_LR,
+    spots_key: str | None = None,
+    layer: str | None = None,
+    coordinate_system: str | None = None,
+    sigma: float | None = None,
+    scale_factors: list[int] | str | None = "auto",
+    overwrite: bool = False,
+) -> ObservationModel:
+    """Place a spot table on the HR grid of an image, as the model's LR input.
+
+    The spots' counts are turned into a smooth density map (counts per HR pixel) on the grid with
+    :meth:`ObservationModel.interpolate <stsr.observation.ObservationModel.interpolate>` and added as a raster
+    image element ``key_added`` (c = genes, float32) that overlays the image. What is needed to rebuild the operator
+    is recorded in ``sdata.attrs["stsr"][key_added]`` (see :func:`stsr.pp.get_observations`).
+
+    Parameters
+    ----------
+    sdata
+        A :class:`~spatialdata.SpatialData` object; only ``key_added`` (and its attrs record) is added.
+    pixel_size
+        HR pixel side in units of ``coordinate_system`` (µm in ``"global"``).
+    table_key
+        Table of spot counts, annotating a shapes element of circles.
+    image_key
+        Image the grid is aligned to.
+    genes
+        Genes to rasterize (default: all genes of the table, if at most 500).
+    key_added
+        Key of the new raster element.
+    spots_key
+        Spots element, if the table annotates several.
+    layer
+        Layer of the table holding raw counts (default ``X``).
+    coordinate_system
+        Coordinate system of ``pixel_size`` (and used to relate spots and image).
+    sigma
+        Interpolation width in HR pixels (default: half the spot pitch).
+    scale_factors
+        Pyramid factors of the raster.
+    overwrite
+        Replace an existing element ``key_added``.
+
+    Returns
+    -------
+    The :class:`~stsr.observation.ObservationModel` of the spots on the grid; observation ``i`` is the ``i``-th row
+    of the table that annotates ``spots_key``.
+    """
+    table, spots_key, _, _ = table_region(sdata, table_key, spots_key)
+    check_element(sdata, image_key, "images")
+    check_new_key(sdata, key_added, overwrite)
+    if genes is None:
+        if table.n_vars > MAX_DEFAULT_GENES:
+            raise ValueError(
+                f"Table {table_key!r} has {table.n_vars} genes; pass genes= (e.g. from stsr.pp.select_genes) to "
+                f"rasterize at most a few hundred."
+            )
+        genes = list(map(str, table.var_names))
+    genes = check_genes(genes, table.var_names, where=f"table {table_key!r}")
+    grid = hr_grid(sdata, image_key, pixel_size, coordinate_system)
+    op, lr, genes, obs_names = _spot_counts(
+        sdata, table_key, spots_key, genes, grid, image_key, coordinate_system, layer
+    )
+    density = op.interpolate(lr, sigma=sigma).astype(np.float32)
+    element = raster_element(density, genes, grid, sdata, image_key, scale_factors=scale_factors)
+    # all checks done: modify the SpatialData only now
+    if key_added in sdata:
+        del sdata[key_added]
+    sdata.images[key_added] = element
+    record(
+        sdata,
+        key_added,
+        {
+            "kind": "spots",
+            "table_key": table_key,
+            "spots_key": spots_key,
+            "image_key": image_key,
+            "layer": layer,
+            "coordinate_system": coordinate_system,
+            "pixel_size": float(pixel_size),
+            "grid": grid_to_dict(grid),
+            "genes": list(genes),
+            "obs_names": obs_names,
+            "radius": float(op.params["radius"]),
+            "sigma": sigma,
+            "supersample": int(op.params["supersample"]),
+        },
+    )
+    return op

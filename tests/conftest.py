@@ -1,0 +1,54 @@
+"""Shared fixtures: the real datasets, each loaded once per test session.
+
+Tests read the real data through ``$STSR_DATA_DIR`` (default: ``<repo>/../shared/data``). Tests that need it FAIL
+when it is missing (the loaders raise), they do not skip.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("STSR_DATA_DIR", str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The local real-data directory (fails if it does not exist)."""
+    path = Path(os.environ["STSR_DATA_DIR"])
+    assert path.is_dir(), f"STSR_DATA_DIR={path} does not exist; point it at the shared data directory."
+    return path
+
+
+@pytest.fixture(scope="session")
+def her2st_c2(data_dir):
+    """HER2ST section C2 (full-resolution H&E, 187 spots)."""
+    from stsr.datasets._her2st import her2st
+
+    return her2st("C2")
+
+
+@pytest.fixture(scope="session")
+def vizgen(data_dir):
+    """Vizgen MERFISH mouse-brain mini crop, plane z = 1."""
+    from stsr.datasets._vizgen import vizgen_mouse_brain_mini
+
+    return vizgen_mouse_brain_mini(z=1)
+
+
+@pytest.fixture(scope="session")
+def dbit(data_dir):
+    """DBiT-seq FFPE mouse embryo (2,499 pixels of 25 µm)."""
+    from stsr.datasets._dbit import dbit_mouse_embryo
+
+    return dbit_mouse_embryo()
+
+
+@pytest.fixture(scope="session")
+def xenium(data_dir):
+    """Tiny Xenium lung fixture (200 cells) with H&E."""
+    from stsr.datasets._xenium import xenium_lung_tiny
+
+    return xenium_lung_tiny()
