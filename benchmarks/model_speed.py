@@ -1,0 +1,147 @@
+"""Speed and size benchmark of the stsr denoiser network on CPU.
+
+Prints a markdown report: parameters per module, time per tile split into the histology encoder (once per tile)
+and the gene stream (once per denoising step) for several gene counts, the full 20-step estimate, throughput,
+achieved GFLOP/s (counted with ``torch.utils.flop_counter.FlopCounterMode``), and the cost of each ablation.
+
+Run: ``python benchmarks/model_speed.py [--threads 2] [--repeats 7] [--tile 64] [--steps 20]``.
+Timings are the minimum over ``--repeats`` runs (the median is shown too): on a shared machine other processes
+inflate single runs. The "CPU time" columns are process CPU time; with ``--threads 1`` they measure the compute
+itself, unaffected by waiting for a busy core (with 2 threads OpenMP spin-waiting inflates them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from stsr.models._config import ModelConfig
+from stsr.models._denoiser import Denoiser
+from stsr.models._discriminator import ChannelDiscriminator
+from stsr.models._layers import count_parameters
+
+SWITCHES = ("use_distillation", "use_cross_attention", "use_disentangle", "use_alignment", "use_coexpression")
+
+
+def timeit(fn, repeats: int) -> tuple[float, float, float]:
+    """(min wall, median wall, min process CPU) seconds of ``fn()`` over ``repeats`` runs after a warm-up run.
+
+    With one thread the process CPU time is the compute time without the time the process waited for a core,
+    a contention-robust measure on a shared machine.
+    """
+    fn()
+    walls, cpus = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return min(walls), statistics.median(walls), min(cpus)
+
+
+def flops(fn) -> int:
+    """Floating-point operations of ``fn()`` (convolutions, matmuls, attention; elementwise ops are not counted)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def make_inputs(model: Denoiser, g: int, tile: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    k = model.config.image_scale
+    image = torch.rand(1, model.config.image_channels, k * tile, k * tile, generator=gen)
+    x = torch.randn(1, g, tile, tile, generator=gen)
+    lr = torch.randn(1, g, tile, tile, generator=gen)
+    t = torch.rand(1, generator=gen)
+    return image, x, lr, t
+
+
+def main() -> None:  # noqa: D103
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--tile", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--genes", type=int, nargs="+", default=[1, 10, 50])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = ModelConfig()
+    model = Denoiser(config).eval()
+    tile, steps, g_max = args.tile, args.steps, max(args.genes)
+
+    print(f"## stsr denoiser speed ({tile}x{tile} HR tile, image {config.image_scale * tile}px, CPU)\n")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
+        f"load average at start {os.getloadavg()[0]:.2f}; times = min (median) of {args.repeats} runs\n"
+    )
+
+    # ------------------------------------------------------------------ parameters
+    print("### Parameters\n")
+    print("| module | parameters | MB (float32) |")
+    print("|---|---:|---:|")
+    for name, n in model.module_parameters().items():
+        print(f"| {name} | {n:,} | {n * 4 / 2**20:.2f} |")
+    n_disc = count_parameters(ChannelDiscriminator(config))
+    print(f"| channel_discriminator (f, training only) | {n_disc:,} | {n_disc * 4 / 2**20:.2f} |\n")
+
+    # ------------------------------------------------------------------ time per tile
+    print("### Time per tile\n")
+    print(
+        "| G | encoder once (ms) | gene stream per step (ms) | step CPU time (ms) | GFLOP per step | GFLOP/s | "
+        f"{steps}-step total (s) | HR gene-pixels/s |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    with torch.no_grad():
+        for g in args.genes:
+            image, x, lr, t = make_inputs(model, g, tile)
+            enc_min, enc_med, _ = timeit(lambda image=image: model.encode_histology(image), args.repeats)
+            feats = model.encode_histology(image)
+            step = lambda x=x, lr=lr, t=t, feats=feats: model(x, lr, t, feats)  # noqa: E731
+            s_min, s_med, s_cpu = timeit(step, args.repeats)
+            gflop = flops(step) / 1e9
+            total = enc_min + steps * s_min
+            pix = g * tile * tile * steps / total
+            print(
+                f"| {g} | {enc_min * 1e3:.1f} ({enc_med * 1e3:.1f}) | {s_min * 1e3:.1f} ({s_med * 1e3:.1f}) | "
+                f"{s_cpu * 1e3:.1f} | "
+                f"{gflop:.2f} | {gflop / s_min:.0f} | {total:.2f} | {pix:,.0f} |"
+            )
+    enc_gflop = flops(lambda: model.encode_histology(image)) / 1e9
+    print(f"\nEncoder: {enc_gflop:.2f} GFLOP per tile. Target: G=50, {steps} steps <= 5 s.\n")
+
+    # ------------------------------------------------------------------ ablations
+    print(f"### Ablations (G={g_max}, per step)\n")
+    print(
+        "| configuration | parameters | params ratio | step (ms) | time ratio | step CPU (ms) | GFLOP per step |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    rows = [("all modules", config)] + [(f"without {s[4:]}", config.replace(**{s: False})) for s in SWITCHES]
+    rows.append(("none of a-e", config.replace(**dict.fromkeys(SWITCHES, False))))
+    base_t = base_p = None
+    with torch.no_grad():
+        for name, cfg in rows:
+            torch.manual_seed(0)
+            m = Denoiser(cfg).eval()
+            image, x, lr, t = make_inputs(m, g_max, tile)
+            feats = m.encode_histology(image)
+            step = lambda m=m, x=x, lr=lr, t=t, feats=feats: m(x, lr, t, feats)  # noqa: E731
+            s_min, _, s_cpu = timeit(step, args.repeats)
+            n = count_parameters(m)
+            base_t = base_t or s_min
+            base_p = base_p or n
+            gflop = flops(step) / 1e9
+            print(
+                f"| {name} | {n:,} | {n / base_p:.2f} | {s_min * 1e3:.1f} | {s_min / base_t:.2f} | "
+                f"{s_cpu * 1e3:.1f} | {gflop:.2f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

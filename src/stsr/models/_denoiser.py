@@ -1,0 +1,209 @@
+"""The stsr denoiser: a panel-agnostic, histology-conditioned per-gene UNet.
+
+Architecture (``G`` genes of ``B`` tiles, HR tile ``h x w``):
+
+- :class:`~stsr.models._encoder.HistologyEncoder` turns the image tile ``(B, C, k*h, k*w)`` into multi-scale
+  :class:`~stsr.models._encoder.HistologyFeatures`, **once per tile** (:meth:`Denoiser.encode_histology`);
+- the gene stream is a small 3-level UNet (resolutions 1, 1/2, 1/4) applied to every gene map as a separate batch
+  item ``(B*G, C, h, w)`` with shared weights: no gene vocabulary, the same weights run any ``G``. Its input per
+  gene is ``[x_t, lr]`` plus the distillation head's histology-only prediction (a). Histology features are
+  projected per tile and broadcast-added to all genes at each level; the diffusion time modulates every residual
+  block (FiLM, per tile). For CPU speed the full- and half-resolution levels are narrow and use one-convolution
+  blocks (the encoder side at 1/2 too), the heavier two-convolution blocks run at 1/2 (decoder) and 1/4; all
+  gene-stream activations are ``channels_last``. Layout: stem+hist -> Light(1) -> down -> hist -> Light(1/2) ->
+  down -> hist -> Res(1/4) -> [b] -> [c] -> [e] -> Res(1/4) -> up -> Res(1/2) -> up -> Light(1) -> GN-SiLU-linear.
+- optional modules, each in its own file and removed by its switch: (a) distillation head, (b) cell-to-tissue
+  cross-attention at 1/4 resolution, (c) disentangled FiLM modulation at 1/4 resolution, (d) spatial
+  alignment of the histology features before use, (e) gene co-expression attention at the bottleneck.
+  (f) the channel discriminator is a separate module (:mod:`~stsr.models._discriminator`).
+
+Genes interact only through (e) and through the per-tile displacement field of (d); with both switched off each
+gene's output depends only on its own ``x_t``/``lr`` and the tile's histology.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._alignment import SpatialAlignment
+from ._attention import CellToTissueAttention
+from ._coexpression import GeneCoexpression, lr_correlation
+from ._config import ModelConfig
+from ._encoder import DistillationHead, HistologyEncoder, HistologyFeatures
+from ._layers import CL, Down, LightBlock, ResBlock, TimeEmbedding, Up, add_per_tile_, count_parameters
+from ._modulation import DisentangledModulation
+
+
+class Denoiser(nn.Module):
+    """Histology-conditioned denoiser of normalised HR gene maps.
+
+    Parameters
+    ----------
+    config
+        Network configuration (:class:`~stsr.models.ModelConfig`).
+
+    Notes
+    -----
+    Typical use: ``feats = model.encode_histology(image)`` once per tile, then ``model(x_t, lr, t, feats)`` at every
+    denoising step. HR tiles must have ``h`` and ``w`` divisible by 4.
+    """
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__()
+        config = ModelConfig() if config is None else config
+        config.validate()
+        self.config = config
+        c0, c1, c2 = config.widths
+        d0, d1, d2 = config.hist_widths
+        g, td = config.groups, config.time_dim
+
+        self.encoder = HistologyEncoder(config)
+        self.distill = DistillationHead(config) if config.use_distillation else None
+        self.align = SpatialAlignment(config) if config.use_alignment else None
+        self.time = TimeEmbedding(td)
+
+        n_in = 3 if config.use_distillation else 2
+        self.stem = nn.Conv2d(n_in, c0, 3, padding=1)
+        self.inject0 = nn.Conv2d(d0, c0, 1)
+        self.res0 = LightBlock(c0, td, g)
+        self.down0 = Down(c0, c1)
+        self.inject1 = nn.Conv2d(d1, c1, 1)
+        self.res1 = LightBlock(c1, td, g)
+        self.down1 = Down(c1, c2)
+        self.inject2 = nn.Conv2d(d2, c2, 1)
+        self.res2a = ResBlock(c2, td, g)
+        self.res2b = ResBlock(c2, td, g)
+        self.up1 = Up(c2, c1)
+        self.res1d = ResBlock(c1, td, g)
+        self.up0 = Up(c1, c0)
+        self.res0d = LightBlock(c0, td, g)
+        self.out_norm = nn.GroupNorm(g, c0)
+        self.out = nn.Linear(c0, 1)
+
+        self.cross_attn = (
+            CellToTissueAttention(c2, d2, config.n_heads, config.n_tokens, g)
+            if config.use_cross_attention
+            else None
+        )
+        self.modulate = DisentangledModulation(c2, d2, config.shared_dim) if config.use_disentangle else None
+        self.coexpr = (
+            GeneCoexpression(c2, config.n_heads, config.coexpr_grid, g) if config.use_coexpression else None
+        )
+        self.to(memory_format=CL)
+
+    # ------------------------------------------------------------------ histology
+    def encode_histology(self, image: Tensor) -> HistologyFeatures:
+        """Encode the image tiles ``(B, C, k*h, k*w)`` (float in ``[0, 1]``); run once per tile."""
+        return self.encoder(image)
+
+    def condition(self, feats: HistologyFeatures, lr: Tensor) -> tuple[HistologyFeatures, Tensor | None]:
+        """Histology features aligned to the expression grid (d) and the flow ``(B, 2, h, w)`` (``None`` if off)."""
+        if self.align is None:
+            return feats, None
+        return self.align(feats, lr)
+
+    def aux_expression(self, feats: HistologyFeatures, lr: Tensor) -> Tensor:
+        """Expression ``(B, G, h, w)`` predicted from histology alone by the distillation head (a).
+
+        ``lr`` only supplies each gene's identity (its correlation with the histology features) and scale; the
+        features are aligned first when alignment is on. Raises if ``use_distillation`` is off.
+        """
+        if self.distill is None:
+            raise RuntimeError(
+                "aux_expression needs ModelConfig.use_distillation=True (the head was removed)."
+            )
+        self._check(lr, lr, None, feats)
+        aligned, _ = self.condition(feats, lr)
+        return self.distill(aligned.fine, lr)
+
+    # ------------------------------------------------------------------ denoising
+    def forward(self, x_t: Tensor, lr: Tensor, t: Tensor, feats: HistologyFeatures) -> Tensor:
+        """Denoiser output ``(B, G, h, w)`` for noisy maps ``x_t``, LR maps ``lr`` (both ``(B, G, h, w)``), time ``t``.
+
+        ``t`` is ``(B,)`` (or a scalar) float diffusion time in ``[0, 1]``; ``feats`` from :meth:`encode_histology`.
+        """
+        return self._run(x_t, lr, t, feats, return_loss=False)[0]
+
+    def forward_train(
+        self, x_t: Tensor, lr: Tensor, t: Tensor, feats: HistologyFeatures
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Like :meth:`forward` plus auxiliary losses: ``{"disentangle": ...}`` when ``use_disentangle``."""
+        return self._run(x_t, lr, t, feats, return_loss=True)
+
+    def _check(self, x_t: Tensor, lr: Tensor, t: Tensor | None, feats: HistologyFeatures) -> None:
+        if x_t.ndim != 4 or lr.shape != x_t.shape:
+            raise ValueError(
+                f"x_t and lr must both have shape (B, G, h, w), got {tuple(x_t.shape)} and {tuple(lr.shape)}."
+            )
+        b, _, h, w = x_t.shape
+        if h % 4 or w % 4:
+            raise ValueError(f"HR tile size {h}x{w} must be divisible by 4; pad or crop the tile.")
+        if feats.batch_size != b or feats.hr_shape != (h, w):
+            raise ValueError(
+                f"histology features are for {feats.batch_size} tile(s) of {feats.hr_shape}, but the maps are "
+                f"{b} tile(s) of {(h, w)}; the image tile must be (image_scale*h) x (image_scale*w) "
+                f"with image_scale={self.config.image_scale}."
+            )
+        if t is not None and t.numel() not in (1, b):
+            raise ValueError(f"t must have shape (B,) = ({b},) or be a scalar, got {tuple(t.shape)}.")
+
+    def _run(
+        self, x_t: Tensor, lr: Tensor, t: Tensor, feats: HistologyFeatures, return_loss: bool
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
+        self._check(x_t, lr, t, feats)
+        b, g, h, w = x_t.shape
+        t = t.reshape(-1).expand(b)
+        losses: dict[str, Tensor] = {}
+        hist, _ = self.condition(feats, lr)
+
+        inputs = [x_t, lr]
+        if self.distill is not None:
+            inputs.append(self.distill(hist.fine, lr))
+        x = torch.stack(inputs, dim=-1).reshape(b * g, h, w, len(inputs)).permute(0, 3, 1, 2)  # channels-last
+        temb = self.time(t)  # (B, time_dim), per tile
+
+        # level 0 (HR resolution)
+        x = add_per_tile_(self.stem(x), self.inject0(hist.fine))
+        x = self.res0(x, temb)
+        skip0 = x
+        # level 1 (1/2)
+        x = add_per_tile_(self.down0(x), self.inject1(hist.mid))
+        x = self.res1(x, temb)
+        skip1 = x
+        # level 2 (1/4, bottleneck)
+        x = add_per_tile_(self.down1(x), self.inject2(hist.coarse))
+        x = self.res2a(x, temb)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(x, hist.tokens)
+        if self.modulate is not None:
+            x, loss = self.modulate(x, hist.coarse, return_loss)
+            if return_loss:
+                losses["disentangle"] = loss
+        if self.coexpr is not None:
+            x = x + self.coexpr(x, lr_correlation(lr))
+        x = self.res2b(x, temb)
+        # decoder
+        x = self.res1d(self.up1(x).add_(skip1), temb)
+        x = self.res0d(self.up0(x).add_(skip0), temb)
+        x = F.silu(self.out_norm(x), inplace=not torch.is_grad_enabled())
+        out = self.out(x.permute(0, 2, 3, 1))  # channels-last: (B*G, h, w, C) is contiguous -> (B*G, h, w, 1)
+        return out.reshape(b, g, h, w), losses
+
+    # ------------------------------------------------------------------ introspection
+    def module_parameters(self) -> dict[str, int]:
+        """Parameter count per component (``0`` for a switched-off module)."""
+        comps = {
+            "histology_encoder": self.encoder,
+            "distillation_head (a)": self.distill,
+            "cross_attention (b)": self.cross_attn,
+            "disentangle_modulation (c)": self.modulate,
+            "alignment (d)": self.align,
+            "coexpression (e)": self.coexpr,
+        }
+        out = {k: count_parameters(v) for k, v in comps.items()}
+        out["gene_stream_unet"] = count_parameters(self) - sum(out.values())
+        out["total"] = count_parameters(self)
+        return out
