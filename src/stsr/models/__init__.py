@@ -1,1 +1,35 @@
-"""stsr.models."""
+"""stsr.models: the histology-conditioned diffusion core (pure torch, no SpatialData).
+
+``load()`` returns the shipped default model; ``load(path)`` loads saved weights (safetensors + JSON, hash-checked).
+"""
+
+from ._config import ModelConfig
+from ._denoiser import Denoiser, HistologyFeatures
+from ._discriminator import ChannelDiscriminator, discriminator_loss, generator_adversarial_loss
+from ._diffusion import NoiseSchedule, ddim_sample
+from ._model import STSRModel
+from ._noise import gaussian_field, gene_ids_from_names
+from ._normalize import GeneNormalizer
+from ._train import TrainConfig, TrainingPair, evaluate_pairs
+from ._weights import WeightsError, available_weights, load
+
+__all__ = [
+    "ModelConfig",
+    "Denoiser",
+    "HistologyFeatures",
+    "ChannelDiscriminator",
+    "discriminator_loss",
+    "generator_adversarial_loss",
+    "NoiseSchedule",
+    "ddim_sample",
+    "STSRModel",
+    "gaussian_field",
+    "gene_ids_from_names",
+    "GeneNormalizer",
+    "TrainConfig",
+    "TrainingPair",
+    "evaluate_pairs",
+    "WeightsError",
+    "available_weights",
+    "load",
+]

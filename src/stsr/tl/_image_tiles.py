@@ -59,10 +59,10 @@ class ImageSource:
         """Number of image channels."""
         return int(self.levels[0].shape[0])
 
-    def _box(self, row0: int, col0: int, size: int) -> _Box:
+    def _box(self, row0: int, col0: int, height: int, width: int) -> _Box:
         """The tile's extent in level pixels and an integer box (with a 1-px margin) that covers it."""
         y0, x0 = self.grid.to_reference(row0, col0)
-        y1, x1 = self.grid.to_reference(row0 + size, col0 + size)
+        y1, x1 = self.grid.to_reference(row0 + height, col0 + width)
         fy, fx = self._factor
         ly0, lx0, ly1, lx1 = y0 / fy, x0 / fx, y1 / fy, x1 / fx
         return _Box(
@@ -76,6 +76,10 @@ class ImageSource:
             float(lx1 - lx0),
         )
 
+    def region(self, row0: int, col0: int, height: int, width: int) -> torch.Tensor:
+        """Image of a ``height x width`` window of the grid: ``(C, k * height, k * width)`` float32 in ``[0, 1]``."""
+        return self._read([self._box(row0, col0, height, width)], height, width)[0]
+
     def tiles(self, origins: np.ndarray, size: int) -> torch.Tensor:
         """Image crops for HR tiles at ``origins`` (``(B, 2)`` grid rows/cols) of ``size`` HR pixels.
 
@@ -86,8 +90,10 @@ class ImageSource:
         -------
         ``(B, C, k * size, k * size)`` float32 tensor in ``[0, 1]``, ``k = image_scale``.
         """
+        return self._read([self._box(int(r), int(c), size, size) for r, c in origins], size, size)
+
+    def _read(self, boxes: list[_Box], height: int, width: int) -> torch.Tensor:
         c, h, w = self._data.shape
-        boxes = [self._box(int(r), int(cc), size) for r, cc in origins]
         lazy = []
         for b in boxes:
             sy0, sx0, sy1, sx1 = max(b.y0, 0), max(b.x0, 0), min(b.y1, h), min(b.x1, w)
@@ -97,7 +103,7 @@ class ImageSource:
                 else None
             )
         computed = iter(dask.compute(*[x for x in lazy if x is not None]))
-        k = self.image_scale * size
+        kh, kw = self.image_scale * height, self.image_scale * width
         out = []
         for b, lz in zip(boxes, lazy):
             if lz is None:
@@ -111,7 +117,7 @@ class ImageSource:
                     (sx0 - b.x0, b.x1 - b.x0 - (sx0 - b.x0) - arr.shape[2]),
                 )
                 crop = np.pad(arr, tuple((p0, max(p1, 0)) for p0, p1 in pads), mode="edge")
-            out.append(_resample(torch.from_numpy(np.ascontiguousarray(crop)), b, k))
+            out.append(_resample(torch.from_numpy(np.ascontiguousarray(crop)), b, kh, kw))
         return torch.stack(out).clamp_(0, 1)
 
 
@@ -127,15 +133,15 @@ class _Box:
     width: float
 
 
-def _resample(crop: torch.Tensor, box: _Box, k: int) -> torch.Tensor:
-    """Resample a level crop to ``k x k`` model pixels covering the tile exactly (area pre-filter + bilinear)."""
-    ratio = min(box.height, box.width) / k  # level px per model px
+def _resample(crop: torch.Tensor, box: _Box, kh: int, kw: int) -> torch.Tensor:
+    """Resample a level crop to ``kh x kw`` model pixels covering the tile exactly (area pre-filter + bilinear)."""
+    ratio = min(box.height / kh, box.width / kw)  # level px per model px
     x = crop[None]
     pool = int(np.floor(ratio)) if ratio >= 2 else 1
     if pool > 1:
         x = F.avg_pool2d(x, pool, ceil_mode=True)
-    ys = ((box.tile_y - box.y0) + (torch.arange(k, dtype=torch.float64) + 0.5) * box.height / k) / pool
-    xs = ((box.tile_x - box.x0) + (torch.arange(k, dtype=torch.float64) + 0.5) * box.width / k) / pool
+    ys = ((box.tile_y - box.y0) + (torch.arange(kh, dtype=torch.float64) + 0.5) * box.height / kh) / pool
+    xs = ((box.tile_x - box.x0) + (torch.arange(kw, dtype=torch.float64) + 0.5) * box.width / kw) / pool
     hh, ww = x.shape[-2:]
     gy, gx = (2 * ys / hh - 1).float(), (2 * xs / ww - 1).float()
     yy, xx = torch.meshgrid(gy, gx, indexing="ij")

@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
+import numpy as np
 import spatialdata as sd
 
 from .._constants import PROVENANCE_ATTR
@@ -118,7 +120,9 @@ def add_elements(
 
 
 def _load(element: Any) -> Any:
-    """Load a (multiscale) raster element into memory, keeping its structure and attrs."""
-    if hasattr(element, "children") and element.children:
-        return element.load()
-    return element.load()
+    """Load a multiscale raster element into memory, keeping it dask-backed (as spatialdata requires)."""
+    out = element.copy(deep=False)
+    for node in out.subtree:
+        for name, var in node.dataset.data_vars.items():
+            node[name] = var.copy(data=da.from_array(np.asarray(var.data), chunks=var.data.chunksize))
+    return out

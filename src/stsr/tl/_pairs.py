@@ -1,0 +1,178 @@
+"""Training pairs (histology, HR truth, observation model) built from a SpatialData.
+
+Two sources of HR truth:
+
+- an HR raster (``hr_key``: e.g. the synthetic ``"hr_truth"``, transcripts binned with :func:`stsr.pp.bin_transcripts`,
+  or a DBiT-seq grid): the LR input is its pooling over square blocks of ``factor`` pixels;
+- real spots on a regular lattice (``table_key``: legacy ST, DBiT-seq): the measured spots are the HR truth (one HR
+  pixel per lattice position) and their pooling over ``factor x factor`` blocks of spots is the LR input — the
+  self-supervised pairs used to adapt a model to a slide without HR data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import spatialdata as sd
+from scipy import sparse
+
+from .._constants import CS_GLOBAL
+from .._validate import check_counts, check_element, check_genes
+from ..models._train import TrainingPair
+from ..observation import Grid, ObservationModel
+from ..pp import tissue_mask
+from ..pp._spots import table_region
+from ..pp._transforms import affine_yx, all_transformations, raster_levels
+from ._image_tiles import ImageSource
+
+__all__ = ["training_pair", "raster_grid"]
+
+
+def raster_grid(sdata: sd.SpatialData, raster_key: str, image_key: str) -> Grid:
+    """The grid of a raster element, in the intrinsic pixel frame of ``image_key``.
+
+    The raster and the image must share a coordinate system in which the raster maps to the image by an
+    axis-aligned isotropic scale and a translation (as every stsr raster does).
+    """
+    raster = check_element(sdata, raster_key, "images")
+    image = check_element(sdata, image_key, "images")
+    t_r, t_i = all_transformations(raster), all_transformations(image)
+    shared = [cs for cs in t_r if cs in t_i]
+    if not shared:
+        raise ValueError(
+            f"Raster {raster_key!r} ({sorted(t_r)}) and image {image_key!r} ({sorted(t_i)}) share no coordinate "
+            "system; add a transformation to a common one."
+        )
+    cs = CS_GLOBAL if CS_GLOBAL in shared else shared[0]
+    m = np.linalg.inv(affine_yx(t_i[cs])) @ affine_yx(t_r[cs])  # raster intrinsic -> image intrinsic (y, x)
+    sy, sx = m[0, 0], m[1, 1]
+    if abs(m[0, 1]) > 1e-6 * abs(sy) or abs(m[1, 0]) > 1e-6 * abs(sx) or not np.isclose(sy, sx, rtol=1e-3):
+        raise ValueError(
+            f"Raster {raster_key!r} is not an axis-aligned, isotropically scaled grid over image {image_key!r} "
+            f"(raster->image matrix {m[:2, :2].tolist()})."
+        )
+    h, w = raster_levels(raster)[0].shape[-2:]
+    return Grid((h, w), float(sy), (float(m[0, 2]), float(m[1, 2])))
+
+
+def _image(sdata: sd.SpatialData, image_key: str, grid: Grid, image_scale: int) -> np.ndarray:
+    levels = raster_levels(check_element(sdata, image_key, "images"))
+    source = ImageSource(levels, grid, image_scale)
+    img = source.region(0, 0, *grid.shape).numpy()
+    return np.round(img * 255).astype(np.uint8)
+
+
+def training_pair(
+    sdata: sd.SpatialData,
+    image_key: str,
+    *,
+    hr_key: str | None = None,
+    table_key: str | None = None,
+    genes: Sequence[str] | None = None,
+    factor: int = 4,
+    image_scale: int = 4,
+    mask: bool | np.ndarray = True,
+    name: str | None = None,
+) -> TrainingPair:
+    """Build a :class:`~stsr.models.TrainingPair` from a SpatialData.
+
+    Parameters
+    ----------
+    sdata
+        The slide (not modified).
+    image_key
+        Histology image.
+    hr_key
+        HR truth raster (c = genes, y, x; counts per pixel) overlaying the image. Exclusive with ``table_key``.
+    table_key
+        Spot table on a regular lattice (``obs["array_row"]``, ``obs["array_col"]``): the measured spots become the
+        HR truth, one HR pixel per lattice position; positions without a spot are masked out.
+    genes
+        Genes to keep (default: all of the raster, or all of the table).
+    factor
+        Side of the square blocks pooled into one LR observation.
+    image_scale
+        Image pixels per HR pixel for the model (``ModelConfig.image_scale``).
+    mask
+        ``True``: restrict losses to tissue (raster) or measured positions (spots); ``False``: everything; or an
+        explicit ``(H, W)`` boolean array.
+    name
+        Label of the pair.
+
+    Returns
+    -------
+    The pair; its LR measurements are ``ObservationModel.blocks(shape, factor).pool(hr)``.
+    """
+    if (hr_key is None) == (table_key is None):
+        raise ValueError(
+            "Pass exactly one of hr_key= (an HR raster) or table_key= (a spot table on a lattice)."
+        )
+    if hr_key is not None:
+        grid = raster_grid(sdata, hr_key, image_key)
+        raster = raster_levels(sdata[hr_key])[0]
+        available = [str(c) for c in raster.coords["c"].values]
+        genes = check_genes(genes if genes is not None else available, available, where=f"raster {hr_key!r}")
+        idx = [available.index(g) for g in genes]
+        hr = np.asarray(raster.data[idx], dtype=np.float32)
+        check_counts(hr.reshape(len(genes), -1).T, genes, None, what=f"Raster {hr_key!r}")
+        valid = tissue_mask(sdata, image_key, grid=grid) if mask is True else None
+    else:
+        grid, hr, genes, valid = _lattice(sdata, table_key, image_key, genes)
+        valid = valid if mask is True else None
+    if isinstance(mask, np.ndarray):
+        valid = np.asarray(mask, bool)
+    image = _image(sdata, image_key, grid, image_scale)
+    op = ObservationModel.blocks(grid.shape, factor)
+    return TrainingPair(
+        image=image, hr=hr, observation=op, genes=list(genes), mask=valid, name=name or (hr_key or table_key)
+    )
+
+
+def _lattice(
+    sdata: sd.SpatialData, table_key: str, image_key: str, genes: Sequence[str] | None
+) -> tuple[Grid, np.ndarray, list[str], np.ndarray]:
+    """Spots on a square lattice as an HR raster, with the lattice fitted to the image from the spot centres."""
+    from ..pp._spots import spot_geometry
+
+    table, spots_key, region_key, instance_key = table_region(sdata, table_key)
+    for col in ("array_row", "array_col"):
+        if col not in table.obs:
+            raise ValueError(
+                f"Table {table_key!r} has no obs[{col!r}]: spot-level training pairs need the spots' lattice "
+                "positions (array_row, array_col)."
+            )
+    genes = check_genes(
+        genes if genes is not None else list(table.var_names), table.var_names, where=f"table {table_key!r}"
+    )
+    # spot centres in image pixels (a unit grid on the image)
+    unit = Grid((1, 1), 1.0)
+    centres, _, index = spot_geometry(sdata, spots_key, unit, image_key)
+    rows = np.flatnonzero((table.obs[region_key] == spots_key).to_numpy())
+    pos = index.get_indexer(table.obs[instance_key].to_numpy()[rows])
+    if (pos < 0).any():
+        raise ValueError(f"Table {table_key!r} rows do not all match spots of {spots_key!r}.")
+    ar = table.obs["array_row"].to_numpy()[rows].astype(int)
+    ac = table.obs["array_col"].to_numpy()[rows].astype(int)
+    yx = centres[pos]
+    # least-squares fit: y = a * array_row + b, x = c * array_col + d (an axis-aligned square lattice)
+    a, b = np.polyfit(ar, yx[:, 0], 1)
+    c, d = np.polyfit(ac, yx[:, 1], 1)
+    if not np.isclose(a, c, rtol=0.05) or a <= 0:
+        raise ValueError(
+            f"The spots of {spots_key!r} do not form an axis-aligned square lattice over image {image_key!r} "
+            f"(pitch {a:.4g} px along rows, {c:.4g} px along columns)."
+        )
+    pitch = float((a + c) / 2)
+    r0, c0 = ar.min(), ac.min()
+    shape = (int(ar.max() - r0 + 1), int(ac.max() - c0 + 1))
+    grid = Grid(shape, pitch, (a * (r0 - 0.5) + b, c * (c0 - 0.5) + d))
+    gidx = table.var_names.get_indexer(genes)
+    x = table.X[rows][:, gidx]
+    check_counts(x, genes, list(table.obs_names[rows]), what=f"Counts of table {table_key!r}")
+    x = x.toarray() if sparse.issparse(x) else np.asarray(x)
+    hr = np.zeros((len(genes), *shape), np.float32)
+    hr[:, ar - r0, ac - c0] = x.T
+    valid = np.zeros(shape, bool)
+    valid[ar - r0, ac - c0] = True
+    return grid, hr, list(genes), valid

@@ -1,0 +1,349 @@
+"""``stsr.tl.super_resolve``: histology-guided super-resolution of a spot table, tile by tile."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import spatialdata as sd
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from .._constants import KEY_SUPER_RESOLVE
+from ..observation import ObservationModel
+from ._image_tiles import ImageSource
+from ._inputs import SlideInputs, prepare_inputs
+from ._store import TileStore
+from ._tiling import TilePlan, assemble, plan_tiles
+from ._write import add_elements, check_free_keys
+
+__all__ = ["super_resolve", "resolve_device"]
+
+log = logging.getLogger("stsr")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; anything else is passed to :class:`torch.device`."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device!r} was requested but CUDA is not available; use device='cpu' or 'auto'."
+        )
+    return dev
+
+
+def _load_model(model: Any) -> Any:
+    from .. import models
+
+    if model is None or isinstance(model, (str, Path)):
+        return models.load(model)
+    return model
+
+
+def super_resolve(
+    sdata: sd.SpatialData,
+    image_key: str,
+    genes: list[str] | str | None = None,
+    *,
+    table_key: str | None = None,
+    model: Any = None,
+    pixel_size: float | None = None,
+    coordinate_system: str | None = None,
+    steps: int = 20,
+    n_samples: int = 1,
+    consistency: bool = True,
+    tile_size: int = 64,
+    overlap: int = 16,
+    batch_size: int = 8,
+    device: str | torch.device = "auto",
+    seed: int = 0,
+    key_added: str = KEY_SUPER_RESOLVE,
+    overwrite: bool = False,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> sd.SpatialData:
+    """Super-resolve spot-level expression into an HR raster guided by the histology image.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with an image, spots (circles) and a table of spot counts annotating them.
+    image_key
+        The image element holding the histology (RGB H&E for the default model).
+    genes
+        Genes to super-resolve; default: 50 highly expressed genes of the table (no MT-/ribosomal genes).
+    table_key
+        Table holding the spot counts; found automatically when only one table annotates a shapes element.
+    model
+        A model object, a name of shipped weights, or a path to saved weights; default: the shipped default model.
+    pixel_size
+        HR pixel size in units of ``coordinate_system``; default: a tenth of the spot diameter.
+    coordinate_system
+        Coordinate system in which ``pixel_size`` is given; default: one shared by image and spots (``"global"``
+        when present).
+    steps
+        DDIM denoising steps.
+    n_samples
+        Number of samples; with more than one, the mean is returned and ``f"{key_added}_std"`` holds the per-pixel
+        standard deviation.
+    consistency
+        Project every denoising step (and the output) so that pooling the HR map over each spot reproduces its
+        measured counts.
+    tile_size, overlap
+        Tile side and overlap in HR pixels; overlaps are blended with smooth weights. Keep ``overlap`` at least a
+        spot diameter (10 HR pixels at the default pixel size) so that every spot lies whole inside some tile.
+    batch_size
+        Tiles per model batch.
+    device
+        ``"auto"`` (cuda when present, else cpu), ``"cpu"``, ``"cuda"``, ...
+    seed
+        Seed of the noise field; the noise at a pixel depends only on the seed, the gene and the pixel's position,
+        so results do not depend on tiling, batch size or workers.
+    key_added
+        Key of the new raster element.
+    overwrite
+        Replace existing elements named ``key_added`` (and ``f"{key_added}_std"``).
+    cache_dir
+        Where finished tiles are kept so that an interrupted run resumes. Default: next to the zarr store when
+        ``sdata`` is backed, else a temporary directory (no resume across sessions).
+    progress
+        Show a progress bar over tiles.
+
+    Returns
+    -------
+    ``sdata``, with ``sdata[key_added]``: an image element (c = genes, y, x; float32 counts per HR pixel; chunked;
+    multiscale) overlaying the image in all its coordinate systems, provenance in its attrs and in
+    ``sdata.attrs["stsr"][key_added]``. When ``sdata`` is backed by a zarr store the new elements are written to it
+    and nothing else in the store is touched.
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}.")
+    out_keys = [key_added] + ([f"{key_added}_std"] if n_samples > 1 else [])
+    check_free_keys(sdata, out_keys, overwrite)
+    net = _load_model(model)
+    dev = resolve_device(device)
+    inputs = prepare_inputs(
+        sdata,
+        image_key,
+        genes,
+        table_key=table_key,
+        pixel_size=pixel_size,
+        coordinate_system=coordinate_system,
+        image_channels=net.config.image_channels,
+    )
+    plan = plan_tiles(inputs.grid.shape, tile_size, overlap, inputs.mask)
+    source = ImageSource(inputs.image_levels, inputs.grid, net.config.image_scale)
+    gene_ids = torch.tensor([zlib.crc32(g.encode()) for g in inputs.genes], dtype=torch.int64)
+    normalizer = _normalizer(inputs)
+    params = {
+        "model": getattr(net, "name", None),
+        "weights_sha256": getattr(net, "weights_hash", None),
+        "image_key": image_key,
+        "table_key": inputs.table_key,
+        "spots_key": inputs.spots_key,
+        "genes": inputs.genes,
+        "pixel_size": inputs.pixel_size,
+        "coordinate_system": inputs.coordinate_system,
+        "steps": steps,
+        "n_samples": n_samples,
+        "consistency": consistency,
+        "tile_size": tile_size,
+        "overlap": overlap,
+        "seed": seed,
+        "stsr_version": __version__,
+    }
+    est_mb = plan.n_tiles * len(inputs.genes) * tile_size**2 * 4 * (2 if n_samples > 1 else 1) / 2**20
+    log.info(
+        "super_resolve: %d tiles of %dx%d HR px (overlap %d) on a %dx%d grid at %.3g %s/px, %d genes, %d step(s), "
+        "%d sample(s), device %s; tile store ~%.0f MB on disk, peak memory ~%.0f MB per batch of %d",
+        plan.n_tiles,
+        tile_size,
+        tile_size,
+        overlap,
+        *inputs.grid.shape,
+        inputs.pixel_size,
+        inputs.coordinate_system,
+        len(inputs.genes),
+        steps,
+        n_samples,
+        dev,
+        est_mb,
+        _batch_memory_mb(net, len(inputs.genes), tile_size, batch_size),
+        batch_size,
+    )
+    cache = _cache_dir(sdata, cache_dir, key_added)
+    store = TileStore(cache / "tiles.zarr", plan.n_tiles, len(inputs.genes), tile_size, params, n_samples > 1)
+    _run_tiles(
+        net,
+        store,
+        plan,
+        source,
+        inputs,
+        normalizer,
+        gene_ids,
+        dev,
+        steps,
+        n_samples,
+        consistency,
+        seed,
+        batch_size,
+        progress,
+    )
+
+    mean = assemble(store.mean, plan)
+    if consistency:
+        mean = _global_consistency(mean, inputs.observation, inputs.lr)
+    elements = {key_added: _raster(mean, inputs)}
+    if n_samples > 1:
+        elements[f"{key_added}_std"] = _raster(assemble(store.std, plan), inputs)
+    provenance = {
+        **params,
+        "weights_sha256": params["weights_sha256"],
+        "n_tiles": plan.n_tiles,
+        "grid_shape": list(inputs.grid.shape),
+        "grid_origin_image_px": list(inputs.grid.origin),
+        "grid_pixel_size_image_px": inputs.grid.pixel_size,
+        "unit": "counts per HR pixel",
+    }
+    add_elements(sdata, elements, provenance, cache / "staging", overwrite)
+    store.remove()
+    _cleanup(cache)
+    return sdata
+
+
+def _normalizer(inputs: SlideInputs) -> Any:
+    from ..models import GeneNormalizer
+
+    area = inputs.observation.support_area
+    valid = area > 0
+    density = inputs.lr[:, valid] / area[valid]
+    return GeneNormalizer.from_density(torch.as_tensor(density, dtype=torch.float32))
+
+
+def _batch_memory_mb(net: Any, n_genes: int, tile: int, batch: int) -> float:
+    width = getattr(net.config, "width", 32)
+    return batch * n_genes * tile * tile * width * 4 * 6 / 2**20
+
+
+def _cache_dir(sdata: sd.SpatialData, cache_dir: str | Path | None, key: str) -> Path:
+    if cache_dir is not None:
+        path = Path(cache_dir) / key
+    elif sdata.is_backed() and sdata.path is not None:
+        path = Path(str(sdata.path).rstrip("/") + ".stsr-cache") / key
+    else:
+        path = Path(tempfile.mkdtemp(prefix="stsr-")) / key
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _cleanup(cache: Path) -> None:
+    import shutil
+
+    shutil.rmtree(cache, ignore_errors=True)
+    parent = cache.parent
+    if parent.exists() and not any(parent.iterdir()):
+        parent.rmdir()
+
+
+def _run_tiles(
+    net: Any,
+    store: TileStore,
+    plan: TilePlan,
+    source: ImageSource,
+    inputs: SlideInputs,
+    normalizer: Any,
+    gene_ids: torch.Tensor,
+    dev: torch.device,
+    steps: int,
+    n_samples: int,
+    consistency: bool,
+    seed: int,
+    batch_size: int,
+    progress: bool,
+) -> None:
+    todo = np.flatnonzero(~store.done())
+    if len(todo) < plan.n_tiles:
+        log.info(
+            "super_resolve: resuming, %d of %d tiles already finished", plan.n_tiles - len(todo), plan.n_tiles
+        )
+    t = plan.tile_size
+    bar = tqdm(
+        total=plan.n_tiles,
+        initial=plan.n_tiles - len(todo),
+        desc="stsr tiles",
+        unit="tile",
+        disable=not progress,
+    )
+    for start in range(0, len(todo), batch_size):
+        index = todo[start : start + batch_size]
+        origins = plan.origins[index]
+        image = source.tiles(origins, t)
+        lr_density = np.stack(
+            [inputs.observation.interpolate(inputs.lr, window=(r, c, t, t)) for r, c in origins]
+        )
+        observations = None
+        if consistency:
+            observations = []
+            for r, c in origins:
+                sub, keep = inputs.observation.crop(int(r), int(c), t, t)
+                observations.append((sub, inputs.lr[:, keep]))
+        mean, std = net.sample(
+            image,
+            torch.as_tensor(lr_density, dtype=torch.float32),
+            normalizer,
+            observations=observations,
+            origins=torch.as_tensor(origins, dtype=torch.int64),
+            gene_ids=gene_ids,
+            seed=seed,
+            steps=steps,
+            n_samples=n_samples,
+            consistency=consistency,
+            device=dev,
+        )
+        store.write(index, mean.float().cpu().numpy(), None if std is None else std.float().cpu().numpy())
+        bar.update(len(index))
+    bar.close()
+
+
+def _global_consistency(mean: da.Array, op: ObservationModel, lr: np.ndarray) -> da.Array:
+    """Rescale each spot's pixels so that pooling the blended output reproduces the measured spot counts.
+
+    Blending neighbouring tiles mixes predictions that were each consistent inside their own tile; this final,
+    tile-independent pass restores exact consistency: one pass pools the output chunk by chunk, a second scales
+    each spot's pixels by ``measured / pooled`` (:meth:`ObservationModel.project`, multiplicative, per chunk).
+    """
+
+    def pooled_block(block: np.ndarray, block_info=None) -> np.ndarray:
+        r0, c0 = block_info[0]["array-location"][1][0], block_info[0]["array-location"][2][0]
+        return op.pool_window(block, r0, c0)[:, None, None, :]
+
+    parts = mean.map_blocks(
+        pooled_block, dtype=np.float64, chunks=(mean.shape[0], 1, 1, op.n_obs), new_axis=3
+    )
+    pooled = parts.sum(axis=(1, 2)).compute()
+    ok = pooled > 0
+    ratio = np.where(ok, lr / np.where(ok, pooled, 1.0), 1.0)
+    ratio = np.concatenate([ratio, np.ones((ratio.shape[0], 1))], axis=1).astype(np.float32)
+    owner = op.owner_map()
+
+    def scale_block(block: np.ndarray, block_info=None) -> np.ndarray:
+        (r0, r1), (c0, c1) = block_info[0]["array-location"][1:]
+        return block * ratio[:, owner[r0:r1, c0:c1]]
+
+    return mean.map_blocks(scale_block, dtype=np.float32)
+
+
+def _raster(data: da.Array, inputs: SlideInputs) -> Any:
+    from ..pp import raster_element
+
+    return raster_element(data, inputs.genes, inputs.grid, inputs.sdata, inputs.image_key)
