@@ -37,7 +37,9 @@ def _quiet(reader, *args, **kwargs):
 
 def _affine_xy(sdata, source, target, cs: str) -> np.ndarray:
     """3x3 (x, y) matrix from ``source``'s intrinsic space to ``target``'s, through coordinate system ``cs``."""
-    t = get_transformation_between_coordinate_systems(sdata, source, target, intermediate_coordinate_systems=cs)
+    t = get_transformation_between_coordinate_systems(
+        sdata, source, target, intermediate_coordinate_systems=cs
+    )
     return t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
 
 
@@ -213,7 +215,9 @@ def test_visium_options(tmp_path, her2st_dir):
     assert set(sdata.images) == {"lib1_full_image", "lib1_hires_image", "lib1_lowres_image"}
     full = sdata.images["lib1_full_image"]["scale0"]["image"]
     assert full.shape == (3, 9911, 9274)
-    assert isinstance(get_transformation(sdata.images["lib1_full_image"], to_coordinate_system="lib1"), Identity)
+    assert isinstance(
+        get_transformation(sdata.images["lib1_full_image"], to_coordinate_system="lib1"), Identity
+    )
     assert max(sdata.images["lib1_hires_image"].shape[1:]) == 500
 
 
@@ -228,7 +232,14 @@ def test_visium_bad_input(tmp_path, her2st_dir):
     (tmp_path / "d" / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="overwrite"):
         write_visium_folder(SECTION, tmp_path / "d", data_dir=her2st_dir, n_genes=2)
+    with pytest.raises(FileExistsError, match="refusing"):
+        write_visium_folder(SECTION, tmp_path / "d", data_dir=her2st_dir, n_genes=2, overwrite=True)
     assert (tmp_path / "d" / "keep.txt").read_text() == "x"
+    # a previous export is replaced
+    small = {"data_dir": her2st_dir, "hires_size": 200, "lowres_size": 50}
+    write_visium_folder(SECTION, tmp_path / "e", n_genes=2, **small)
+    write_visium_folder(SECTION, tmp_path / "e", genes=["ERBB2"], overwrite=True, **small)
+    assert _quiet(sdio.visium, tmp_path / "e", dataset_id="x").tables["table"].var_names.tolist() == ["ERBB2"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -290,7 +301,9 @@ def test_hd_structure(hd):
         assert set(sdata.tables) == {"square_050um"}
         assert set(sdata.coordinate_systems) == {did, f"{did}_downscaled_hires", f"{did}_downscaled_lowres"}
         assert isinstance(get_transformation(sdata.shapes[shapes_name], to_coordinate_system=did), Identity)
-        assert isinstance(get_transformation(sdata.images[f"{did}_full_image"], to_coordinate_system=did), Identity)
+        assert isinstance(
+            get_transformation(sdata.images[f"{did}_full_image"], to_coordinate_system=did), Identity
+        )
         for res, scalef in (("hires", 1.0), ("lowres", 600 / 792)):
             t = get_transformation(sdata.images[f"{did}_{res}_image"], to_coordinate_system=did)
             assert isinstance(t, Scale)
@@ -300,8 +313,13 @@ def test_hd_structure(hd):
         assert list(table.obs.columns) == ["in_tissue", "array_row", "array_col", "location_id", "region"]
         pos = sdata.shapes[shapes_name].index.get_indexer(table.obs["location_id"])
         assert (pos >= 0).all() and len(set(pos)) == len(table) == len(sdata.shapes[shapes_name])
-    assert filtered.tables["square_050um"].n_obs == 2130 and (filtered.tables["square_050um"].obs["in_tissue"] == 1).all()
-    assert raw.tables["square_050um"].n_obs == 2500 and raw.tables["square_050um"].obs["in_tissue"].sum() == 2130
+    assert (
+        filtered.tables["square_050um"].n_obs == 2130
+        and (filtered.tables["square_050um"].obs["in_tissue"] == 1).all()
+    )
+    assert (
+        raw.tables["square_050um"].n_obs == 2500 and raw.tables["square_050um"].obs["in_tissue"].sum() == 2130
+    )
 
 
 def test_hd_bins_geometry(hd):
@@ -330,11 +348,10 @@ def test_hd_counts(hd, dbit_head):
     assert (rows >= 0).all()
     np.testing.assert_array_equal(traw.X[rows].toarray(), dbit_head[genes].to_numpy())
     # the filtered matrix is the raw one restricted to bins under tissue
-    np.testing.assert_array_equal(
-        tfil.X.toarray(), traw[tfil.obs_names].X.toarray()
-    )
-    # the grid position missing from the source (2x7) is an all-zero bin
-    assert traw[_barcode("2x7")].X.sum() == 0
+    np.testing.assert_array_equal(tfil.X.toarray(), traw[tfil.obs_names].X.toarray())
+    # the one grid position missing from the source, X=7, Y=2 (the README calls it "2x7"), is an all-zero bin
+    assert traw[_barcode("7x2")].X.sum() == 0
+    assert traw[_barcode("2x7")].X.sum() > 0
     assert (tfil.var["genome"] == "mm10").all()
 
 

@@ -117,7 +117,9 @@ def _select_genes(
     return np.sort(np.argsort(-totals, kind="stable")[:n_genes])
 
 
-def _write_pyramid_pngs(source: Path | Image.Image, folder: Path, hires: int, lowres: int) -> tuple[float, float]:
+def _write_pyramid_pngs(
+    source: Path | Image.Image, folder: Path, hires: int, lowres: int
+) -> tuple[float, float]:
     """Write ``tissue_hires_image.png`` and ``tissue_lowres_image.png`` (long side at most ``hires``/``lowres``).
 
     ``source`` is an image file (JPEGs are decoded at a reduced DCT scale, never below the target size) or an
@@ -171,10 +173,18 @@ def _source(data_dir: str | os.PathLike[str] | None, dataset: str, filename: str
 
 
 def _prepare_folder(path: str | os.PathLike[str], overwrite: bool) -> Path:
+    """Create ``path``; with ``overwrite``, first remove a previous export there (a folder with ``spatial/``)."""
     out = Path(path)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True or choose another path.")
+            raise FileExistsError(
+                f"{out} exists and is not empty; pass overwrite=True or choose another path."
+            )
+        if not (out / "spatial").is_dir():
+            raise FileExistsError(
+                f"{out} is not empty and does not look like a Space Ranger folder (no spatial/); refusing to "
+                "delete it. Choose another path."
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -188,7 +198,9 @@ def _her2st_image_name(section: str, data_dir: str | os.PathLike[str] | None) ->
         found = sorted((Path(data_dir) / "images").glob(f"{section}_*.jpg"))
         names = [f"images/{p.name}" for p in found]
     else:
-        names = sorted(f for f in REGISTRY[_HER2ST] if f.startswith(f"images/{section}_") and f.endswith(".jpg"))
+        names = sorted(
+            f for f in REGISTRY[_HER2ST] if f.startswith(f"images/{section}_") and f.endswith(".jpg")
+        )
     if not names:
         raise ValueError(
             f"HER2ST section {section!r} has no full-resolution H&E image here; sections with one: B4, C2-C6."
@@ -291,7 +303,7 @@ def write_visium_folder(
     if barcodes == "coords":
         spots["barcode"] = spots.index + "-1"
     else:
-        spots["barcode"] = _visium_like_barcodes((spots["x"].to_numpy() * 1000 + spots["y"].to_numpy()))
+        spots["barcode"] = _visium_like_barcodes(spots["x"].to_numpy() * 1000 + spots["y"].to_numpy())
 
     out = _prepare_folder(path, overwrite)
     spatial = out / "spatial"
@@ -413,8 +425,8 @@ def write_visium_hd_folder(
         tissue_image.png                      full-resolution (resampled) micrograph, RGB
         spatial/tissue_hires_image.png, spatial/tissue_lowres_image.png, spatial/scalefactors_json.json
         binned_outputs/square_XXXum/filtered_feature_bc_matrix.h5   bins under tissue (``position.txt``)
-        binned_outputs/square_XXXum/raw_feature_bc_matrix.h5        all 2,500 bins (pixel 2x7, absent from the
-                                                                    source, with zero counts)
+        binned_outputs/square_XXXum/raw_feature_bc_matrix.h5        all 2,500 bins (the one pixel absent from the
+                                                                    source, X=7 Y=2, with zero counts)
         binned_outputs/square_XXXum/spatial/tissue_positions.parquet  all 2,500 bins
         binned_outputs/square_XXXum/spatial/scalefactors_json.json    adds bin_size_um, microns_per_pixel
 
@@ -509,7 +521,13 @@ def write_visium_hd_folder(
     n_spots = int(np.ceil(_DBIT_IMAGE_CHANNELS * _DBIT_CHANNEL_UM / 2.0))
     metadata = {
         "hd_layout_json": json.dumps(
-            {"file_format": "1.0", "num_cols": n_spots, "num_rows": n_spots, "spot_pitch": 2.0, "transform": identity}
+            {
+                "file_format": "1.0",
+                "num_cols": n_spots,
+                "num_rows": n_spots,
+                "spot_pitch": 2.0,
+                "transform": identity,
+            }
         ),
         "transform_matrices": {
             "spot_colrow_to_microscope_colrow": spot_to_px,

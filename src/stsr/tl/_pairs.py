@@ -21,7 +21,7 @@ from .._constants import CS_GLOBAL
 from .._validate import check_counts, check_element, check_genes
 from ..models._train import TrainingPair
 from ..observation import Grid, ObservationModel
-from ..pp import tissue_mask
+from ..pp import spots_observation_model, tissue_mask
 from ..pp._spots import table_region
 from ..pp._transforms import affine_yx, all_transformations, raster_levels
 from ._image_tiles import ImageSource
@@ -71,6 +71,7 @@ def training_pair(
     table_key: str | None = None,
     genes: Sequence[str] | None = None,
     factor: int = 4,
+    spots_key: str | None = None,
     image_scale: int = 4,
     mask: bool | np.ndarray = True,
     name: str | None = None,
@@ -92,6 +93,9 @@ def training_pair(
         Genes to keep (default: all of the raster, or all of the table).
     factor
         Side of the square blocks pooled into one LR observation.
+    spots_key
+        With ``hr_key``: pool the HR raster over these spots (disks, e.g. a Visium layout) instead of square blocks,
+        so training sees the LR geometry of real slides.
     image_scale
         Image pixels per HR pixel for the model (``ModelConfig.image_scale``).
     mask
@@ -102,7 +106,8 @@ def training_pair(
 
     Returns
     -------
-    The pair; its LR measurements are ``ObservationModel.blocks(shape, factor).pool(hr)``.
+    The pair; its LR measurements are the pooling of the HR truth by its observation model (square blocks of
+    ``factor``, or the disks of ``spots_key``).
     """
     if (hr_key is None) == (table_key is None):
         raise ValueError(
@@ -123,7 +128,12 @@ def training_pair(
     if isinstance(mask, np.ndarray):
         valid = np.asarray(mask, bool)
     image = _image(sdata, image_key, grid, image_scale)
-    op = ObservationModel.blocks(grid.shape, factor)
+    if spots_key is not None:
+        if hr_key is None:
+            raise ValueError("spots_key= applies to HR rasters (hr_key=); spot tables are pooled in blocks.")
+        op = spots_observation_model(sdata, spots_key, grid, image_key)
+    else:
+        op = ObservationModel.blocks(grid.shape, factor)
     return TrainingPair(
         image=image, hr=hr, observation=op, genes=list(genes), mask=valid, name=name or (hr_key or table_key)
     )
