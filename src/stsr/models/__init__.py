@@ -4,13 +4,14 @@
 """
 
 from ._config import ModelConfig
-from ._denoiser import Denoiser, HistologyFeatures
+from ._denoiser import Denoiser
+from ._diffusion import NoiseSchedule, ddim_sample, diffusion_loss, q_sample, to_x0_eps, training_target
 from ._discriminator import ChannelDiscriminator, discriminator_loss, generator_adversarial_loss
-from ._diffusion import NoiseSchedule, ddim_sample
+from ._encoder import HistologyFeatures
 from ._model import STSRModel
 from ._noise import gaussian_field, gene_ids_from_names
 from ._normalize import GeneNormalizer
-from ._train import TrainConfig, TrainingPair, evaluate_pairs
+from ._train import TrainConfig, TrainingPair, evaluate_pairs, fit
 from ._weights import WeightsError, available_weights, load
 
 __all__ = [
@@ -22,6 +23,10 @@ __all__ = [
     "generator_adversarial_loss",
     "NoiseSchedule",
     "ddim_sample",
+    "diffusion_loss",
+    "q_sample",
+    "to_x0_eps",
+    "training_target",
     "STSRModel",
     "gaussian_field",
     "gene_ids_from_names",
@@ -29,6 +34,7 @@ __all__ = [
     "TrainConfig",
     "TrainingPair",
     "evaluate_pairs",
+    "fit",
     "WeightsError",
     "available_weights",
     "load",

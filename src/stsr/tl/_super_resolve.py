@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .._constants import KEY_SUPER_RESOLVE
+from ..models import gene_ids_from_names
 from ..observation import ObservationModel
 from ._image_tiles import ImageSource
 from ._inputs import SlideInputs, prepare_inputs
@@ -143,7 +143,7 @@ def super_resolve(
     )
     plan = plan_tiles(inputs.grid.shape, tile_size, overlap, inputs.mask)
     source = ImageSource(inputs.image_levels, inputs.grid, net.config.image_scale)
-    gene_ids = torch.tensor([zlib.crc32(g.encode()) for g in inputs.genes], dtype=torch.int64)
+    gene_ids = gene_ids_from_names(inputs.genes)
     normalizer = _normalizer(inputs)
     params = {
         "model": getattr(net, "name", None),
@@ -222,12 +222,10 @@ def super_resolve(
 
 
 def _normalizer(inputs: SlideInputs) -> Any:
+    """Slide-level gene scales, computed exactly as in training (so results do not depend on tiling)."""
     from ..models import GeneNormalizer
 
-    area = inputs.observation.support_area
-    valid = area > 0
-    density = inputs.lr[:, valid] / area[valid]
-    return GeneNormalizer.from_density(torch.as_tensor(density, dtype=torch.float32))
+    return GeneNormalizer.from_observations(inputs.lr, inputs.observation.support_area)
 
 
 def _batch_memory_mb(net: Any, n_genes: int, tile: int, batch: int) -> float:

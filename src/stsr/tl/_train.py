@@ -1,0 +1,131 @@
+"""Train an stsr model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models._config import ModelConfig
+from ..models._model import STSRModel
+from ..models._train import TrainConfig, TrainingPair, fit
+
+__all__ = ["train"]
+
+
+def train(
+    pairs: TrainingPair | Sequence[TrainingPair],
+    *,
+    validation: TrainingPair | Sequence[TrainingPair] | None = None,
+    model_config: ModelConfig | dict[str, Any] | None = None,
+    init: STSRModel | None = None,
+    steps: int = 2000,
+    batch_size: int = 8,
+    tile_size: int = 48,
+    genes_per_batch: int = 32,
+    learning_rate: float = 2e-4,
+    seed: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 500,
+    resume: bool = True,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    **train_options: Any,
+) -> STSRModel:
+    """Train the histology-conditioned diffusion model on pairs of histology, HR truth and LR measurements.
+
+    Parameters
+    ----------
+    pairs
+        One or more :class:`~stsr.models.TrainingPair` (image, HR counts, observation model, gene names, optional
+        mask). The gene panels may differ between pairs: the model is panel-agnostic.
+    validation
+        Held-out pairs, scored during training (RMSE and Pearson r of consistent few-step samples, recorded in
+        ``model.metadata["training"]["history"]["validation"]``).
+    model_config
+        Network configuration (a :class:`~stsr.models.ModelConfig` or its dict); default ``ModelConfig()`` with
+        ``image_channels`` taken from the pairs. Ignored when ``init`` is given.
+    init
+        A model to fine-tune instead of training from scratch (e.g. ``stsr.models.load(...)``).
+    steps
+        Total optimisation steps (a resumed run continues up to this number).
+    batch_size
+        Crops per step.
+    tile_size
+        Side of the square HR crops (multiple of 4).
+    genes_per_batch
+        Genes drawn at random for each step.
+    learning_rate
+        AdamW learning rate.
+    seed
+        Seed of initialisation, crops, augmentation and noise (a run is reproducible on the same machine).
+    checkpoint_dir
+        Directory for training checkpoints (safetensors + JSON) written every ``checkpoint_every`` steps and at the
+        end.
+    checkpoint_every
+        Steps between checkpoints.
+    resume
+        Continue from the checkpoint in ``checkpoint_dir`` when one exists.
+    device
+        Torch device (default CPU).
+    progress
+        Show a progress bar.
+    **train_options
+        Further :class:`~stsr.models.TrainConfig` fields (e.g. ``loss_weights``, ``ema_decay``, ``stain_jitter``,
+        ``val_every``).
+
+    Returns
+    -------
+    The trained :class:`~stsr.models.STSRModel` (EMA weights, eval mode). Save it with ``model.save(directory)``.
+
+    Examples
+    --------
+    >>> model = stsr.tl.train(pairs, steps=5000, checkpoint_dir="ckpt")  # doctest: +SKIP
+    >>> model.save("my_weights")  # doctest: +SKIP
+    """
+    pairs = [pairs] if isinstance(pairs, TrainingPair) else list(pairs)
+    if validation is not None:
+        validation = [validation] if isinstance(validation, TrainingPair) else list(validation)
+    if not pairs:
+        raise ValueError("No training pairs given; pass one or more stsr.models.TrainingPair.")
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        tile_size=tile_size,
+        genes_per_batch=genes_per_batch,
+        learning_rate=learning_rate,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        progress=progress,
+        **train_options,
+    )
+    if init is not None:
+        if not isinstance(init, STSRModel):
+            raise TypeError(
+                f"init must be an STSRModel (e.g. stsr.models.load(...)), got {type(init).__name__}."
+            )
+        model = init
+    else:
+        if model_config is None:
+            channels = {int(p.image.shape[0]) for p in pairs}
+            if len(channels) != 1:
+                raise ValueError(
+                    f"Training pairs have images with different channel counts {sorted(channels)}."
+                )
+            scales = {p.image_scale for p in pairs}
+            if len(scales) != 1:
+                raise ValueError(
+                    f"Training pairs have different image pixels per HR pixel {sorted(scales)}; resample the images "
+                    "to one image_scale."
+                )
+            model_config = ModelConfig(image_channels=channels.pop(), image_scale=scales.pop())
+        elif isinstance(model_config, dict):
+            model_config = ModelConfig.from_dict(model_config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            model = STSRModel(model_config)
+    return fit(
+        model, pairs, cfg, validation=validation, checkpoint_dir=checkpoint_dir, resume=resume, device=device
+    )
