@@ -143,3 +143,12 @@ def test_windows_match_the_whole_grid(rng):
     owner = op.owner_map()
     assert owner.shape == (70, 72)
     assert set(np.unique(owner)) == set(range(op.n_obs + 1))
+
+
+def test_square_bins_cover_their_area_and_tile_exactly():
+    centres = [[5 + 10 * i, 5 + 10 * j] for i in range(4) for j in range(4)]
+    op = ObservationModel.squares((40, 40), centres, 10.0)
+    np.testing.assert_allclose(op.support_area, 100.0)
+    np.testing.assert_allclose(op.coverage, 1.0)  # abutting bins tile the grid exactly
+    off = ObservationModel.squares((20, 20), [[10.3, 9.6]], 4.5, supersample=16)
+    np.testing.assert_allclose(off.support_area, 4.5**2, rtol=0.01)

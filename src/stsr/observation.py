@@ -157,23 +157,43 @@ class ObservationModel:
         Weights are the fraction of each pixel's area inside the disk, estimated with ``supersample**2`` sub-pixel
         samples, so a row sums to about ``pi * radius**2``. Parts of disks outside the grid are dropped.
         """
+        return cls._footprints(shape, centres, radius, supersample, "disks")
+
+    @classmethod
+    def squares(
+        cls, shape: tuple[int, int], centres: np.ndarray, side: float, supersample: int = 8
+    ) -> ObservationModel:
+        """Axis-aligned squares of ``side`` grid pixels centred on ``centres`` (square bins, e.g. Visium HD).
+
+        Weights are the fraction of each pixel inside the square, so a row sums to about ``side**2``.
+        """
+        return cls._footprints(shape, centres, side / 2, supersample, "squares")
+
+    @classmethod
+    def _footprints(
+        cls, shape: tuple[int, int], centres: np.ndarray, half: float, supersample: int, kind: str
+    ) -> ObservationModel:
         centres = np.asarray(centres, dtype=float).reshape(-1, 2)
         if not np.all(np.isfinite(centres)):
             raise ValueError("Spot centres contain NaN or infinite values.")
-        if not np.isfinite(radius) or radius <= 0:
-            raise ValueError(f"Spot radius must be positive, got {radius}.")
+        if not np.isfinite(half) or half <= 0:
+            what = "radius" if kind == "disks" else "side"
+            raise ValueError(f"Spot {what} must be positive, got {half if kind == 'disks' else 2 * half}.")
         h, w = int(shape[0]), int(shape[1])
         s = int(supersample)
         sub = (np.arange(s) + 0.5) / s
         rows, cols, vals = [], [], []
         for i, (cy, cx) in enumerate(centres):
-            r0, r1 = max(int(np.floor(cy - radius)), 0), min(int(np.ceil(cy + radius)), h)
-            c0, c1 = max(int(np.floor(cx - radius)), 0), min(int(np.ceil(cx + radius)), w)
+            r0, r1 = max(int(np.floor(cy - half)), 0), min(int(np.ceil(cy + half)), h)
+            c0, c1 = max(int(np.floor(cx - half)), 0), min(int(np.ceil(cx + half)), w)
             if r0 >= r1 or c0 >= c1:
                 continue
             py = (np.arange(r0, r1)[:, None] + sub[None, :]).ravel()  # (nr*s,)
             px = (np.arange(c0, c1)[:, None] + sub[None, :]).ravel()
-            inside = ((py[:, None] - cy) ** 2 + (px[None, :] - cx) ** 2) <= radius**2
+            if kind == "disks":
+                inside = ((py[:, None] - cy) ** 2 + (px[None, :] - cx) ** 2) <= half**2
+            else:
+                inside = (np.abs(py[:, None] - cy) <= half) & (np.abs(px[None, :] - cx) <= half)
             frac = inside.reshape(r1 - r0, s, c1 - c0, s).mean(axis=(1, 3))
             rr, cc = np.nonzero(frac)
             rows.append(np.full(rr.size, i))
@@ -186,7 +206,8 @@ class ObservationModel:
             )
         else:
             mat = sparse.csr_matrix((len(centres), h * w))
-        return cls(mat, (h, w), centres, "disks", {"radius": float(radius), "supersample": s})
+        params = {"radius": float(half)} if kind == "disks" else {"side": float(2 * half)}
+        return cls(mat, (h, w), centres, kind, {**params, "supersample": s})
 
     # ------------------------------------------------------------------ properties
     @property
@@ -420,7 +441,7 @@ class ObservationModel:
         if self.kind == "blocks":
             return float(self.params["factor"])
         if self.n_obs < 2:
-            return float(2 * self.params.get("radius", 1.0))
+            return float(2 * self.params.get("radius", self.params.get("side", 2.0) / 2))
         from scipy.spatial import cKDTree
 
         d, _ = cKDTree(self.centres).query(self.centres, k=2)

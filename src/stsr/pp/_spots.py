@@ -16,10 +16,52 @@ from ._grid import hr_grid, raster_element
 from ._provenance import grid_to_dict, record
 from ._transforms import affine_yx, all_transformations, spatial_shape
 
-__all__ = ["spots_observation_model", "rasterize_spots", "spot_counts", "spot_geometry", "table_region"]
+__all__ = [
+    "spots_observation_model",
+    "rasterize_spots",
+    "spot_counts",
+    "spot_geometry",
+    "spot_footprint",
+    "footprint_operator",
+    "table_region",
+]
 
 #: Above this many genes, :func:`rasterize_spots` asks for an explicit gene list.
 MAX_DEFAULT_GENES = 500
+
+
+def spot_footprint(spots: Any, spots_key: str) -> str:
+    """``"disks"`` for circles (points with a ``radius``), ``"squares"`` for square bins (e.g. Visium HD).
+
+    Raises a clear error for any other shapes.
+    """
+    types = set(spots.geometry.geom_type.unique())
+    if types == {"Point"}:
+        if "radius" not in spots.columns:
+            raise ValueError(
+                f"Shapes element {spots_key!r} holds points without a 'radius' column: spots must be circles "
+                "(spatialdata.models.ShapesModel.parse(..., radius=...)) or square bins (polygons)."
+            )
+        return "disks"
+    if types == {"Polygon"}:
+        b = spots.geometry.bounds
+        w, h = (b["maxx"] - b["minx"]).to_numpy(), (b["maxy"] - b["miny"]).to_numpy()
+        area = spots.geometry.area.to_numpy()
+        if np.allclose(w, h, rtol=0.02) and np.allclose(area, w * h, rtol=0.02):
+            return "squares"
+    raise ValueError(
+        f"Shapes element {spots_key!r} must hold circles (points with a radius) or axis-aligned square bins; "
+        f"found {sorted(types)}. Convert other shapes with spatialdata.to_circles."
+    )
+
+
+def footprint_operator(
+    footprint: str, shape: tuple[int, int], centres: np.ndarray, radius: float, supersample: int = 8
+) -> ObservationModel:
+    """The observation model of spots of a footprint: disks of ``radius`` or squares of side ``2 * radius``."""
+    if footprint == "disks":
+        return ObservationModel.disks(shape, centres, radius, supersample=supersample)
+    return ObservationModel.squares(shape, centres, 2 * radius, supersample=supersample)
 
 
 def spot_geometry(
@@ -27,30 +69,24 @@ def spot_geometry(
 ) -> tuple[np.ndarray, float, Any]:
     """Spot centres and radius in continuous ``grid`` coordinates.
 
+    Circles give their radius; square bins give half their side (see :func:`spot_footprint`).
+
     Returns
     -------
-    ``(centres, radius, index)``: ``(n, 2)`` ``(row, col)`` centres, the common radius in grid pixels, and the
-    index of the spots element (row ``i`` of ``centres`` is ``index[i]``).
+    ``(centres, radius, index)``: ``(n, 2)`` ``(row, col)`` centres, the common radius (or half side) in grid
+    pixels, and the index of the spots element (row ``i`` of ``centres`` is ``index[i]``).
     """
     spots = check_element(sdata, spots_key, "shapes")
     check_element(sdata, image_key, "images")
-    if "radius" not in spots.columns:
-        raise ValueError(
-            f"Shapes element {spots_key!r} has no 'radius' column: spots must be circles (points with a radius, "
-            "spatialdata.models.ShapesModel.parse(..., radius=...))."
-        )
-    geom_types = set(spots.geometry.geom_type.unique())
-    if geom_types - {"Point"}:
-        raise ValueError(
-            f"Shapes element {spots_key!r} must hold circles (Point geometries), found {geom_types}."
-        )
+    footprint = spot_footprint(spots, spots_key)
     cs = shared_coordinate_systems(
         sdata, image_key, spots_key, preferred=CS_GLOBAL, required=coordinate_system, names=("image", "spots")
     )[0]
     a_spots = affine_yx(all_transformations(spots)[cs])
     a_image = affine_yx(all_transformations(sdata.images[image_key])[cs])
     m = np.linalg.inv(a_image) @ a_spots  # spots intrinsic (y, x) -> image intrinsic (y, x)
-    yx = np.stack([spots.geometry.y.to_numpy(float), spots.geometry.x.to_numpy(float), np.ones(len(spots))])
+    points = spots.geometry if footprint == "disks" else spots.geometry.centroid
+    yx = np.stack([points.y.to_numpy(float), points.x.to_numpy(float), np.ones(len(spots))])
     img = (m @ yx)[:2].T
     sv = np.linalg.svd(m[:2, :2], compute_uv=False)
     if sv.min() <= 0:
@@ -61,7 +97,12 @@ def spot_geometry(
             f"(scales {sv.tolist()}); spots are treated as circles of the mean radius.",
             stacklevel=3,
         )
-    radii = spots["radius"].to_numpy(float) * float(np.sqrt(sv.prod()))
+    size = (
+        spots["radius"].to_numpy(float)
+        if footprint == "disks"
+        else np.sqrt(spots.geometry.area.to_numpy()) / 2
+    )
+    radii = size * float(np.sqrt(sv.prod()))
     if not np.all(np.isfinite(radii)) or np.any(radii <= 0):
         raise ValueError(f"Spots {spots_key!r} have missing or non-positive radii.")
     if radii.max() > 1.01 * radii.min():
@@ -113,11 +154,13 @@ def spots_observation_model(
 
     Returns
     -------
-    :meth:`ObservationModel.disks <stsr.observation.ObservationModel.disks>`; observation ``i`` is row ``i`` of the
+    :meth:`ObservationModel.disks <stsr.observation.ObservationModel.disks>` (or ``squares`` for square bins);
+    observation ``i`` is row ``i`` of the
     spots element.
     """
     centres, radius, _ = spot_geometry(sdata, spots_key, grid, image_key, coordinate_system)
-    return ObservationModel.disks(grid.shape, centres, radius, supersample=supersample)
+    footprint = spot_footprint(sdata.shapes[spots_key], spots_key)
+    return footprint_operator(footprint, grid.shape, centres, radius, supersample=supersample)
 
 
 def table_region(sdata: Any, table_key: str, spots_key: str | None = None) -> tuple[Any, str, str, str]:
@@ -181,7 +224,9 @@ def _spot_counts(
     obs_names = [str(o) for o in table.obs_names[rows]]
     check_counts(x, genes, obs_names, what=f"Counts of table {table_key!r}")
     lr = (x.toarray() if sparse.issparse(x) else np.asarray(x)).astype(np.float64).T  # (genes, n_obs)
-    op = ObservationModel.disks(grid.shape, centres[pos], radius)
+    op = footprint_operator(
+        spot_footprint(sdata.shapes[spots_key], spots_key), grid.shape, centres[pos], radius
+    )
     return op, lr, list(genes), obs_names
 
 

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+from ._aggregate import aggregate
 from ._pairs import raster_grid, training_pair
 from ._super_resolve import resolve_device, super_resolve
+from ._to_table import to_table
 from ._train import train
 
-__all__ = ["super_resolve", "train", "training_pair", "raster_grid", "resolve_device"]
+__all__ = [
+    "super_resolve",
+    "to_table",
+    "aggregate",
+    "train",
+    "training_pair",
+    "raster_grid",
+    "resolve_device",
+]

@@ -86,7 +86,9 @@ def aggregate(
 
         if kind is None:
             check_element(sdata, by, "shapes")  # raises with close matches
-        raise ValueError(f"by={by!r} is a {kind[:-1]} element; pass a shapes (polygons/circles) or labels element.")
+        raise ValueError(
+            f"by={by!r} is a {kind[:-1]} element; pass a shapes (polygons/circles) or labels element."
+        )
     by_el = sdata[by]
     cs = _shared_cs(element, key, by_el, by, coordinate_system)
     if key_added is not None:
@@ -164,7 +166,9 @@ def _shape_weights(
     types = set(geoms.geom_type)
     if types <= {"Point"}:
         if "radius" not in shapes.columns:
-            raise ValueError(f"Shapes element {by!r} holds points without a 'radius' column; circles need one.")
+            raise ValueError(
+                f"Shapes element {by!r} holds points without a 'radius' column; circles need one."
+            )
         radius = np.asarray(shapes["radius"], float)
         geoms = [g.buffer(r, quad_segs=32) for g, r in zip(geoms, radius)]
     elif types <= {"Polygon", "MultiPolygon"}:
@@ -287,7 +291,9 @@ def _label_weights(
         ids = np.empty(0, np.int64)
         weights = sparse.csr_matrix((0, h * w))
     if len(ids) == 0:
-        raise ValueError(f"Labels element {by!r} has no non-zero label over raster pixels; nothing to aggregate.")
+        raise ValueError(
+            f"Labels element {by!r} has no non-zero label over raster pixels; nothing to aggregate."
+        )
     area = np.asarray(weights.sum(axis=1)).ravel()
     centres = _weighted_centres(weights, shape, area)
     yc, xc = pixel_centres(raster_mat, centres[:, 0] - 0.5, centres[:, 1] - 0.5)

@@ -13,7 +13,7 @@ from .._constants import CS_GLOBAL
 from .._validate import check_element, close_matches
 from ..observation import Grid, ObservationModel
 from ..pp import hr_grid, select_genes, tissue_mask
-from ..pp._spots import spot_counts
+from ..pp._spots import spot_counts, spot_footprint, spot_geometry
 from ..pp._transforms import raster_levels
 
 __all__ = ["SlideInputs", "prepare_inputs", "find_spot_table"]
@@ -53,7 +53,7 @@ class SlideInputs:
 
 
 def find_spot_table(sdata: sd.SpatialData, table_key: str | None) -> str:
-    """The table of spot counts: ``table_key`` if given, else the only table annotating a shapes element of circles."""
+    """The table of spot counts: ``table_key`` if given, else the only table annotating spots (circles or bins)."""
     from spatialdata.models import get_table_keys
 
     if table_key is not None:
@@ -66,13 +66,13 @@ def find_spot_table(sdata: sd.SpatialData, table_key: str | None) -> str:
         except (ValueError, KeyError, TypeError):
             continue
         regions = [region] if isinstance(region, str) else list(region)
-        if any(r in sdata.shapes and "radius" in sdata.shapes[r].columns for r in regions):
+        if any(r in sdata.shapes and _is_spots(sdata.shapes[r], r) for r in regions):
             candidates.append(key)
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
         raise ValueError(
-            "No table annotates a shapes element of circles (spots). stsr needs spot counts in a table linked to "
+            "No table annotates a shapes element of spots (circles or square bins). stsr needs spot counts in a table linked to "
             "the spots (TableModel.parse(..., region=<spots key>, region_key=..., instance_key=...)). "
             f"Tables present: {list(sdata.tables)}."
         )
@@ -150,10 +150,16 @@ def prepare_inputs(
 
         from ..pp._transforms import affine_yx
 
-        radius = float(sdata.shapes[spots_key]["radius"].iloc[0])
+        spots = sdata.shapes[spots_key]
+        footprint = spot_footprint(spots, spots_key)
+        radius = float(
+            spots["radius"].iloc[0] if footprint == "disks" else np.sqrt(spots.geometry.area.iloc[0]) / 2
+        )
         scale = np.sqrt(abs(np.linalg.det(affine_yx(get_transformation(sdata[spots_key], cs))[:2, :2])))
         pixel_size = 2 * radius * scale / PIXELS_PER_SPOT_DIAMETER
     grid = hr_grid(sdata, image_key, pixel_size, cs)
+    if spot_footprint(sdata.shapes[spots_key], spots_key) == "squares":
+        grid = _align_to_bins(sdata, spots_key, grid, image_key, cs)
     op, lr, genes = spot_counts(sdata, table_key, spots_key, genes, grid, image_key, cs)
     empty = [g for g, total in zip(genes, lr.sum(1)) if total <= 0]
     if empty:
@@ -188,3 +194,23 @@ def _near_spots(op: ObservationModel) -> np.ndarray:
         np.stack([rr.ravel(), cc.ravel()], 1), distance_upper_bound=0.75 * op.pitch()
     )
     return np.isfinite(dist).reshape(h, w)
+
+
+def _is_spots(shapes: Any, key: str) -> bool:
+    try:
+        spot_footprint(shapes, key)
+    except ValueError:
+        return False
+    return True
+
+
+def _align_to_bins(sdata: sd.SpatialData, spots_key: str, grid: Grid, image_key: str, cs: str) -> Grid:
+    """Shift the grid so that square bins start on pixel edges: each bin then owns whole pixels (no pixel is
+    shared by two abutting bins), which keeps the consistency projection exact."""
+    centres, half, _ = spot_geometry(sdata, spots_key, grid, image_key, cs)
+    edge_y, edge_x = grid.to_reference(centres[0, 0] - half, centres[0, 1] - half)
+    ps = grid.pixel_size
+    oy, ox = float(np.mod(edge_y, ps)), float(np.mod(edge_x, ps))
+    oy, ox = (oy - ps if oy > 1e-9 else 0.0), (ox - ps if ox > 1e-9 else 0.0)
+    shape = (grid.shape[0] + (oy < 0), grid.shape[1] + (ox < 0))
+    return Grid(shape, ps, (oy, ox))

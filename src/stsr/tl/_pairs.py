@@ -12,6 +12,7 @@ Two sources of HR truth:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import spatialdata as sd
@@ -143,8 +144,6 @@ def _lattice(
     sdata: sd.SpatialData, table_key: str, image_key: str, genes: Sequence[str] | None
 ) -> tuple[Grid, np.ndarray, list[str], np.ndarray]:
     """Spots on a square lattice as an HR raster, with the lattice fitted to the image from the spot centres."""
-    from ..pp._spots import spot_geometry
-
     table, spots_key, region_key, instance_key = table_region(sdata, table_key)
     for col in ("array_row", "array_col"):
         if col not in table.obs:
@@ -155,9 +154,7 @@ def _lattice(
     genes = check_genes(
         genes if genes is not None else list(table.var_names), table.var_names, where=f"table {table_key!r}"
     )
-    # spot centres in image pixels (a unit grid on the image)
-    unit = Grid((1, 1), 1.0)
-    centres, _, index = spot_geometry(sdata, spots_key, unit, image_key)
+    centres, index = _centres_in_image(sdata, spots_key, image_key)
     rows = np.flatnonzero((table.obs[region_key] == spots_key).to_numpy())
     pos = index.get_indexer(table.obs[instance_key].to_numpy()[rows])
     if (pos < 0).any():
@@ -186,3 +183,17 @@ def _lattice(
     valid = np.zeros(shape, bool)
     valid[ar - r0, ac - c0] = True
     return grid, hr, list(genes), valid
+
+
+def _centres_in_image(sdata: sd.SpatialData, shapes_key: str, image_key: str) -> tuple[np.ndarray, Any]:
+    """``(n, 2)`` ``(y, x)`` centroids of any shapes (circles, squares, polygons) in the image's pixel frame."""
+    shapes = check_element(sdata, shapes_key, "shapes")
+    t_s, t_i = all_transformations(shapes), all_transformations(check_element(sdata, image_key, "images"))
+    shared = [cs for cs in t_s if cs in t_i]
+    if not shared:
+        raise ValueError(f"Shapes {shapes_key!r} and image {image_key!r} share no coordinate system.")
+    cs = CS_GLOBAL if CS_GLOBAL in shared else shared[0]
+    m = np.linalg.inv(affine_yx(t_i[cs])) @ affine_yx(t_s[cs])
+    c = shapes.geometry.centroid
+    yx = np.stack([c.y.to_numpy(float), c.x.to_numpy(float), np.ones(len(c))])
+    return (m @ yx)[:2].T, shapes.index

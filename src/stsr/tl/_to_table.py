@@ -122,7 +122,7 @@ def to_table(
     matrix = element_affine(element, cs, key, level)
 
     mask = _mask(sdata, tissue_mask, (h, w), matrix, cs, key)
-    totals = np.asarray(arr.data.sum(axis=0).compute(), dtype=np.float64)
+    totals = np.asarray(arr.sum("c").values, dtype=np.float64)  # chunk by chunk when dask-backed
     keep = (totals > float(min_counts)) & np.isfinite(totals)
     if mask is not None:
         keep &= mask
@@ -203,9 +203,15 @@ def _mask(
             )
         mask_el = sdata[tissue_mask]
         resolve_coordinate_system(mask_el, tissue_mask, cs)
+        # the coarsest pyramid level of the mask that is still at least as fine as the raster
+        level = 0
+        for i in range(len(levels(mask_el)) - 1, 0, -1):
+            if pixel_area(element_affine(mask_el, cs, tissue_mask, i)) <= pixel_area(matrix) * (1 + 1e-6):
+                level = i
+                break
         rr, cc = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
         yc, xc = pixel_centres(matrix, rr, cc)
-        return np.asarray(sample_nearest(mask_el, cs, yc, xc, tissue_mask)) != 0
+        return np.asarray(sample_nearest(mask_el, cs, yc, xc, tissue_mask, level=level)) != 0
     arr = np.asarray(tissue_mask)
     if arr.shape != tuple(shape):
         raise ValueError(
@@ -242,7 +248,9 @@ def _read_kept(arr: Any, keep: np.ndarray, n_genes: int) -> Any:
         nz = int(np.count_nonzero(vals))
         nnz += nz
         total += vals.size
-        parts.append(sparse.csr_matrix(vals) if nz < _SPARSE_BELOW * vals.size else np.ascontiguousarray(vals))
+        parts.append(
+            sparse.csr_matrix(vals) if nz < _SPARSE_BELOW * vals.size else np.ascontiguousarray(vals)
+        )
     if nnz < _SPARSE_BELOW * total:
         return sparse.vstack([sparse.csr_matrix(p) for p in parts], format="csr", dtype=np.float32)
     return np.vstack([p.toarray() if sparse.issparse(p) else p for p in parts]).astype(np.float32, copy=False)

@@ -1,0 +1,204 @@
+"""Drawing helpers shared by :mod:`stsr.pl`: elements placed in a coordinate system through their transformations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._constants import CS_GLOBAL, IMAGE_HE
+from .._elements import (
+    coordinate_systems,
+    crop,
+    element_affine,
+    get_raster,
+    imshow_extent,
+    levels,
+    pick_level,
+    provenance,
+    resolve_coordinate_system,
+)
+from .._validate import element_type
+
+#: Longest side, in pixels, of the window read from a pyramid for display (the finest level not exceeding it).
+MAX_DISPLAY_PIXELS = 2048
+#: Default unit of HR rasters.
+DEFAULT_UNIT = "counts per HR pixel"
+
+Bbox = tuple[float, float, float, float]
+
+
+def check_crop(crop_box: Any) -> Bbox | None:
+    """Validate ``crop=(xmin, ymin, xmax, ymax)``."""
+    if crop_box is None:
+        return None
+    try:
+        box = tuple(float(v) for v in crop_box)
+    except TypeError as err:
+        raise TypeError(f"crop must be (xmin, ymin, xmax, ymax) or None, got {crop_box!r}.") from err
+    if len(box) != 4 or not all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
+        raise ValueError(
+            f"crop must be (xmin, ymin, xmax, ymax) in coordinate-system units with xmax > xmin and ymax > ymin, "
+            f"got {crop_box!r}."
+        )
+    return box  # type: ignore[return-value]
+
+
+def default_image(sdata: Any, key: str | None, exclude: tuple[str, ...] = ()) -> str | None:
+    """The histology image to draw under raster ``key``: its provenance ``image_key``, else the only image with
+    at most 4 channels (``"he"`` preferred), else ``None`` when there is none."""
+    if key is not None and key in sdata:
+        rec = provenance(sdata, key).get("image_key")
+        if isinstance(rec, str) and rec in sdata.images:
+            return rec
+    if IMAGE_HE in sdata.images and IMAGE_HE != key and IMAGE_HE not in exclude:
+        return IMAGE_HE
+    genes: set[str] = set()
+    if key is not None and key in sdata.images:
+        arr = levels(sdata.images[key])[0]
+        genes = {str(c) for c in arr.coords["c"].values} if "c" in arr.coords else set()
+    candidates = []
+    for name, el in sdata.images.items():
+        if name == key or name in exclude or (key is not None and name == f"{key}_std"):
+            continue
+        arr = levels(el)[0]
+        channels = {str(c) for c in arr.coords["c"].values} if "c" in arr.coords else set()
+        if arr.sizes.get("c", 1) <= 4 and not provenance(sdata, name) and not (channels & genes):
+            candidates.append(name)
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        return None
+    raise ValueError(
+        f"Several images could lie under {key!r}: {sorted(candidates)}; pass image_key= to choose one (or "
+        "show_image=False)."
+    )
+
+
+def shared_cs(sdata: Any, keys: list[str], coordinate_system: str | None) -> str:
+    """A coordinate system every element of ``keys`` has: ``coordinate_system`` if given (checked), else
+    ``"global"`` if shared, else the first shared one (sorted)."""
+    keys = [k for k in keys if k is not None]
+    if coordinate_system is not None:
+        for k in keys:
+            resolve_coordinate_system(sdata[k], k, coordinate_system)
+        return coordinate_system
+    systems = {k: coordinate_systems(sdata[k]) for k in keys}
+    shared = sorted(set.intersection(*(set(v) for v in systems.values())))
+    if not shared:
+        listing = "; ".join(f"{k!r}: {v}" for k, v in systems.items())
+        raise ValueError(
+            f"The elements to draw share no coordinate system ({listing}); add a transformation with "
+            "spatialdata.transformations.set_transformation or draw them separately."
+        )
+    return CS_GLOBAL if CS_GLOBAL in shared else shared[0]
+
+
+def image_rgb(values: np.ndarray) -> np.ndarray:
+    """``(c, y, x)`` image values as ``(y, x, 3)`` (or ``(y, x)`` grey) suitable for ``imshow``."""
+    arr = np.asarray(values)
+    if arr.shape[0] >= 3:
+        arr = arr[:3]
+    elif arr.shape[0] == 2:
+        arr = arr[:1]
+    arr = np.moveaxis(arr, 0, -1)
+    if arr.dtype == np.uint8:
+        return arr[..., 0] if arr.shape[-1] == 1 else arr
+    arr = arr.astype(np.float32)
+    finite = arr[np.isfinite(arr)]
+    lo, hi = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
+    arr = np.clip((arr - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+    return arr[..., 0] if arr.shape[-1] == 1 else arr
+
+
+def draw_image(ax: Any, sdata: Any, image_key: str, cs: str, crop_box: Bbox | None) -> Any:
+    """Draw an image (pyramid level chosen for the view) at its place in ``cs``; returns the ``AxesImage``."""
+    element = get_raster(sdata, image_key)
+    lvl = pick_level(element, cs, crop_box, MAX_DISPLAY_PIXELS, image_key)
+    win = _window(element, cs, crop_box, lvl, image_key, "image")
+    rgb = image_rgb(np.asarray(win.data.values))
+    kwargs = {"cmap": "gray"} if rgb.ndim == 2 else {}
+    art = ax.imshow(
+        rgb, extent=win.extent(f"image {image_key!r}"), origin="upper", interpolation="antialiased", **kwargs
+    )
+    art.set_label(image_key)
+    return art
+
+
+def raster_window(
+    sdata: Any, key: str, gene: str | None, cs: str, crop_box: Bbox | None, level: int | None
+) -> tuple[np.ndarray, tuple[float, float, float, float], np.ndarray]:
+    """Values of one channel (``gene``; ``None`` for single-channel/labels) of raster ``key`` in the view.
+
+    Returns ``(values (y, x) float, imshow extent, affine of the window's pixels)``.
+    """
+    element = sdata[key]
+    lvl = pick_level(element, cs, crop_box, MAX_DISPLAY_PIXELS, key) if level is None else level
+    win = _window(element, cs, crop_box, lvl, key, "raster")
+    data = win.data
+    if "c" in data.dims:
+        data = data.sel(c=gene) if gene is not None else data.isel(c=0)
+    values = np.asarray(data.values, dtype=np.float32)
+    return values, win.extent(f"raster {key!r}"), win.matrix
+
+
+def _window(element: Any, cs: str, crop_box: Bbox | None, level: int, key: str, what: str) -> Any:
+    # check alignment before reading
+    mat = element_affine(element, cs, key, level)
+    arr = levels(element)[level]
+    imshow_extent(mat, 0, int(arr.sizes["y"]), 0, int(arr.sizes["x"]), f"{what} {key!r} in {cs!r}")
+    return crop(element, cs, crop_box, level, key)
+
+
+def color_limits(
+    values: list[np.ndarray], vmin: float | None, vmax: float | None, percentile: tuple[float, float]
+) -> tuple[float, float]:
+    """``(vmin, vmax)``: given values, else percentiles of the finite values pooled over ``values``."""
+    if len(percentile) != 2 or not 0 <= percentile[0] < percentile[1] <= 100:
+        raise ValueError(f"percentile must be (low, high) with 0 <= low < high <= 100, got {percentile!r}.")
+    pooled = (
+        np.concatenate([np.ravel(np.asarray(v, dtype=np.float64)) for v in values]) if values else np.empty(0)
+    )
+    pooled = pooled[np.isfinite(pooled)]
+    lo = vmin if vmin is not None else (float(np.percentile(pooled, percentile[0])) if pooled.size else 0.0)
+    hi = vmax if vmax is not None else (float(np.percentile(pooled, percentile[1])) if pooled.size else 1.0)
+    if hi <= lo:
+        hi = lo + (abs(lo) * 1e-6 if lo else 1.0)
+    return float(lo), float(hi)
+
+
+def unit_of(sdata: Any, key: str) -> str:
+    """Unit recorded in the provenance of ``key`` (default: counts per HR pixel)."""
+    return str(provenance(sdata, key).get("unit", DEFAULT_UNIT))
+
+
+def finish_axes(
+    ax: Any, cs: str, extent: tuple[float, float, float, float] | None, crop_box: Bbox | None
+) -> None:
+    """Equal aspect, ``y`` downwards, limits on the crop (or ``extent``), axis labels naming ``cs``."""
+    if crop_box is not None:
+        ax.set_xlim(crop_box[0], crop_box[2])
+        ax.set_ylim(crop_box[3], crop_box[1])
+    elif extent is not None:
+        ax.set_xlim(extent[0], extent[1])
+        ax.set_ylim(extent[2], extent[3])
+    ax.set_aspect("equal")
+    ax.set_xlabel(f"x ({cs})")
+    ax.set_ylabel(f"y ({cs})")
+
+
+def save_figure(fig: Any, save: str | Path | None) -> None:
+    """Save ``fig`` as an image (PNG by default) when ``save`` is given."""
+    if save is None:
+        return
+    path = Path(save)
+    if not path.suffix:
+        path = path.with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+
+
+def is_raster(sdata: Any, key: str) -> bool:
+    """Whether ``key`` is an image or labels element."""
+    return element_type(sdata, key) in ("images", "labels")
