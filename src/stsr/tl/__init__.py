@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._adapt import adapt
 from ._aggregate import aggregate
 from ._pairs import raster_grid, training_pair
 from ._super_resolve import resolve_device, super_resolve
@@ -13,6 +14,7 @@ __all__ = [
     "to_table",
     "aggregate",
     "train",
+    "adapt",
     "training_pair",
     "raster_grid",
     "resolve_device",

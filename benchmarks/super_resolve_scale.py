@@ -1,0 +1,109 @@
+"""Memory and speed of ``stsr.tl.super_resolve`` as the slide grows (issue: bounded memory, CPU throughput).
+
+Each slide size runs in a fresh process (peak RSS is per process); memory is reported as a ratio to the smallest
+slide, which must stay within 1.3x over a 16x range of area because tiles, not slides, bound memory. Throughput
+is measured in HR gene-pixel-steps per second and extrapolated to a full Visium capture area (6.5 x 6.5 mm,
+~5,000 spots, 50 genes, 5.5 um pixels, 20 steps).
+
+    python benchmarks/super_resolve_scale.py [--sizes 500 1000 2000] [--genes 50] [--steps 2] [--full]
+
+``--full`` also runs the full capture area for real (long on a laptop CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+WORKER = r"""
+import json, resource, sys, time, tempfile
+import torch
+import stsr
+from stsr.models import ModelConfig, STSRModel
+size, genes, steps, threads = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+model = STSRModel(ModelConfig())   # default architecture; speed and memory do not depend on the weights
+sdata = stsr.datasets.synthetic(size_um=(size, size), n_genes=genes, seed=0)
+path = tempfile.mkdtemp() + "/slide.zarr"
+sdata.write(path)
+import spatialdata as sd
+sdata = sd.read_zarr(path)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.time()
+stsr.tl.super_resolve(sdata, "he", list(sdata["table"].var_names[:genes]), model=model, steps=steps,
+                      progress=False)
+wall = time.time() - t
+prov = sdata.attrs["stsr"]["stsr"]
+h, w = prov["grid_shape"]
+print(json.dumps({"size_um": size, "grid": [h, w], "tiles": prov["n_tiles"], "seconds": wall,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "rss_before_mb": base / 1024, "tile": prov["tile_size"], "overlap": prov["overlap"]}))
+"""
+
+
+def run(size: float, genes: int, steps: int, threads: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", WORKER, str(size), str(genes), str(steps), str(threads)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=float, nargs="+", default=[500.0, 1000.0, 2000.0])
+    p.add_argument("--genes", type=int, default=50)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--full", action="store_true", help="also run a full 6.5 mm capture area at 20 steps")
+    args = p.parse_args()
+    rows = []
+    for size in args.sizes:
+        t = time.time()
+        r = run(size, args.genes, args.steps, args.threads)
+        print(f"# {size:.0f} um done in {time.time() - t:.0f} s", file=sys.stderr, flush=True)
+        rows.append(r)
+    base = rows[0]
+    print(
+        f"\nsuper_resolve scaling: {args.genes} genes, {args.steps} DDIM steps, default architecture, "
+        f"{args.threads} threads\n"
+    )
+    print(
+        "| slide (um) | area ratio | HR grid | tiles | wall (s) | peak RSS (MB) | memory ratio | "
+        "gene-px-steps/s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        area = (r["size_um"] / base["size_um"]) ** 2
+        t2 = r["tile"] ** 2
+        rate = r["tiles"] * t2 * args.genes * args.steps / r["seconds"]
+        r["rate"] = rate
+        print(
+            f"| {r['size_um']:.0f} | {area:.0f}x | {r['grid'][0]}x{r['grid'][1]} | {r['tiles']} | "
+            f"{r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f} | "
+            f"{rate:,.0f} |"
+        )
+    # full Visium capture area: 6.5 mm at 5.5 um -> 1182^2 grid; tiles of 64 with overlap 16 (stride 48)
+    rate = rows[-1]["rate"]
+    tiles_full = (-(-(1182 - 64) // 48) + 1) ** 2
+    est = tiles_full * 64**2 * 50 * 20 / rate
+    print(
+        f"\nFull capture area (6.5 x 6.5 mm, 50 genes, 5.5 um, 20 steps): {tiles_full} tiles if all tissue; "
+        f"estimated {est / 60:.0f} min at the measured rate (target <= 15 min)."
+    )
+    if args.full:
+        r = run(6500.0, 50, 20, args.threads)
+        print(
+            f"Full capture area measured: {r['seconds'] / 60:.1f} min, peak RSS {r['peak_rss_mb']:.0f} MB, "
+            f"{r['tiles']} tiles."
+        )
+
+
+if __name__ == "__main__":
+    main()
