@@ -53,6 +53,30 @@ def dbit_pair(image_scale: int, n_genes: int = 200) -> stsr.models.TrainingPair:
     return pair
 
 
+def export_checkpoint(checkpoints: Path, out: Path, args: dict) -> None:
+    """Save the EMA weights of the latest training checkpoint as the shipped model (training stopped early)."""
+    from stsr.models import STSRModel
+    from stsr.models._train import _module_state, load_checkpoint
+
+    meta, tensors = load_checkpoint(checkpoints)
+    config = ModelConfig.from_dict(meta["model_config"])
+    model = STSRModel(config)
+    model.denoiser.load_state_dict(_module_state("ema", tensors))
+    history = meta["history"]
+    recipe = {
+        "script": "scripts/train_default.py",
+        "args": {k: str(v) for k, v in args.items()},
+        "stopped_at_step": meta["step"],
+        "planned_steps": meta["train_config"]["steps"],
+        "train_pairs": [f"synthetic-{s}" for s in SYNTHETIC_TRAIN_SEEDS] + ["dbit"],
+        "validation_pairs": [f"synthetic-{SYNTHETIC_VAL_SEED}"],
+        "held_out": "HER2ST (all sections), Vizgen, Xenium",
+        "history": history,
+    }
+    model.save(out, name="default", training=recipe)
+    print(json.dumps({"saved": str(out), "step": meta["step"], "weights_sha256": model.weights_hash}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=1500)
@@ -66,12 +90,22 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=Path("src/stsr/models/weights/default"))
     p.add_argument("--checkpoints", type=Path, default=Path("runs/default"))
+    p.add_argument(
+        "--export",
+        action="store_true",
+        help="save the EMA weights of the latest checkpoint and stop (no training)",
+    )
     args = p.parse_args()
+    if args.export:
+        export_checkpoint(args.checkpoints, args.out, vars(args))
+        return
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(args.threads)
     config = ModelConfig(width=args.width)
     t0 = time.time()
-    pairs = [synthetic_pair(s, config.image_scale) for s in SYNTHETIC_TRAIN_SEEDS] + [dbit_pair(config.image_scale)]
+    pairs = [synthetic_pair(s, config.image_scale) for s in SYNTHETIC_TRAIN_SEEDS] + [
+        dbit_pair(config.image_scale)
+    ]
     validation = [synthetic_pair(SYNTHETIC_VAL_SEED, config.image_scale)]
     print(f"built {len(pairs)} training pairs in {time.time() - t0:.0f} s", flush=True)
     model = stsr.tl.train(

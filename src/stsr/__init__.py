@@ -4,6 +4,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import datasets, models, pl, pp, tl  # noqa: E402
+from . import datasets, metrics, models, pl, pp, tl  # noqa: E402
 
-__all__ = ["datasets", "models", "pl", "pp", "tl", "__version__"]
+__all__ = ["datasets", "metrics", "models", "pl", "pp", "tl", "__version__"]

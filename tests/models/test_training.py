@@ -177,9 +177,16 @@ def test_corrupted_or_missing_weights_are_refused(trained, tmp_path):
         load(tmp_path / "w3")
     with pytest.raises(WeightsError, match="Shipped weights"):
         load("no-such-weights")
-    assert available_weights() == []
-    with pytest.raises(WeightsError, match=r"stsr\.tl\.train"):
-        load()
+    import stsr.models._weights as weights_module
+
+    shipped = weights_module.SHIPPED_DIR
+    weights_module.SHIPPED_DIR = tmp_path / "nothing_shipped"
+    try:
+        assert available_weights() == []
+        with pytest.raises(WeightsError, match=r"stsr\.tl\.train"):
+            load()
+    finally:
+        weights_module.SHIPPED_DIR = shipped
 
 
 def _small_run(tmp_path, steps, ckdir, seed=0):

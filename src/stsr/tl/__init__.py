@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._adapt import adapt
 from ._aggregate import aggregate
+from ._evaluate import evaluate
 from ._pairs import raster_grid, training_pair
 from ._super_resolve import resolve_device, super_resolve
 from ._to_table import to_table
@@ -13,6 +14,7 @@ __all__ = [
     "super_resolve",
     "to_table",
     "aggregate",
+    "evaluate",
     "train",
     "adapt",
     "training_pair",

@@ -200,12 +200,12 @@ def super_resolve(
         progress,
     )
 
-    mean = assemble(store.mean, plan)
+    mean = _restrict(assemble(store.mean, plan), inputs.mask)
     if consistency:
         mean = _global_consistency(mean, inputs.observation, inputs.lr)
     elements = {key_added: _raster(mean, inputs)}
     if n_samples > 1:
-        elements[f"{key_added}_std"] = _raster(assemble(store.std, plan), inputs)
+        elements[f"{key_added}_std"] = _raster(_restrict(assemble(store.std, plan), inputs.mask), inputs)
     provenance = {
         **params,
         "weights_sha256": params["weights_sha256"],
@@ -311,6 +311,16 @@ def _run_tiles(
         store.write(index, mean.float().cpu().numpy(), None if std is None else std.float().cpu().numpy())
         bar.update(len(index))
     bar.close()
+
+
+def _restrict(arr: da.Array, mask: np.ndarray) -> da.Array:
+    """Zero the pixels outside the measured tissue (``mask``: tissue near spots, and every spot's footprint)."""
+
+    def block(b: np.ndarray, block_info=None) -> np.ndarray:
+        (r0, r1), (c0, c1) = block_info[0]["array-location"][1:]
+        return b * mask[None, r0:r1, c0:c1]
+
+    return arr.map_blocks(block, dtype=arr.dtype)
 
 
 def _global_consistency(mean: da.Array, op: ObservationModel, lr: np.ndarray) -> da.Array:
