@@ -23,7 +23,7 @@ import json, resource, sys, time, tempfile
 import torch
 import stsr
 from stsr.models import ModelConfig, STSRModel
-size, genes, steps, threads = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+size, genes, steps, threads, batch = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 model = STSRModel(ModelConfig())   # default architecture; speed and memory do not depend on the weights
@@ -35,7 +35,7 @@ sdata = sd.read_zarr(path)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.time()
 stsr.tl.super_resolve(sdata, "he", list(sdata["table"].var_names[:genes]), model=model, steps=steps,
-                      progress=False)
+                      batch_size=batch, progress=False)
 wall = time.time() - t
 prov = sdata.attrs["stsr"]["stsr"]
 h, w = prov["grid_shape"]
@@ -45,9 +45,9 @@ print(json.dumps({"size_um": size, "grid": [h, w], "tiles": prov["n_tiles"], "se
 """
 
 
-def run(size: float, genes: int, steps: int, threads: int) -> dict:
+def run(size: float, genes: int, steps: int, threads: int, batch: int) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", WORKER, str(size), str(genes), str(steps), str(threads)],
+        [sys.executable, "-c", WORKER, str(size), str(genes), str(steps), str(threads), str(batch)],
         capture_output=True,
         text=True,
         check=True,
@@ -61,12 +61,13 @@ def main() -> None:
     p.add_argument("--genes", type=int, default=50)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8, help="tiles per batch (memory is per batch)")
     p.add_argument("--full", action="store_true", help="also run a full 6.5 mm capture area at 20 steps")
     args = p.parse_args()
     rows = []
     for size in args.sizes:
         t = time.time()
-        r = run(size, args.genes, args.steps, args.threads)
+        r = run(size, args.genes, args.steps, args.threads, args.batch_size)
         print(f"# {size:.0f} um done in {time.time() - t:.0f} s", file=sys.stderr, flush=True)
         rows.append(r)
     base = rows[0]
@@ -98,7 +99,7 @@ def main() -> None:
         f"estimated {est / 60:.0f} min at the measured rate (target <= 15 min)."
     )
     if args.full:
-        r = run(6500.0, 50, 20, args.threads)
+        r = run(6500.0, 50, 20, args.threads, args.batch_size)
         print(
             f"Full capture area measured: {r['seconds'] / 60:.1f} min, peak RSS {r['peak_rss_mb']:.0f} MB, "
             f"{r['tiles']} tiles."

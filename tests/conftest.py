@@ -52,3 +52,26 @@ def xenium(data_dir):
     from stsr.datasets._xenium import xenium_lung_tiny
 
     return xenium_lung_tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A small untrained stsr model (fast): for tests of mechanics (alignment, consistency, storage), not accuracy."""
+    import torch
+
+    from stsr.models import ModelConfig, STSRModel
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        width=8,
+        hist_width=8,
+        channel_mult=(1, 1, 1),
+        time_dim=16,
+        n_heads=2,
+        shared_dim=8,
+        distill_dim=8,
+        align_dim=4,
+        disc_width=8,
+        groups=4,
+    )
+    return STSRModel(cfg)

@@ -6,30 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import spatialdata_io as sdio
-import torch
 
 import stsr
-from stsr.models import ModelConfig, STSRModel
 from stsr.tl._inputs import prepare_inputs
-
-
-@pytest.fixture(scope="module")
-def tiny_model() -> STSRModel:
-    torch.manual_seed(0)
-    return STSRModel(
-        ModelConfig(
-            width=8,
-            hist_width=8,
-            channel_mult=(1, 1, 1),
-            time_dim=16,
-            n_heads=2,
-            shared_dim=8,
-            distill_dim=8,
-            align_dim=4,
-            disc_width=8,
-            groups=4,
-        )
-    )
 
 
 def _pooled_matches_counts(sdata, image_key, table_key, genes, key="stsr"):

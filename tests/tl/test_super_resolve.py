@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import spatialdata as sd
-import torch
 from spatialdata.transformations import get_transformation
 
 import stsr
@@ -19,21 +18,8 @@ GENES = ["gene_000", "gene_001", "gene_002"]
 
 
 @pytest.fixture(scope="module")
-def model() -> STSRModel:
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        width=8,
-        hist_width=8,
-        channel_mult=(1, 1, 1),
-        time_dim=16,
-        n_heads=2,
-        shared_dim=8,
-        distill_dim=8,
-        align_dim=4,
-        disc_width=8,
-        groups=4,
-    )
-    return STSRModel(cfg)
+def model(tiny_model) -> STSRModel:
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
