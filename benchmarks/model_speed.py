@@ -1,10 +1,11 @@
-"""Speed and size benchmark of the stsr denoiser network on CPU.
+"""Speed and size benchmark of the stsr denoiser network on CPU (or a GPU with ``--device cuda``).
 
 Prints a markdown report: parameters per module, time per tile split into the histology encoder (once per tile)
 and the gene stream (once per denoising step) for several gene counts, the full 20-step estimate, throughput,
 achieved GFLOP/s (counted with ``torch.utils.flop_counter.FlopCounterMode``), and the cost of each ablation.
 
-Run: ``python benchmarks/model_speed.py [--threads 2] [--repeats 7] [--tile 64] [--steps 20]``.
+Run: ``python benchmarks/model_speed.py [--threads 2] [--repeats 7] [--tile 64] [--steps 20] [--device cuda]
+[--batch 16]`` (``--batch``: tiles per forward pass, as ``super_resolve(batch_size=...)``; times are per tile).
 Timings are the minimum over ``--repeats`` runs (the median is shown too): on a shared machine other processes
 inflate single runs. The "CPU time" columns are process CPU time; with ``--threads 1`` they measure the compute
 itself, unaffected by waiting for a busy core (with 2 threads OpenMP spin-waiting inflates them).
@@ -29,6 +30,14 @@ from stsr.models._layers import count_parameters
 SWITCHES = ("use_distillation", "use_cross_attention", "use_disentangle", "use_alignment", "use_coexpression")
 
 
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def timeit(fn, repeats: int) -> tuple[float, float, float]:
     """(min wall, median wall, min process CPU) seconds of ``fn()`` over ``repeats`` runs after a warm-up run.
 
@@ -36,10 +45,12 @@ def timeit(fn, repeats: int) -> tuple[float, float, float]:
     a contention-robust measure on a shared machine.
     """
     fn()
+    _sync()
     walls, cpus = [], []
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
         fn()
+        _sync()
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
     return min(walls), statistics.median(walls), min(cpus)
@@ -52,14 +63,14 @@ def flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def make_inputs(model: Denoiser, g: int, tile: int, seed: int = 0):
+def make_inputs(model: Denoiser, g: int, tile: int, seed: int = 0, batch: int = 1):
     gen = torch.Generator().manual_seed(seed)
     k = model.config.image_scale
-    image = torch.rand(1, model.config.image_channels, k * tile, k * tile, generator=gen)
-    x = torch.randn(1, g, tile, tile, generator=gen)
-    lr = torch.randn(1, g, tile, tile, generator=gen)
-    t = torch.rand(1, generator=gen)
-    return image, x, lr, t
+    image = torch.rand(batch, model.config.image_channels, k * tile, k * tile, generator=gen)
+    x = torch.randn(batch, g, tile, tile, generator=gen)
+    lr = torch.randn(batch, g, tile, tile, generator=gen)
+    t = torch.rand(batch, generator=gen)
+    return image.to(DEVICE), x.to(DEVICE), lr.to(DEVICE), t.to(DEVICE)
 
 
 def main() -> None:  # noqa: D103
@@ -69,17 +80,23 @@ def main() -> None:  # noqa: D103
     parser.add_argument("--tile", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--genes", type=int, nargs="+", default=[1, 10, 50])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--batch", type=int, default=1, help="tiles per forward pass; times are per tile")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = ModelConfig()
-    model = Denoiser(config).eval()
-    tile, steps, g_max = args.tile, args.steps, max(args.genes)
+    model = Denoiser(config).eval().to(DEVICE)
+    tile, steps, g_max, nb = args.tile, args.steps, max(args.genes), args.batch
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "CPU"
 
-    print(f"## stsr denoiser speed ({tile}x{tile} HR tile, image {config.image_scale * tile}px, CPU)\n")
+    print(f"## stsr denoiser speed ({tile}x{tile} HR tile, image {config.image_scale * tile}px, {where})\n")
     print(
         f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
-        f"load average at start {os.getloadavg()[0]:.2f}; times = min (median) of {args.repeats} runs\n"
+        f"load average at start {os.getloadavg()[0]:.2f}; batches of {nb} tile(s), times per tile = min (median) "
+        f"of {args.repeats} runs\n"
     )
 
     # ------------------------------------------------------------------ parameters
@@ -100,12 +117,14 @@ def main() -> None:  # noqa: D103
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     with torch.no_grad():
         for g in args.genes:
-            image, x, lr, t = make_inputs(model, g, tile)
-            enc_min, enc_med, _ = timeit(lambda image=image: model.encode_histology(image), args.repeats)
+            image, x, lr, t = make_inputs(model, g, tile, batch=nb)
+            enc_min, enc_med, _ = (
+                v / nb for v in timeit(lambda image=image: model.encode_histology(image), args.repeats)
+            )
             feats = model.encode_histology(image)
             step = lambda x=x, lr=lr, t=t, feats=feats: model(x, lr, t, feats)  # noqa: E731
-            s_min, s_med, s_cpu = timeit(step, args.repeats)
-            gflop = flops(step) / 1e9
+            s_min, s_med, s_cpu = (v / nb for v in timeit(step, args.repeats))
+            gflop = flops(step) / 1e9 / nb
             total = enc_min + steps * s_min
             pix = g * tile * tile * steps / total
             print(
@@ -113,7 +132,7 @@ def main() -> None:  # noqa: D103
                 f"{s_cpu * 1e3:.1f} | "
                 f"{gflop:.2f} | {gflop / s_min:.0f} | {total:.2f} | {pix:,.0f} |"
             )
-    enc_gflop = flops(lambda: model.encode_histology(image)) / 1e9
+    enc_gflop = flops(lambda: model.encode_histology(image)) / 1e9 / nb
     print(f"\nEncoder: {enc_gflop:.2f} GFLOP per tile. Target: G=50, {steps} steps <= 5 s.\n")
 
     # ------------------------------------------------------------------ ablations
@@ -128,15 +147,15 @@ def main() -> None:  # noqa: D103
     with torch.no_grad():
         for name, cfg in rows:
             torch.manual_seed(0)
-            m = Denoiser(cfg).eval()
-            image, x, lr, t = make_inputs(m, g_max, tile)
+            m = Denoiser(cfg).eval().to(DEVICE)
+            image, x, lr, t = make_inputs(m, g_max, tile, batch=nb)
             feats = m.encode_histology(image)
             step = lambda m=m, x=x, lr=lr, t=t, feats=feats: m(x, lr, t, feats)  # noqa: E731
-            s_min, _, s_cpu = timeit(step, args.repeats)
+            s_min, _, s_cpu = (v / nb for v in timeit(step, args.repeats))
             n = count_parameters(m)
             base_t = base_t or s_min
             base_p = base_p or n
-            gflop = flops(step) / 1e9
+            gflop = flops(step) / 1e9 / nb
             print(
                 f"| {name} | {n:,} | {n / base_p:.2f} | {s_min * 1e3:.1f} | {s_min / base_t:.2f} | "
                 f"{s_cpu * 1e3:.1f} | {gflop:.2f} |"

@@ -13,8 +13,17 @@ Usage::
 
     python scripts/train_default.py --steps 1500 --out src/stsr/models/weights/default --checkpoints runs/default
 
-Runs on CPU in the background (checkpoints every 100 steps, resumable: rerun the same command). On a GPU pass
-``--device cuda`` and raise ``--steps``, ``--batch-size`` and ``--width`` for a bigger model.
+Runs on CPU in the background (checkpoints every 100 steps, resumable: rerun the same command).
+
+On a GPU machine (which needs only torch, numpy and scipy, not the SpatialData stack), prepare the pairs once where
+the data is, copy the store over, and train there for a fixed wall-clock budget (the step count is calibrated on the
+device so that the learning-rate schedule completes within the budget)::
+
+    python scripts/train_default.py --save-pairs pairs/            # here: builds the pairs (~2 min)
+    python scripts/train_default.py --pairs pairs/ --device cuda --time-budget 420 \
+        --batch-size 32 --genes-per-batch 32 --tile-size 64 --out weights/default
+
+Raise ``--width`` for a bigger model (inference then costs more on CPU; see ``benchmarks/model_speed.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -95,34 +105,80 @@ def main() -> None:
         action="store_true",
         help="save the EMA weights of the latest checkpoint and stop (no training)",
     )
+    p.add_argument(
+        "--synthetic-seeds",
+        type=int,
+        nargs="+",
+        default=list(SYNTHETIC_TRAIN_SEEDS),
+        help="seeds of the synthetic training slides (never 42, the benchmark's, or 99, validation)",
+    )
+    p.add_argument(
+        "--save-pairs", type=Path, help="build the training and validation pairs, write them here, stop"
+    )
+    p.add_argument("--pairs", type=Path, help="train on the pairs of a store written by --save-pairs")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        help="seconds of training: calibrates --steps on this device so that training ends within the budget",
+    )
     args = p.parse_args()
     if args.export:
         export_checkpoint(args.checkpoints, args.out, vars(args))
         return
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(args.threads)
+    if str(args.device).startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
     config = ModelConfig(width=args.width)
     t0 = time.time()
-    pairs = [synthetic_pair(s, config.image_scale) for s in SYNTHETIC_TRAIN_SEEDS] + [
-        dbit_pair(config.image_scale)
-    ]
-    validation = [synthetic_pair(SYNTHETIC_VAL_SEED, config.image_scale)]
-    print(f"built {len(pairs)} training pairs in {time.time() - t0:.0f} s", flush=True)
-    model = stsr.tl.train(
-        pairs,
-        validation=validation,
-        model_config=config,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        tile_size=args.tile_size,
-        genes_per_batch=args.genes_per_batch,
-        learning_rate=args.lr,
-        seed=args.seed,
-        checkpoint_dir=args.checkpoints,
-        checkpoint_every=100,
-        device=args.device,
-        val_every=250,
-    )
+    if args.pairs is not None:
+        stored = stsr.models.load_pairs(args.pairs)
+        validation = [q for q in stored if q.name == f"synthetic-{SYNTHETIC_VAL_SEED}"]
+        pairs = [q for q in stored if q.name != f"synthetic-{SYNTHETIC_VAL_SEED}"]
+        args.synthetic_seeds = [int(q.name.split("-")[1]) for q in pairs if q.name.startswith("synthetic-")]
+    else:
+        if {42, SYNTHETIC_VAL_SEED} & set(args.synthetic_seeds):
+            p.error(f"synthetic seeds 42 (benchmark) and {SYNTHETIC_VAL_SEED} (validation) are held out")
+        pairs = [synthetic_pair(s, config.image_scale) for s in args.synthetic_seeds] + [
+            dbit_pair(config.image_scale)
+        ]
+        validation = [synthetic_pair(SYNTHETIC_VAL_SEED, config.image_scale)]
+    print(f"{len(pairs)} training pairs ready in {time.time() - t0:.0f} s", flush=True)
+    if args.save_pairs is not None:
+        stsr.models.save_pairs(pairs + validation, args.save_pairs, hr_dtype="float16")
+        print(f"wrote {len(pairs) + len(validation)} pairs to {args.save_pairs}")
+        return
+
+    def run(steps: int, checkpoints: Path | None, progress: bool = True) -> stsr.models.STSRModel:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            model = stsr.models.STSRModel(config)
+        train_config = stsr.models.TrainConfig(
+            steps=steps,
+            batch_size=args.batch_size,
+            tile_size=args.tile_size,
+            genes_per_batch=args.genes_per_batch,
+            learning_rate=args.lr,
+            seed=args.seed,
+            checkpoint_every=100 if args.device == "cpu" else 500,
+            val_every=250 if args.device == "cpu" else 1000,
+            progress=progress and sys.stderr.isatty(),
+        )
+        return stsr.models.fit(
+            model, pairs, train_config, validation=validation, checkpoint_dir=checkpoints, device=args.device
+        )
+
+    if args.time_budget is not None:
+        # a short run measures the step time on this device (validation included), then the real run's length
+        # is set so that it ends within the budget
+        t_cal = time.time()
+        calibration = 60
+        run(calibration, None, progress=False)
+        per_step = (time.time() - t_cal) / calibration
+        args.steps = max(100, int(args.time_budget / (per_step * 1.1)))
+        print(f"calibrated: {per_step * 1000:.1f} ms per step -> {args.steps} steps", flush=True)
+    model = run(args.steps, args.checkpoints)
     recipe = {
         "script": "scripts/train_default.py",
         "args": {k: str(v) for k, v in vars(args).items()},
@@ -130,6 +186,9 @@ def main() -> None:
         "validation_pairs": [v.name for v in validation],
         "held_out": "HER2ST (all sections), Vizgen, Xenium",
         "wall_time_s": round(time.time() - t0),
+        "steps": args.steps,
+        "device": str(args.device),
+        "validation": model.metadata["training"].get("validation"),
     }
     path = model.save(args.out, name="default", training=recipe)
     print(json.dumps({"saved": str(path), "weights_sha256": model.weights_hash}, indent=1))

@@ -11,6 +11,7 @@ from ._encoder import HistologyFeatures
 from ._model import STSRModel
 from ._noise import gaussian_field, gene_ids_from_names
 from ._normalize import GeneNormalizer
+from ._pair_store import load_pairs, save_pairs
 from ._train import TrainConfig, TrainingPair, evaluate_pairs, fit
 from ._weights import WeightsError, available_weights, load
 
@@ -35,6 +36,8 @@ __all__ = [
     "TrainingPair",
     "evaluate_pairs",
     "fit",
+    "save_pairs",
+    "load_pairs",
     "WeightsError",
     "available_weights",
     "load",
