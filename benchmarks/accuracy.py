@@ -25,7 +25,7 @@ short models trained from scratch with one module switched off each, next to the
 
 Splits -- a trained method never sees the case it is scored on:
 
-- the default model (``stsr.models.load()``) is trained on synthetic seeds 0-5 and on DBiT-seq (factor-2 pairs of its
+- the default model (``stsr.models.load()``) is trained on synthetic seeds 0-11 and on DBiT-seq (factor-2 pairs of its
   measured pixels); HER2ST, Vizgen and synthetic seed 42 are held out. Its DBiT rows are therefore marked
   "seen in training" (they measure fit, not generalisation); the benchmark-trained models below are DBiT-free;
 - the models trained here (regression net, short full model and ablations) see synthetic seeds 0-5 only
@@ -453,6 +453,15 @@ def main(argv: list[str] | None = None) -> str:
 
     # ---- report
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    trained = (
+        ((default.metadata or {}).get("training") or {}).get("train_pairs") if default is not None else None
+    )
+    seeds = sorted(int(n.split("-")[1]) for n in (trained or []) if n.startswith("synthetic-"))
+    default_trained_on = (
+        f"synthetic seeds {seeds} and DBiT-seq (x2 pairs)"
+        if trained
+        else "synthetic seeds and DBiT-seq (x2 pairs)"
+    )
     cmd = "python benchmarks/accuracy.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:]))
     out = [
         "# stsr accuracy benchmark",
@@ -464,7 +473,7 @@ def main(argv: list[str] | None = None) -> str:
         f"{train_steps} steps on synthetic seeds {list(train_seeds)} ({train_size:g} µm slides), adaptation "
         f"{adapt_steps} steps. stsr rows: {default_name or 'short model trained here'}.",
         "",
-        "Splits: the default model is trained on synthetic seeds 0-5 and DBiT-seq (x2 pairs): HER2ST, Vizgen and "
+        f"Splits: the default model is trained on {default_trained_on}: HER2ST, Vizgen and "
         "synthetic seed 42 are unseen, its DBiT rows are marked *seen in training*. Models trained here (regression "
         "net, short models, ablations) see synthetic seeds only (DBiT-free). Adaptation uses only the case's LR input.",
         "",

@@ -8,6 +8,7 @@ from ._genes import select_genes
 from ._grid import grid_transformations, hr_grid, raster_element
 from ._mask import tissue_mask
 from ._observations import Observations, get_observations
+from ._pseudo_spots import pseudo_spots
 from ._spots import rasterize_spots, spots_observation_model
 from ._transcripts import bin_transcripts
 
@@ -20,6 +21,7 @@ __all__ = [
     "get_observations",
     "grid_transformations",
     "hr_grid",
+    "pseudo_spots",
     "raster_element",
     "rasterize_spots",
     "select_genes",

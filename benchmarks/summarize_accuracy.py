@@ -1,0 +1,76 @@
+"""Condense the accuracy report (``docs/benchmarks/accuracy.md``) into the README's summary table.
+
+Run::
+
+    python benchmarks/summarize_accuracy.py [docs/benchmarks/accuracy.md]
+
+Reads the report's summary table (``r / within-block r`` per method and case), averages the HER2ST sections, and
+prints a markdown table with the HER2ST mean, DBiT-seq, Vizgen and synthetic columns, plus the number of HER2ST
+sections on which each method beats bicubic + mass on both r and within-block r.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+KEEP = (
+    "*noise ceiling*",
+    "bicubic + mass",
+    "TESLA",
+    "regression net (same backbone)",
+    "stsr, 1 sample",
+    "stsr, mean of 4",
+    "stsr + adaptation",
+)
+
+
+def read_summary(path: Path) -> tuple[list[str], dict[str, list[tuple[float, float]]]]:
+    """Case names and, per method, ``(r, within-block r)`` per case from the report's summary table."""
+    lines = path.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("## Summary"))
+    first = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("|"))
+    table = []
+    for line in lines[first:]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    rows: dict[str, list[tuple[float, float]]] = {}
+    for line in table[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = [tuple(float(v) for v in c.split(" / ")) for c in cells[1:]]  # type: ignore[misc]
+    return header[1:], rows
+
+
+def main() -> None:  # noqa: D103
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE.parent / "docs" / "benchmarks" / "accuracy.md"
+    cases, rows = read_summary(path)
+    her2st = [i for i, c in enumerate(cases) if c.startswith("HER2ST")]
+    others = [i for i, c in enumerate(cases) if not c.startswith("HER2ST")]
+    ref = rows["bicubic + mass"]
+    head = [f"HER2ST, mean of {len(her2st)} sections (x2)"] + [cases[i] for i in others]
+    print(
+        "| method | "
+        + " | ".join(head)
+        + " | HER2ST sections beating bicubic + mass (r and within-block r) |"
+    )
+    print("|---" * (len(head) + 2) + "|")
+    for name in KEEP:
+        if name not in rows:
+            continue
+        vals = rows[name]
+        r = sum(vals[i][0] for i in her2st) / len(her2st)
+        w = sum(vals[i][1] for i in her2st) / len(her2st)
+        cells = [f"{r:.3f} / {w:.3f}"] + [f"{vals[i][0]:.3f} / {vals[i][1]:.3f}" for i in others]
+        wins = (
+            ""
+            if name.startswith("*")
+            else str(sum(vals[i][0] > ref[i][0] and vals[i][1] > ref[i][1] for i in her2st))
+        )
+        print(f"| {name} | " + " | ".join(cells) + f" | {wins} |")
+
+
+if __name__ == "__main__":
+    main()
