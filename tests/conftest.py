@@ -55,23 +55,32 @@ def xenium(data_dir):
 
 
 @pytest.fixture(scope="session")
-def tiny_model():
-    """A small untrained stsr model (fast): for tests of mechanics (alignment, consistency, storage), not accuracy."""
+def make_tiny_model():
+    """Factory of small untrained stsr models (``make_tiny_model(image_channels=2)``): for tests of mechanics."""
     import torch
 
     from stsr.models import ModelConfig, STSRModel
 
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        width=8,
-        hist_width=8,
-        channel_mult=(1, 1, 1),
-        time_dim=16,
-        n_heads=2,
-        shared_dim=8,
-        distill_dim=8,
-        align_dim=4,
-        disc_width=8,
-        groups=4,
-    )
-    return STSRModel(cfg)
+    def make(**changes):
+        torch.manual_seed(0)
+        cfg = dict(
+            width=8,
+            hist_width=8,
+            channel_mult=(1, 1, 1),
+            time_dim=16,
+            n_heads=2,
+            shared_dim=8,
+            distill_dim=8,
+            align_dim=4,
+            disc_width=8,
+            groups=4,
+        )
+        return STSRModel(ModelConfig(**{**cfg, **changes}))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model(make_tiny_model):
+    """A small untrained stsr model (fast): for tests of mechanics (alignment, consistency, storage), not accuracy."""
+    return make_tiny_model()

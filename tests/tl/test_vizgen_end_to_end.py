@@ -12,7 +12,7 @@ import spatialdata as sd
 from spatialdata.transformations import get_transformation
 
 import stsr
-from stsr.models import ModelConfig, STSRModel
+from stsr.models import STSRModel
 from stsr.pp import spots_observation_model
 from stsr.pp._transforms import affine_yx
 
@@ -48,25 +48,9 @@ def transcripts(crop):
 
 
 @pytest.fixture(scope="module")
-def fluo_model() -> STSRModel:
+def fluo_model(make_tiny_model) -> STSRModel:
     """The tiny test network of ``tiny_model``, for 2-channel (DAPI, polyT) images."""
-    import torch
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        image_channels=2,
-        width=8,
-        hist_width=8,
-        channel_mult=(1, 1, 1),
-        time_dim=16,
-        n_heads=2,
-        shared_dim=8,
-        distill_dim=8,
-        align_dim=4,
-        disc_width=8,
-        groups=4,
-    )
-    return STSRModel(cfg)
+    return make_tiny_model(image_channels=2)
 
 
 def _disk_counts(yx, genes, centre_yx, radius, gene) -> int:

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 
 from .._constants import CS_GLOBAL, INSTANCE_KEY, PROVENANCE_ATTR, REGION_KEY
-from .._validate import check_element, check_genes, check_new_key, shared_coordinate_systems
+from .._validate import check_element, check_new_key, shared_coordinate_systems
 from ._provenance import record
-from ._transcripts import _all_genes, _feature_key
+from ._transcripts import _points_genes
 from ._transforms import affine_yx, all_transformations, spatial_shape
 
 __all__ = ["pseudo_spots"]
@@ -153,12 +153,7 @@ def pseudo_spots(
         raise ValueError(f"key_added and table_key_added must differ, both are {key_added!r}.")
     _check_free(sdata, key_added, overwrite, "key_added")
     _check_free(sdata, table_key_added, overwrite, "table_key_added")
-    for col in ("x", "y"):
-        if col not in points.columns:
-            raise KeyError(f"Points element {points_key!r} has no {col!r} column.")
-    gene_key = _feature_key(points, points_key, None)
-    available = _all_genes(points, gene_key)
-    genes = check_genes(available if genes is None else genes, available, where=f"points {points_key!r}")
+    gene_key, genes = _points_genes(points, points_key, None, genes)
     cs = shared_coordinate_systems(
         sdata,
         image_key,

@@ -38,6 +38,20 @@ def _all_genes(points: Any, gene_key: str) -> list[str]:
     return sorted(str(g) for g in col.unique().compute())
 
 
+def _points_genes(
+    points: Any, points_key: str, gene_key: str | None, genes: Sequence[str] | None
+) -> tuple[str, list[str]]:
+    """Check the ``x``/``y`` columns of a points element; its gene column and the checked genes (default all)."""
+    for col in ("x", "y"):
+        if col not in points.columns:
+            raise KeyError(f"Points element {points_key!r} has no {col!r} column.")
+    gene_key = _feature_key(points, points_key, gene_key)
+    available = _all_genes(points, gene_key)
+    return gene_key, check_genes(
+        available if genes is None else genes, available, where=f"points {points_key!r}"
+    )
+
+
 def bin_transcripts(
     sdata: Any,
     points_key: str,
@@ -87,13 +101,8 @@ def bin_transcripts(
     points = check_element(sdata, points_key, "points")
     if not np.isfinite(pixel_size) or pixel_size <= 0:
         raise ValueError(f"pixel_size must be a positive number, got {pixel_size!r}.")
-    for col in ("x", "y"):
-        if col not in points.columns:
-            raise KeyError(f"Points element {points_key!r} has no {col!r} column.")
-    gene_key = _feature_key(points, points_key, gene_key)
     check_new_key(sdata, key_added, overwrite)
-    available = _all_genes(points, gene_key)
-    genes = check_genes(available if genes is None else genes, available, where=f"points {points_key!r}")
+    gene_key, genes = _points_genes(points, points_key, gene_key, genes)
 
     if image_key is not None:
         check_element(sdata, image_key, "images")
