@@ -65,6 +65,18 @@ def dbit_pair(image_scale: int, n_genes: int = 200) -> stsr.models.TrainingPair:
     return pair
 
 
+def copy_matching(src: torch.nn.Module, dst: torch.nn.Module, prefixes: tuple[str, ...]) -> int:
+    """Copy the parameters and buffers under ``prefixes`` from ``src`` into ``dst`` where the shapes match."""
+    theirs = src.state_dict()
+    ours = dst.state_dict()
+    n = 0
+    for key, val in ours.items():
+        if key.startswith(prefixes) and key in theirs and theirs[key].shape == val.shape:
+            val.copy_(theirs[key])
+            n += 1
+    return n
+
+
 def export_checkpoint(checkpoints: Path, out: Path, args: dict) -> None:
     """Save the EMA weights of the latest training checkpoint as the shipped model (training stopped early)."""
     from stsr.models import STSRModel
@@ -85,7 +97,7 @@ def export_checkpoint(checkpoints: Path, out: Path, args: dict) -> None:
         "held_out": "HER2ST (all sections), Vizgen, Xenium",
         "history": history,
     }
-    model.save(out, name="default", training=recipe)
+    model.save(out, name=args.get("name", "default"), training=recipe)
     print(json.dumps({"saved": str(out), "step": meta["step"], "weights_sha256": model.weights_hash}))
 
 
@@ -96,6 +108,22 @@ def main() -> None:
     p.add_argument("--tile-size", type=int, default=48)
     p.add_argument("--genes-per-batch", type=int, default=16)
     p.add_argument("--width", type=int, default=32)
+    p.add_argument(
+        "--channel-mult",
+        type=int,
+        nargs=3,
+        default=None,
+        help="gene-stream width multipliers (default 1 2 3)",
+    )
+    p.add_argument("--name", default="default", help="name saved with the weights")
+    p.add_argument(
+        "--teacher",
+        help="distil these weights (name or path) into the new network: the 'teacher' loss term; the histology "
+        "encoder, distillation head and alignment start from the teacher's where their shapes match",
+    )
+    p.add_argument(
+        "--teacher-weight", type=float, default=1.0, help="weight of the teacher term (the data term has 1)"
+    )
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -137,6 +165,11 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
     config = ModelConfig(width=args.width)
+    if args.channel_mult is not None:
+        config = config.replace(channel_mult=tuple(args.channel_mult))
+    teacher = None
+    if args.teacher is not None:
+        teacher = stsr.models.load(None if args.teacher == "default" else args.teacher)
     t0 = time.time()
     if args.pairs is not None:
         stored = stsr.models.load_pairs(args.pairs)
@@ -163,6 +196,9 @@ def main() -> None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(args.seed)
                 model = stsr.models.STSRModel(config)
+            if teacher is not None:
+                copied = copy_matching(teacher.denoiser, model.denoiser, ("encoder.", "distill.", "align."))
+                print(f"started {copied} tensors from the teacher", flush=True)
         train_config = stsr.models.TrainConfig(
             steps=steps,
             batch_size=args.batch_size,
@@ -173,9 +209,16 @@ def main() -> None:
             checkpoint_every=100 if args.device == "cpu" else 500,
             val_every=250 if args.device == "cpu" else 1000,
             progress=progress and sys.stderr.isatty(),
+            loss_weights={**stsr.models.TrainConfig().loss_weights, "teacher": args.teacher_weight},
         )
         return stsr.models.fit(
-            model, pairs, train_config, validation=validation, checkpoint_dir=checkpoints, device=args.device
+            model,
+            pairs,
+            train_config,
+            validation=validation,
+            checkpoint_dir=checkpoints,
+            device=args.device,
+            teacher=teacher,
         )
 
     if args.time_budget is not None:
@@ -207,13 +250,15 @@ def main() -> None:
         "device": str(args.device),
         "validation": model.metadata["training"].get("validation"),
     }
+    if teacher is not None:
+        recipe["teacher"] = {"name": teacher.name, "weights_sha256": teacher.weights_hash}
     if args.init is not None:
         init = stsr.models.load(None if args.init == "default" else args.init)
         recipe["init"] = {
             "weights_sha256": init.weights_hash,
             "training": (init.metadata or {}).get("training"),
         }
-    path = model.save(args.out, name="default", training=recipe)
+    path = model.save(args.out, name=args.name, training=recipe)
     print(json.dumps({"saved": str(path), "weights_sha256": model.weights_hash}, indent=1))
 
 

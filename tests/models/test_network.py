@@ -234,6 +234,24 @@ def test_histology_encoded_once_and_reused(monkeypatch):
     torch.testing.assert_close(sub[0], outs[0][1], atol=1e-5, rtol=1e-4)
 
 
+def test_prepared_conditioning_is_exact_and_computed_once(monkeypatch):
+    model = make(tiny())
+    image, x, lr, _ = inputs(b=2, g=4)
+    with torch.no_grad():
+        feats = model.encode_histology(image)
+        direct = [model(x, lr, torch.full((2,), s), feats) for s in (0.2, 0.7)]
+        cond = model.prepare(feats, lr)
+        assert cond.aux.shape == (2, 4, H, W) and cond.corr.shape == (2, 4, 4)
+        calls = []
+        monkeypatch.setattr(model.align, "forward", lambda *a: calls.append(a))  # would break if called
+        cached = [model(x, lr, torch.full((2,), s), cond) for s in (0.2, 0.7)]
+        assert calls == []
+        for a, b in zip(direct, cached):
+            assert torch.equal(a, b)
+        with pytest.raises(ValueError, match="prepared for other LR maps"):
+            model(x, lr + 1.0, torch.full((2,), 0.2), cond)
+
+
 def test_histology_changes_output():
     model = make(tiny())
     image, x, lr, t = inputs()

@@ -296,3 +296,84 @@ def test_training_pair_validation():
         stsr.tl.train(pair, model_config=tiny_config(), steps=1, tile_size=32, progress=False)
     with pytest.raises(ValueError, match="image_scale"):
         stsr.tl.train(pair, model_config=tiny_config(image_scale=2), steps=1, tile_size=16, progress=False)
+
+
+def test_fine_tuning_leaves_the_init_model_unchanged(trained):
+    model, _ = trained
+    before = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
+    tuned = stsr.tl.train(
+        synthetic_pair(0),
+        init=model,
+        steps=3,
+        batch_size=2,
+        tile_size=TILE,
+        genes_per_batch=4,
+        progress=False,
+        val_every=0,
+        learning_rate=1e-2,
+    )
+    after = model.denoiser.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(not torch.equal(before[k], v) for k, v in tuned.denoiser.state_dict().items())
+
+
+def test_distillation_into_a_narrower_network_approaches_the_teacher(trained):
+    teacher, _ = trained
+    narrow = tiny_config(width=8, channel_mult=(1, 2, 2))
+
+    def gap(model: STSRModel) -> float:
+        """Mean squared difference of the two denoisers on fixed held-out noisy inputs."""
+        pair = synthetic_pair(101)
+        gen = torch.Generator().manual_seed(3)
+        img = pair.image[None, :, : 4 * TILE, : 4 * TILE].float() / 255.0
+        lr = torch.randn(1, 6, TILE, TILE, generator=gen)
+        with torch.no_grad():
+            out = []
+            for t in (0.2, 0.5, 0.9):
+                x = torch.randn(1, 6, TILE, TILE, generator=gen)
+                tt = torch.tensor([t])
+                out.append(
+                    (
+                        model.denoiser(x, lr, tt, model.denoiser.encode_histology(img))
+                        - teacher.denoiser(x, lr, tt, teacher.denoiser.encode_histology(img))
+                    )
+                    .pow(2)
+                    .mean()
+                )
+        return float(torch.stack(out).mean())
+
+    kw = dict(
+        model_config=narrow,
+        steps=60,
+        batch_size=4,
+        tile_size=TILE,
+        genes_per_batch=6,
+        learning_rate=2e-3,
+        warmup_steps=10,
+        ema_decay=0.9,
+        val_every=0,
+        progress=False,
+        seed=1,
+        loss_weights={
+            "diffusion": 0.0,
+            "teacher": 1.0,
+            "distillation": 0.5,
+            "disentangle": 0.1,
+            "adversarial": 0.0,
+        },
+    )
+    pairs = [synthetic_pair(s) for s in range(3)]
+    start = stsr.tl.train(pairs, **{**kw, "steps": 1, "learning_rate": 1e-9})
+    student = stsr.tl.train(pairs, teacher=teacher, **kw)
+    assert student.denoiser.module_parameters()["total"] < teacher.denoiser.module_parameters()["total"]
+    assert "teacher" in student.metadata["training"]["history"]["loss"][-1]
+    assert gap(student) < 0.5 * gap(start)
+    with pytest.raises(ValueError, match="teacher's prediction"):
+        stsr.tl.train(
+            pairs,
+            teacher=teacher,
+            model_config=tiny_config(prediction="eps"),
+            steps=1,
+            tile_size=TILE,
+            progress=False,
+        )

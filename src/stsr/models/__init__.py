@@ -4,7 +4,7 @@
 """
 
 from ._config import ModelConfig
-from ._denoiser import Denoiser
+from ._denoiser import Conditioning, Denoiser
 from ._diffusion import NoiseSchedule, ddim_sample, diffusion_loss, q_sample, to_x0_eps, training_target
 from ._discriminator import ChannelDiscriminator, discriminator_loss, generator_adversarial_loss
 from ._encoder import HistologyFeatures
@@ -17,6 +17,7 @@ from ._weights import WeightsError, available_weights, load
 
 __all__ = [
     "ModelConfig",
+    "Conditioning",
     "Denoiser",
     "HistologyFeatures",
     "ChannelDiscriminator",

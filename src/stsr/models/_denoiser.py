@@ -23,6 +23,8 @@ gene's output depends only on its own ``x_t``/``lr`` and the tile's histology.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,6 +38,34 @@ from ._layers import CL, Down, LightBlock, ResBlock, TimeEmbedding, Up, add_per_
 from ._modulation import DisentangledModulation
 
 
+@dataclass
+class Conditioning:
+    """Everything the denoiser derives from the histology and the LR maps alone, computed once per tile.
+
+    None of it depends on the noisy maps or the diffusion time, so the sampler computes it once
+    (:meth:`Denoiser.prepare`) and reuses it at every denoising step; the result is identical to recomputing it.
+
+    Attributes
+    ----------
+    hist
+        Histology features, aligned to the expression grid when alignment (d) is on.
+    lr
+        ``(B, G, h, w)`` normalised LR maps the conditioning was computed from.
+    aux
+        ``(B, G, h, w)`` histology-only prediction of the distillation head (a), or ``None``.
+    injections
+        The per-tile histology projections added to the gene stream at resolutions 1, 1/2 and 1/4.
+    corr
+        ``(B, G, G)`` LR co-expression matrix for (e), or ``None``.
+    """
+
+    hist: HistologyFeatures
+    lr: Tensor
+    aux: Tensor | None
+    injections: tuple[Tensor, Tensor, Tensor]
+    corr: Tensor | None
+
+
 class Denoiser(nn.Module):
     """Histology-conditioned denoiser of normalised HR gene maps.
 
@@ -46,8 +76,9 @@ class Denoiser(nn.Module):
 
     Notes
     -----
-    Typical use: ``feats = model.encode_histology(image)`` once per tile, then ``model(x_t, lr, t, feats)`` at every
-    denoising step. HR tiles must have ``h`` and ``w`` divisible by 4.
+    Typical use: ``cond = model.prepare(model.encode_histology(image), lr)`` once per tile, then
+    ``model(x_t, lr, t, cond)`` at every denoising step (passing the :class:`HistologyFeatures` instead of ``cond``
+    recomputes the conditioning at each call, as training does). HR tiles must have ``h`` and ``w`` divisible by 4.
     """
 
     def __init__(self, config: ModelConfig | None = None) -> None:
@@ -119,10 +150,23 @@ class Denoiser(nn.Module):
         return self.distill(aligned.fine, lr)
 
     # ------------------------------------------------------------------ denoising
-    def forward(self, x_t: Tensor, lr: Tensor, t: Tensor, feats: HistologyFeatures) -> Tensor:
+    def prepare(self, feats: HistologyFeatures, lr: Tensor) -> Conditioning:
+        """The step-invariant :class:`Conditioning` of tiles with features ``feats`` and normalised LR maps ``lr``."""
+        self._check(lr, lr, None, feats)
+        hist, _ = self.condition(feats, lr)
+        return Conditioning(
+            hist=hist,
+            lr=lr,
+            aux=self.distill(hist.fine, lr) if self.distill is not None else None,
+            injections=(self.inject0(hist.fine), self.inject1(hist.mid), self.inject2(hist.coarse)),
+            corr=lr_correlation(lr) if self.coexpr is not None else None,
+        )
+
+    def forward(self, x_t: Tensor, lr: Tensor, t: Tensor, feats: HistologyFeatures | Conditioning) -> Tensor:
         """Denoiser output ``(B, G, h, w)`` for noisy maps ``x_t``, LR maps ``lr`` (both ``(B, G, h, w)``), time ``t``.
 
-        ``t`` is ``(B,)`` (or a scalar) float diffusion time in ``[0, 1]``; ``feats`` from :meth:`encode_histology`.
+        ``t`` is ``(B,)`` (or a scalar) float diffusion time in ``[0, 1]``; ``feats`` from :meth:`encode_histology`,
+        or the :class:`Conditioning` of :meth:`prepare` for the same ``lr`` (faster when called at every step).
         """
         return self._run(x_t, lr, t, feats, return_loss=False)[0]
 
@@ -150,31 +194,41 @@ class Denoiser(nn.Module):
             raise ValueError(f"t must have shape (B,) = ({b},) or be a scalar, got {tuple(t.shape)}.")
 
     def _run(
-        self, x_t: Tensor, lr: Tensor, t: Tensor, feats: HistologyFeatures, return_loss: bool
+        self, x_t: Tensor, lr: Tensor, t: Tensor, feats: HistologyFeatures | Conditioning, return_loss: bool
     ) -> tuple[Tensor, dict[str, Tensor]]:
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
-        self._check(x_t, lr, t, feats)
+        if isinstance(feats, Conditioning):
+            cond = feats
+            if cond.lr is not lr and (cond.lr.shape != lr.shape or not torch.equal(cond.lr, lr)):
+                raise ValueError(
+                    "the Conditioning was prepared for other LR maps; call prepare(feats, lr) again."
+                )
+            self._check(x_t, lr, t, cond.hist)
+        else:
+            self._check(x_t, lr, t, feats)
+            cond = self.prepare(feats, lr)
         b, g, h, w = x_t.shape
         t = t.reshape(-1).expand(b)
         losses: dict[str, Tensor] = {}
-        hist, _ = self.condition(feats, lr)
+        hist = cond.hist
+        inj0, inj1, inj2 = cond.injections
 
         inputs = [x_t, lr]
-        if self.distill is not None:
-            inputs.append(self.distill(hist.fine, lr))
+        if cond.aux is not None:
+            inputs.append(cond.aux)
         x = torch.stack(inputs, dim=-1).reshape(b * g, h, w, len(inputs)).permute(0, 3, 1, 2)  # channels-last
         temb = self.time(t)  # (B, time_dim), per tile
 
         # level 0 (HR resolution)
-        x = add_per_tile_(self.stem(x), self.inject0(hist.fine))
+        x = add_per_tile_(self.stem(x), inj0)
         x = self.res0(x, temb)
         skip0 = x
         # level 1 (1/2)
-        x = add_per_tile_(self.down0(x), self.inject1(hist.mid))
+        x = add_per_tile_(self.down0(x), inj1)
         x = self.res1(x, temb)
         skip1 = x
         # level 2 (1/4, bottleneck)
-        x = add_per_tile_(self.down1(x), self.inject2(hist.coarse))
+        x = add_per_tile_(self.down1(x), inj2)
         x = self.res2a(x, temb)
         if self.cross_attn is not None:
             x = x + self.cross_attn(x, hist.tokens)
@@ -183,7 +237,7 @@ class Denoiser(nn.Module):
             if return_loss:
                 losses["disentangle"] = loss
         if self.coexpr is not None:
-            x = x + self.coexpr(x, lr_correlation(lr))
+            x = x + self.coexpr(x, cond.corr)
         x = self.res2b(x, temb)
         # decoder
         x = self.res1d(self.up1(x).add_(skip1), temb)

@@ -230,10 +230,10 @@ class STSRModel(nn.Module):
             with torch.no_grad():
                 img, lr = img.to(dev), lr.to(dev)
                 lr_z = normalizer.normalize(lr)
-                feats = self.denoiser.encode_histology(img)
+                cond = self.denoiser.prepare(self.denoiser.encode_histology(img), lr_z)
 
                 def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                    return self.denoiser(x, lr_z, t, feats)
+                    return self.denoiser(x, lr_z, t, cond)
 
                 def hook(x0: torch.Tensor, _i: int) -> torch.Tensor:
                     x0 = x0.clamp(-1.0, _Z_MAX)

@@ -613,6 +613,7 @@ def fit(
     checkpoint_dir: str | Path | None = None,
     resume: bool = True,
     device: str | torch.device | None = None,
+    teacher: STSRModel | None = None,
 ) -> STSRModel:
     """Train ``model`` on ``pairs``; returns a model holding the EMA weights.
 
@@ -634,6 +635,11 @@ def fit(
         Continue from the checkpoint in ``checkpoint_dir`` when there is one.
     device
         Device to train on (default CPU).
+    teacher
+        Optional trained model to distil (knowledge distillation, e.g. into a narrower network): for every noisy
+        batch it adds the loss term ``"teacher"``, the masked MSE between the model's denoiser output and the
+        teacher's on the same inputs (the teacher is frozen; it needs the same ``prediction``, image channels and
+        ``image_scale``). Weigh it against the ground-truth ``"diffusion"`` term with ``config.loss_weights``.
 
     Returns
     -------
@@ -667,6 +673,17 @@ def fit(
                 f"Pair {p.name!r} ({p.shape[0]}x{p.shape[1]} HR px) is smaller than tile_size="
                 f"{cfg.tile_size}; lower tile_size."
             )
+    if teacher is not None:
+        tcfg = teacher.config
+        for attr in ("prediction", "image_channels", "image_scale", "schedule", "n_timesteps"):
+            if getattr(tcfg, attr) != getattr(mcfg, attr):
+                raise ValueError(
+                    f"The teacher's {attr}={getattr(tcfg, attr)!r} differs from the model's "
+                    f"{getattr(mcfg, attr)!r}; distillation needs the same diffusion and inputs."
+                )
+        teacher_den = copy.deepcopy(teacher.denoiser).to(dev).eval()
+        for p in teacher_den.parameters():
+            p.requires_grad_(False)
     k = mcfg.image_scale
     prepared = [_Prepared(p) for p in pairs]
     valsets = [
@@ -770,12 +787,17 @@ def fit(
                 g["lr"] = _lr_at(step, cfg)
 
             feats = den.encode_histology(img)
+            cond = den.prepare(feats, lr_z)
             x_t = q_sample(model.schedule, x0, t, noise)
-            pred, aux = den.forward_train(x_t, lr_z, t, feats)
+            pred, aux = den.forward_train(x_t, lr_z, t, cond)
             target = training_target(model.schedule, x0, t, noise, mcfg.prediction)
             terms: dict[str, torch.Tensor] = {"diffusion": diffusion_loss(pred, target, mask)}
+            if teacher is not None:
+                with torch.no_grad():
+                    t_pred = teacher_den(x_t, lr_z, t, teacher_den.encode_histology(img))
+                terms["teacher"] = diffusion_loss(pred, t_pred, mask)
             if mcfg.use_distillation:
-                terms["distillation"] = diffusion_loss(den.aux_expression(feats, lr_z), x0, mask)
+                terms["distillation"] = diffusion_loss(cond.aux, x0, mask)
             for name, val in aux.items():
                 terms[name] = val
             sel = (t <= cfg.adversarial_max_t).nonzero().flatten()

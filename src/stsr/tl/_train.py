@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ def train(
     validation: TrainingPair | Sequence[TrainingPair] | None = None,
     model_config: ModelConfig | dict[str, Any] | None = None,
     init: STSRModel | None = None,
+    teacher: STSRModel | None = None,
     steps: int = 2000,
     batch_size: int = 8,
     tile_size: int = 48,
@@ -48,7 +50,11 @@ def train(
         Network configuration (a :class:`~stsr.models.ModelConfig` or its dict); default ``ModelConfig()`` with
         ``image_channels`` taken from the pairs. Ignored when ``init`` is given.
     init
-        A model to fine-tune instead of training from scratch (e.g. ``stsr.models.load(...)``).
+        A model to fine-tune instead of training from scratch (e.g. ``stsr.models.load(...)``). A copy is trained;
+        ``init`` itself is left unchanged.
+    teacher
+        A trained model to distil into this one (e.g. a narrower, faster network): adds the loss between the two
+        denoisers' outputs on every noisy batch (:func:`~stsr.models.fit`).
     steps
         Total optimisation steps (a resumed run continues up to this number).
     batch_size
@@ -106,7 +112,7 @@ def train(
             raise TypeError(
                 f"init must be an STSRModel (e.g. stsr.models.load(...)), got {type(init).__name__}."
             )
-        model = init
+        model = copy.deepcopy(init)
     else:
         if model_config is None:
             channels = {int(p.image.shape[0]) for p in pairs}
@@ -127,5 +133,12 @@ def train(
             torch.manual_seed(int(seed))
             model = STSRModel(model_config)
     return fit(
-        model, pairs, cfg, validation=validation, checkpoint_dir=checkpoint_dir, resume=resume, device=device
+        model,
+        pairs,
+        cfg,
+        validation=validation,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        device=device,
+        teacher=teacher,
     )
