@@ -4,8 +4,11 @@ Prints a markdown report: parameters per module, time per tile split into the hi
 and the gene stream (once per denoising step) for several gene counts, the full 20-step estimate, throughput,
 achieved GFLOP/s (counted with ``torch.utils.flop_counter.FlopCounterMode``), and the cost of each ablation.
 
-Run: ``python benchmarks/model_speed.py [--threads 2] [--repeats 7] [--tile 64] [--steps 20] [--device cuda]
-[--batch 16]`` (``--batch``: tiles per forward pass, as ``super_resolve(batch_size=...)``; times are per tile).
+Run: ``python benchmarks/model_speed.py [--models default fast] [--threads 2] [--repeats 7] [--tile 64] [--steps 20]
+[--device cuda] [--batch 16]`` (``--models``: shipped weights or paths whose architecture is timed, the first is the
+baseline of the ratios; ``--batch``: tiles per forward pass, as ``super_resolve(batch_size=...)``; times are per
+tile). The "once per tile" column is the histology encoder plus the step-invariant conditioning
+(``Denoiser.prepare``); the "per step" column is one gene-stream pass, as in the sampler.
 Timings are the minimum over ``--repeats`` runs (the median is shown too): on a shared machine other processes
 inflate single runs. The "CPU time" columns are process CPU time; with ``--threads 1`` they measure the compute
 itself, unaffected by waiting for a busy core (with 2 threads OpenMP spin-waiting inflates them).
@@ -22,7 +25,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from stsr.models._config import ModelConfig
+import stsr.models
 from stsr.models._denoiser import Denoiser
 from stsr.models._discriminator import ChannelDiscriminator
 from stsr.models._layers import count_parameters
@@ -77,6 +80,12 @@ def main() -> None:  # noqa: D103
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="weights whose architecture is timed (default: default, fast)",
+    )
     parser.add_argument("--tile", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--genes", type=int, nargs="+", default=[1, 10, 50])
@@ -85,12 +94,13 @@ def main() -> None:  # noqa: D103
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
+    if args.models is None:
+        args.models = ["default"] + (["fast"] if "fast" in stsr.models.available_weights() else [])
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    config = ModelConfig()
-    model = Denoiser(config).eval().to(DEVICE)
     tile, steps, g_max, nb = args.tile, args.steps, max(args.genes), args.batch
     where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "CPU"
+    configs = {name: stsr.models.load(None if name == "default" else name).config for name in args.models}
+    config = next(iter(configs.values()))
 
     print(f"## stsr denoiser speed ({tile}x{tile} HR tile, image {config.image_scale * tile}px, {where})\n")
     print(
@@ -98,45 +108,63 @@ def main() -> None:  # noqa: D103
         f"load average at start {os.getloadavg()[0]:.2f}; batches of {nb} tile(s), times per tile = min (median) "
         f"of {args.repeats} runs\n"
     )
+    summary = []
+    for name, cfg in configs.items():
+        torch.manual_seed(0)
+        model = Denoiser(cfg).eval().to(DEVICE)  # speed does not depend on the weights' values
+        c0, c1, c2 = cfg.widths
+        print(f"### {name}: gene-stream widths {c0}/{c1}/{c2}, histology width {cfg.hist_width}\n")
+        print("| module | parameters | MB (float32) |")
+        print("|---|---:|---:|")
+        for part, n in model.module_parameters().items():
+            print(f"| {part} | {n:,} | {n * 4 / 2**20:.2f} |")
+        n_disc = count_parameters(ChannelDiscriminator(cfg))
+        print(f"| channel_discriminator (f, training only) | {n_disc:,} | {n_disc * 4 / 2**20:.2f} |\n")
 
-    # ------------------------------------------------------------------ parameters
-    print("### Parameters\n")
-    print("| module | parameters | MB (float32) |")
-    print("|---|---:|---:|")
-    for name, n in model.module_parameters().items():
-        print(f"| {name} | {n:,} | {n * 4 / 2**20:.2f} |")
-    n_disc = count_parameters(ChannelDiscriminator(config))
-    print(f"| channel_discriminator (f, training only) | {n_disc:,} | {n_disc * 4 / 2**20:.2f} |\n")
+        print(
+            "| G | once per tile (ms) | gene stream per step (ms) | step CPU time (ms) | GFLOP per step | GFLOP/s | "
+            f"{steps}-step total (s) | HR gene-pixels/s |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        with torch.no_grad():
+            for g in args.genes:
+                image, x, lr, t = make_inputs(model, g, tile, batch=nb)
 
-    # ------------------------------------------------------------------ time per tile
-    print("### Time per tile\n")
+                def once(model=model, image=image, lr=lr):
+                    return model.prepare(model.encode_histology(image), lr)
+
+                enc_min, enc_med, _ = (v / nb for v in timeit(once, args.repeats))
+                cond = once()
+                step = lambda model=model, x=x, lr=lr, t=t, cond=cond: model(x, lr, t, cond)  # noqa: E731
+                s_min, s_med, s_cpu = (v / nb for v in timeit(step, args.repeats))
+                gflop = flops(step) / 1e9 / nb
+                total = enc_min + steps * s_min
+                pix = g * tile * tile * steps / total
+                print(
+                    f"| {g} | {enc_min * 1e3:.1f} ({enc_med * 1e3:.1f}) | {s_min * 1e3:.1f} ({s_med * 1e3:.1f}) | "
+                    f"{s_cpu * 1e3:.1f} | "
+                    f"{gflop:.2f} | {gflop / s_min:.0f} | {total:.2f} | {pix:,.0f} |"
+                )
+                if g == g_max:
+                    summary.append((name, count_parameters(model), total))
+        enc_gflop = flops(lambda model=model, image=image: model.encode_histology(image)) / 1e9 / nb
+        print(f"\nEncoder: {enc_gflop:.2f} GFLOP per tile.\n")
+
     print(
-        "| G | encoder once (ms) | gene stream per step (ms) | step CPU time (ms) | GFLOP per step | GFLOP/s | "
-        f"{steps}-step total (s) | HR gene-pixels/s |"
+        f"### Summary (G={g_max}, {steps} steps, one {tile}x{tile} tile; target <= 5 s on CPU, weights <= 30 MB)\n"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    with torch.no_grad():
-        for g in args.genes:
-            image, x, lr, t = make_inputs(model, g, tile, batch=nb)
-            enc_min, enc_med, _ = (
-                v / nb for v in timeit(lambda image=image: model.encode_histology(image), args.repeats)
-            )
-            feats = model.encode_histology(image)
-            step = lambda x=x, lr=lr, t=t, feats=feats: model(x, lr, t, feats)  # noqa: E731
-            s_min, s_med, s_cpu = (v / nb for v in timeit(step, args.repeats))
-            gflop = flops(step) / 1e9 / nb
-            total = enc_min + steps * s_min
-            pix = g * tile * tile * steps / total
-            print(
-                f"| {g} | {enc_min * 1e3:.1f} ({enc_med * 1e3:.1f}) | {s_min * 1e3:.1f} ({s_med * 1e3:.1f}) | "
-                f"{s_cpu * 1e3:.1f} | "
-                f"{gflop:.2f} | {gflop / s_min:.0f} | {total:.2f} | {pix:,.0f} |"
-            )
-    enc_gflop = flops(lambda: model.encode_histology(image)) / 1e9 / nb
-    print(f"\nEncoder: {enc_gflop:.2f} GFLOP per tile. Target: G=50, {steps} steps <= 5 s.\n")
+    print("| weights | parameters | MB (float32) | total (s) | time ratio | target met |")
+    print("|---|---:|---:|---:|---:|---|")
+    base_total = summary[0][2]
+    for name, n, total in summary:
+        ok = "yes" if total <= 5.0 and n * 4 / 2**20 <= 30 else "no"
+        if (g_max, steps, tile) != (50, 20, 64) or DEVICE.type != "cpu":
+            ok = "n/a (target is for G=50, 20 steps, 64 px on CPU)"
+        print(f"| {name} | {n:,} | {n * 4 / 2**20:.2f} | {total:.2f} | {total / base_total:.2f} | {ok} |")
+    print()
 
     # ------------------------------------------------------------------ ablations
-    print(f"### Ablations (G={g_max}, per step)\n")
+    print(f"### Ablations of {args.models[0]} (G={g_max}, per step)\n")
     print(
         "| configuration | parameters | params ratio | step (ms) | time ratio | step CPU (ms) | GFLOP per step |"
     )
@@ -149,8 +177,8 @@ def main() -> None:  # noqa: D103
             torch.manual_seed(0)
             m = Denoiser(cfg).eval().to(DEVICE)
             image, x, lr, t = make_inputs(m, g_max, tile, batch=nb)
-            feats = m.encode_histology(image)
-            step = lambda m=m, x=x, lr=lr, t=t, feats=feats: m(x, lr, t, feats)  # noqa: E731
+            cond = m.prepare(m.encode_histology(image), lr)
+            step = lambda m=m, x=x, lr=lr, t=t, cond=cond: m(x, lr, t, cond)  # noqa: E731
             s_min, _, s_cpu = (v / nb for v in timeit(step, args.repeats))
             n = count_parameters(m)
             base_t = base_t or s_min

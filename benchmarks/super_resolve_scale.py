@@ -5,7 +5,7 @@ slide, which must stay within 1.3x over a 16x range of area because tiles, not s
 is measured in HR gene-pixel-steps per second and extrapolated to a full Visium capture area (6.5 x 6.5 mm,
 ~5,000 spots, 50 genes, 5.5 um pixels, 20 steps).
 
-    python benchmarks/super_resolve_scale.py [--sizes 500 1000 2000] [--genes 50] [--steps 2] [--full]
+    python benchmarks/super_resolve_scale.py [--sizes 500 1000 2000] [--genes 50] [--steps 2] [--model fast] [--full]
 
 ``--full`` also runs the full capture area for real (long on a laptop CPU).
 """
@@ -22,11 +22,10 @@ WORKER = r"""
 import json, resource, sys, time, tempfile
 import torch
 import stsr
-from stsr.models import ModelConfig, STSRModel
 size, genes, steps, threads, batch = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+name = sys.argv[6]
 torch.set_num_threads(threads)
-torch.manual_seed(0)
-model = STSRModel(ModelConfig())   # default architecture; speed and memory do not depend on the weights
+model = stsr.models.load(None if name == "default" else name)
 sdata = stsr.datasets.synthetic(size_um=(size, size), n_genes=genes, seed=0)
 path = tempfile.mkdtemp() + "/slide.zarr"
 sdata.write(path)
@@ -45,9 +44,9 @@ print(json.dumps({"size_um": size, "grid": [h, w], "tiles": prov["n_tiles"], "se
 """
 
 
-def run(size: float, genes: int, steps: int, threads: int, batch: int) -> dict:
+def run(size: float, genes: int, steps: int, threads: int, batch: int, model: str) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", WORKER, str(size), str(genes), str(steps), str(threads), str(batch)],
+        [sys.executable, "-c", WORKER, str(size), str(genes), str(steps), str(threads), str(batch), model],
         capture_output=True,
         text=True,
         check=True,
@@ -62,17 +61,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8, help="tiles per batch (memory is per batch)")
+    p.add_argument("--model", default="default", help="shipped weights (name) or a path")
     p.add_argument("--full", action="store_true", help="also run a full 6.5 mm capture area at 20 steps")
     args = p.parse_args()
     rows = []
     for size in args.sizes:
         t = time.time()
-        r = run(size, args.genes, args.steps, args.threads, args.batch_size)
+        r = run(size, args.genes, args.steps, args.threads, args.batch_size, args.model)
         print(f"# {size:.0f} um done in {time.time() - t:.0f} s", file=sys.stderr, flush=True)
         rows.append(r)
     base = rows[0]
     print(
-        f"\nsuper_resolve scaling: {args.genes} genes, {args.steps} DDIM steps, default architecture, "
+        f"\nsuper_resolve scaling: {args.genes} genes, {args.steps} DDIM steps, model {args.model!r}, "
         f"{args.threads} threads\n"
     )
     print(
@@ -107,7 +107,7 @@ def main() -> None:
             "per tile does not scale linearly in genes and steps."
         )
     if args.full:
-        r = run(6500.0, 50, 20, args.threads, args.batch_size)
+        r = run(6500.0, 50, 20, args.threads, args.batch_size, args.model)
         print(
             f"Full capture area measured: {r['seconds'] / 60:.1f} min, peak RSS {r['peak_rss_mb']:.0f} MB, "
             f"{r['tiles']} tiles."

@@ -1,0 +1,55 @@
+"""The weights shipped inside the package load, verify, stay small and beat the interpolated LR input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import stsr
+from stsr.models._train import _Prepared, _ValSet, evaluate_pairs
+from stsr.models._weights import SHIPPED_DIR, WEIGHTS_FILE
+
+SHIPPED = stsr.models.available_weights()
+VALIDATION_SEED = 99  # the training recipe's held-out synthetic slide (scripts/train_default.py)
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    """Validation tiles of the held-out synthetic slide, pooled over Visium-like spots as in training."""
+    sdata = stsr.datasets.synthetic(size_um=(600, 600), n_genes=30, seed=VALIDATION_SEED)
+    pair = stsr.tl.training_pair(sdata, "he", hr_key="hr_truth", spots_key="spots", image_scale=4)
+    return _ValSet(_Prepared(pair), 48, 4, 12, 0.25, 4)
+
+
+def test_default_is_shipped():
+    assert "default" in SHIPPED
+    assert stsr.models.load().name == "default"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_weights_verify_and_fit_the_size_budget(name):
+    model = stsr.models.load(name)
+    assert model.name == name
+    assert (SHIPPED_DIR / name / WEIGHTS_FILE).stat().st_size <= 30 * 2**20
+    training = model.metadata["training"]
+    assert "synthetic-42" not in training["train_pairs"]  # the accuracy benchmark's synthetic case
+    assert not any(p.lower().startswith(("her2st", "vizgen")) for p in training["train_pairs"])
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_weights_beat_the_interpolated_input_on_a_heldout_slide(name, heldout):
+    torch.set_num_threads(2)
+    res = evaluate_pairs(stsr.models.load(name), [heldout], steps=10)
+    assert res["val_pearson"] > res["val_pearson_lr"] + 0.01, res
+    assert res["val_rmse"] < res["val_rmse_lr"], res
+
+
+def test_fast_weights_are_a_narrower_student_of_the_default():
+    if "fast" not in SHIPPED:
+        pytest.skip("no fast weights shipped")
+    fast, default = stsr.models.load("fast"), stsr.models.load()
+    assert (
+        fast.denoiser.module_parameters()["gene_stream_unet"]
+        < 0.6 * default.denoiser.module_parameters()["gene_stream_unet"]
+    )
+    assert fast.metadata["training"]["teacher"]["weights_sha256"] == default.weights_hash
