@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("stsr_demo"), help="output directory")
     demo.add_argument("--steps", type=int, default=20)
     demo.add_argument("--device", default="auto")
+    demo.add_argument("--model", default=None, help="name or path of the model weights, e.g. 'fast'")
+    demo.add_argument(
+        "--size-um", type=float, default=1000.0, help="side of the synthetic slide in micrometres"
+    )
     return p
 
 
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return _super_resolve(args)
     from ._demo import run_demo
 
-    run_demo(args.out, steps=args.steps, device=args.device)
+    run_demo(args.out, steps=args.steps, device=args.device, size_um=args.size_um, model=args.model)
     return 0
 
 
