@@ -184,3 +184,37 @@ def test_real_her2st_crop(her2st_c2, model):
     assert out.shape[0] == 2 and out.max() > 0
     prov = sdata["stsr"].attrs["stsr"]
     assert prov["pixel_size"] == pytest.approx(10.0)  # a tenth of the 100 um spot diameter
+
+
+@pytest.mark.parametrize("lattice", ["square", "hex"])
+def test_output_mask_fills_the_gaps_between_spots_but_not_beyond(lattice):
+    from stsr.observation import ObservationModel
+    from stsr.tl._inputs import _between_spots
+
+    pitch, radius = 10.0, 2.75  # grid pixels; the Visium ratio (55 µm disks at 100 µm pitch)
+    if lattice == "square":
+        centres = np.array([(20 + pitch * i, 20 + pitch * j) for i in range(4) for j in range(4)])
+    else:
+        centres = np.array(
+            [
+                (20 + pitch * np.sqrt(3) / 2 * i, 20 + pitch * (j + 0.5 * (i % 2)))
+                for i in range(5)
+                for j in range(4)
+            ]
+        )
+    op = ObservationModel.disks((80, 80), centres, radius)
+    mask = _between_spots(op)
+    covered = op.coverage > 0
+    assert (mask >= covered).all()
+    # every pixel inside the lattice (between the outermost spot centres) is in the mask
+    lo, hi = centres.min(0), centres.max(0)
+    rr, cc = np.mgrid[0:80, 0:80] + 0.5
+    inside = (rr >= lo[0]) & (rr <= hi[0]) & (cc >= lo[1]) & (cc <= hi[1])
+    if lattice == "hex":
+        inside &= (cc >= lo[1] + pitch / 2) & (cc <= hi[1] - pitch / 2)  # the staggered rows' ragged edge
+    assert mask[inside].all()
+    # nothing beyond the outermost spots' edges, and far corners stay empty
+    outside = (rr < lo[0] - radius - 1) | (rr > hi[0] + radius + 1) | (cc < lo[1] - radius - 1)
+    outside |= cc > hi[1] + radius + 1
+    assert not mask[outside].any()
+    assert mask.mean() < 0.6

@@ -141,6 +141,10 @@ def test_super_resolve_vizgen_pseudo_spots(crop, fluo_model):
     out = np.asarray(element["scale0"]["image"].values)
     assert list(element["scale0"]["image"].coords["c"].values) == GENES
     assert out.dtype == np.float32 and out.min() >= 0 and out.max() > 0
+    # the crop is all tissue but the DAPI image is dim between sparse nuclei: the gaps between spots still get
+    # expression (only pixels beyond the outermost spots' reach stay empty)
+    # (measured: 73 % of the grid; the spots themselves cover about 27 %)
+    assert (out.sum(0) > 0).mean() > 0.65
     pixel_size = DIAMETER / 10  # the default HR pixel: a tenth of the spot diameter, in µm
     assert sdata.attrs["stsr"]["stsr"]["pixel_size"] == pytest.approx(pixel_size)
 
@@ -165,8 +169,8 @@ def test_super_resolve_vizgen_pseudo_spots(crop, fluo_model):
 
     # the output correlates with the real transcripts binned on the same grid: the consistency step alone puts each
     # spot's counts on its own pixels. Single transcripts on 2.75 µm pixels are sparse (~0.1-0.2 per pixel), so
-    # correlations are modest (measured: 0.15-0.16 per gene inside the spots, 0.21 for all genes together over the
-    # whole grid); the same output shifted by ~one spot diameter (11 px) loses it (|r| < 0.01)
+    # correlations are modest (measured: 0.15-0.16 per gene inside the spots); the same output shifted by ~one spot
+    # diameter (11 px) loses it (|r| < 0.01). Between the spots this untrained network's output is not informative.
     with (
         warnings.catch_warnings()
     ):  # the HR grid ends within a pixel of the crop: a couple of transcripts lie beyond
@@ -182,7 +186,7 @@ def test_super_resolve_vizgen_pseudo_spots(crop, fluo_model):
         r = np.corrcoef(out[g][in_spots], truth[g][in_spots])[0, 1]
         r_shifted = np.corrcoef(np.roll(out[g], 11, axis=1)[in_spots], truth[g][in_spots])[0, 1]
         assert r > 0.08 and r > r_shifted + 0.08, (gene, r, r_shifted)
-    assert np.corrcoef(out.sum(0).ravel(), truth.sum(0).ravel())[0, 1] > 0.1
+    assert np.corrcoef(out.sum(0)[in_spots], truth.sum(0)[in_spots])[0, 1] > 0.1
 
 
 def test_rgb_model_on_fluorescence_image_is_refused(crop, tiny_model):

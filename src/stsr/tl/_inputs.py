@@ -167,7 +167,7 @@ def prepare_inputs(
             f"Gene(s) {empty} have no counts in any spot of table {table_key!r}; there is nothing to super-resolve. "
             "Remove them from genes=."
         )
-    mask = (tissue_mask(sdata, image_key, grid=grid) & _near_spots(op)) | (op.coverage > 0)
+    mask = (tissue_mask(sdata, image_key, grid=grid) & _near_spots(op)) | _between_spots(op)
     return SlideInputs(
         sdata=sdata,
         image_key=image_key,
@@ -194,6 +194,25 @@ def _near_spots(op: ObservationModel) -> np.ndarray:
         np.stack([rr.ravel(), cc.ravel()], 1), distance_upper_bound=0.75 * op.pitch()
     )
     return np.isfinite(dist).reshape(h, w)
+
+
+def _between_spots(op: ObservationModel) -> np.ndarray:
+    """Grid pixels covered by a spot or lying in the gap between neighbouring spots (a morphological closing of the
+    spot footprint). The gaps of a lattice of in-tissue spots are tissue, whatever the image's contrast (e.g. a
+    fluorescence image where sparse, dim nuclei read as background); the outer border is not extended."""
+    from scipy.ndimage import binary_closing
+
+    covered = op.coverage.reshape(op.shape) > 0
+    if op.n_obs < 2:
+        return covered
+    radius = np.sqrt(np.median(op.support_area[op.support_area > 0]) / np.pi)
+    # the farthest a gap pixel can be from every spot edge: the centre of a square lattice cell
+    r = int(np.ceil(max(0.71 * op.pitch() - radius, 0.0))) + 1
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    disk = yy**2 + xx**2 <= r**2
+    pad = r + 1  # closing near the grid border must not see the border as empty space
+    closed = binary_closing(np.pad(covered, pad), structure=disk)[pad:-pad, pad:-pad]
+    return closed | covered
 
 
 def _is_spots(shapes: Any, key: str) -> bool:
