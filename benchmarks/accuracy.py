@@ -306,9 +306,10 @@ def evaluate_case(
         rows.append(run(case, "TESLA", lambda: B.tesla(lr, op, img)))
     else:
         rows.append(Row("TESLA", None, note="skipped: not installed (see notes)"))
-    rows.append(
-        run(case, "regression net (same backbone)", lambda: B.regression_predict(regression, img, op, lr))
-    )
+    if regression is not None:
+        rows.append(
+            run(case, "regression net (same backbone)", lambda: B.regression_predict(regression, img, op, lr))
+        )
     for n_s in (1, 4):
         rows.append(
             run(
@@ -359,6 +360,11 @@ def main(argv: list[str] | None = None) -> str:
     )
     p.add_argument("--model", default="default", help="stsr weights (name or path) for the stsr rows")
     p.add_argument("--no-ablations", action="store_true")
+    p.add_argument(
+        "--no-trained-baselines",
+        action="store_true",
+        help="skip the regression net and the short models (e.g. to score other --model weights next to a full run)",
+    )
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     q = args.quick
@@ -403,7 +409,8 @@ def main(argv: list[str] | None = None) -> str:
             f"Default weights {args.model!r} not available ({type(err).__name__}); the stsr rows use the short "
             "model trained here with all modules."
         )
-    train_pairs = synthetic_train_pairs(train_seeds, train_size, k)
+    need_training = not args.no_trained_baselines or default is None
+    train_pairs = synthetic_train_pairs(train_seeds, train_size, k) if need_training else []
     tkw = {
         "steps": train_steps,
         "batch_size": 4,
@@ -412,13 +419,15 @@ def main(argv: list[str] | None = None) -> str:
         "seed": 0,
     }
     timings: dict[str, float] = {}
-    t0 = time.time()
-    regression = B.train_regression(train_pairs, base, learning_rate=4e-4, **tkw)
-    timings["regression net"] = time.time() - t0
-    log("trained the regression net")
+    regression = None
+    if not args.no_trained_baselines:
+        t0 = time.time()
+        regression = B.train_regression(train_pairs, base, learning_rate=4e-4, **tkw)
+        timings["regression net"] = time.time() - t0
+        log("trained the regression net")
     short: dict[str, STSRModel] = {}
-    variants = [("all modules", base)]
-    if not args.no_ablations:
+    variants = [("all modules", base)] if need_training else []
+    if not args.no_ablations and not args.no_trained_baselines:
         variants += [(f"- {s[4:]}", base.replace(**{s: False})) for s in SWITCHES]
     for label, cfg in variants:
         t0 = time.time()
@@ -491,11 +500,17 @@ def main(argv: list[str] | None = None) -> str:
             "pseudo-spot per HR pixel; its output container is replaced by a minimal stand-in because current "
             "anndata turns its integer index into strings."
         )
-    notes.append(
-        "Training time of the benchmark's own models (not in the wall times): "
-        + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
-        + "."
-    )
+    if timings:
+        notes.append(
+            "Training time of the benchmark's own models (not in the wall times): "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+            + "."
+        )
+    else:
+        notes.append(
+            "No benchmark-trained models in this run (`--no-trained-baselines`): the regression net and the short "
+            "models are in the full report, docs/benchmarks/accuracy.md."
+        )
     out += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
     out += ["## Summary: r / within-block r (mean over genes)", "", summary_table(results), "## Cases", ""]
     out += [case_table(c, rows, ce) for c, rows, ce in results]

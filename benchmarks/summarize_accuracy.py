@@ -2,11 +2,12 @@
 
 Run::
 
-    python benchmarks/summarize_accuracy.py [docs/benchmarks/accuracy.md]
+    python benchmarks/summarize_accuracy.py [docs/benchmarks/accuracy.md [docs/benchmarks/accuracy_fast.md:fast ...]]
 
 Reads the report's summary table (``r / within-block r`` per method and case), averages the HER2ST sections, and
 prints a markdown table with the HER2ST mean, DBiT-seq, Vizgen and synthetic columns, plus the number of HER2ST
-sections on which each method beats bicubic + mass on both r and within-block r.
+sections on which each method beats bicubic + mass on both r and within-block r. Further reports (``PATH:LABEL``,
+run with other weights, e.g. ``accuracy.py --model fast``) add their stsr rows, named ``stsr LABEL, ...``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,17 @@ def read_summary(path: Path) -> tuple[list[str], dict[str, list[tuple[float, flo
 def main() -> None:  # noqa: D103
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE.parent / "docs" / "benchmarks" / "accuracy.md"
     cases, rows = read_summary(path)
+    keep = list(KEEP)
+    for extra in sys.argv[2:]:
+        other, _, label = extra.rpartition(":")
+        other_cases, other_rows = read_summary(Path(other))
+        if other_cases != cases:
+            raise SystemExit(f"{other} scores other cases than {path}; rerun it with the same cases.")
+        for name in ("stsr, 1 sample", "stsr, mean of 4"):
+            if name in other_rows:
+                renamed = name.replace("stsr", f"stsr {label}", 1)
+                rows[renamed] = other_rows[name]
+                keep.append(renamed)
     her2st = [i for i, c in enumerate(cases) if c.startswith("HER2ST")]
     others = [i for i, c in enumerate(cases) if not c.startswith("HER2ST")]
     ref = rows["bicubic + mass"]
@@ -57,7 +69,7 @@ def main() -> None:  # noqa: D103
         + " | HER2ST sections beating bicubic + mass (r and within-block r) |"
     )
     print("|---" * (len(head) + 2) + "|")
-    for name in KEEP:
+    for name in keep:
         if name not in rows:
             continue
         vals = rows[name]
