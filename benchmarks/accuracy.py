@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> str:
     notes: list[str] = []
     try:
         default = stsr.models.load(args.model)
-        default_name = f"stsr default ({args.model})"
+        default_name = f"the {args.model!r} weights"
     except Exception as err:  # noqa: BLE001
         default = None
         default_name = ""
@@ -478,13 +478,23 @@ def main(argv: list[str] | None = None) -> str:
         f"Generated {when} by `{cmd.strip()}` ({'quick' if q else 'full'} run; stsr {stsr.__version__}, torch "
         f"{torch.__version__}, {platform.machine()}, {args.threads} thread(s), total {time.time() - t_start:.0f} s).",
         "",
-        f"Settings: {n_genes} genes per case (most expressed), {steps} DDIM steps, benchmark-trained models "
-        f"{train_steps} steps on synthetic seeds {list(train_seeds)} ({train_size:g} µm slides), adaptation "
-        f"{adapt_steps} steps. stsr rows: {default_name or 'short model trained here'}.",
+        f"Settings: {n_genes} genes per case (most expressed), {steps} DDIM steps, "
+        + (
+            f"benchmark-trained models {train_steps} steps on synthetic seeds {list(train_seeds)} "
+            f"({train_size:g} µm slides), "
+            if need_training
+            else ""
+        )
+        + f"adaptation {adapt_steps} steps. stsr rows: {default_name or 'short model trained here'}.",
         "",
-        f"Splits: the default model is trained on {default_trained_on}: HER2ST, Vizgen and "
-        "synthetic seed 42 are unseen, its DBiT rows are marked *seen in training*. Models trained here (regression "
-        "net, short models, ablations) see synthetic seeds only (DBiT-free). Adaptation uses only the case's LR input.",
+        f"Splits: the stsr weights ({args.model}) are trained on {default_trained_on}: HER2ST, Vizgen and "
+        "synthetic seed 42 are unseen, their DBiT rows are marked *seen in training*. "
+        + (
+            "Models trained here (regression net, short models, ablations) see synthetic seeds only (DBiT-free). "
+            if need_training
+            else ""
+        )
+        + "Adaptation uses only the case's LR input.",
         "",
         "Metrics: mean ± sd over genes. *within-block r* scores only the structure inside the LR blocks (0 for the "
         "uniform split). *headroom closed* = (r - r_best) / (ceiling - r_best), r_best the best of bicubic, "

@@ -25,6 +25,12 @@ the data is, copy the store over, and train there (this is how the shipped weigh
 (``--time-budget SECONDS`` instead of ``--steps`` calibrates the step count to a wall-clock budget.) The shipped
 weights continued that run for 750 steps with ``--init default --lr 2e-4``.
 
+The shipped ``fast`` weights are a narrower student distilled from the default on 2 CPU cores (about 75 min)::
+
+    python scripts/train_default.py --pairs pairs/ --teacher default --width 16 --channel-mult 1 2 4 --steps 2600 \
+        --batch-size 4 --genes-per-batch 16 --tile-size 48 --lr 4e-4 --checkpoints runs/fast \
+        --out src/stsr/models/weights/fast --name fast
+
 Raise ``--width`` for a bigger model (inference then costs more on CPU; see ``benchmarks/model_speed.py``).
 """
 
