@@ -679,7 +679,8 @@ def fit(
             if getattr(tcfg, attr) != getattr(mcfg, attr):
                 raise ValueError(
                     f"The teacher's {attr}={getattr(tcfg, attr)!r} differs from the model's "
-                    f"{getattr(mcfg, attr)!r}; distillation needs the same diffusion and inputs."
+                    f"{getattr(mcfg, attr)!r}; distillation needs the same diffusion and inputs: build the model's "
+                    f"ModelConfig with {attr}={getattr(tcfg, attr)!r} (e.g. teacher.config.replace(width=...))."
                 )
         teacher_den = copy.deepcopy(teacher.denoiser).to(dev).eval()
         for p in teacher_den.parameters():

@@ -202,7 +202,7 @@ def _between_spots(op: ObservationModel) -> np.ndarray:
     fluorescence image where sparse, dim nuclei read as background); the outer border is not extended."""
     from scipy.ndimage import binary_closing
 
-    covered = op.coverage.reshape(op.shape) > 0
+    covered = op.coverage > 0
     if op.n_obs < 2:
         return covered
     radius = np.sqrt(np.median(op.support_area[op.support_area > 0]) / np.pi)
