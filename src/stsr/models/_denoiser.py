@@ -14,8 +14,8 @@ Architecture (``G`` genes of ``B`` tiles, HR tile ``h x w``):
   down -> hist -> Res(1/4) -> [b] -> [c] -> [e] -> Res(1/4) -> up -> Res(1/2) -> up -> Light(1) -> GN-SiLU-linear.
   With ``shuffle_stem`` the full-resolution level is dropped: the inputs are folded 2 x 2 into channels (pixel
   unshuffle) for a stem at 1/2 that also takes the folded fine histology, and a linear layer predicts the 2 x 2
-  output pixels of each 1/2-resolution position (pixel shuffle), plus a linear path from the folded inputs:
-  stem+hist -> Light(1/2) -> ... -> Res(1/2) -> GN-SiLU-linear(4) + linear(folded inputs).
+  output pixels of each 1/2-resolution position (pixel shuffle): stem+hist -> Light(1/2) -> ... -> Res(1/2) ->
+  GN-SiLU-linear(4).
 - optional modules, each in its own file and removed by its switch: (a) distillation head, (b) cell-to-tissue
   cross-attention at 1/4 resolution, (c) disentangled FiLM modulation at 1/4 resolution, (d) spatial
   alignment of the histology features before use, (e) gene co-expression attention at the bottleneck.
@@ -106,9 +106,6 @@ class Denoiser(nn.Module):
             # the stream starts at 1/2: 2 x 2 pixels folded into channels; the fine histology is folded likewise
             self.stem = nn.Conv2d(4 * n_in, c1, 3, padding=1)
             self.inject0 = nn.Conv2d(4 * d0, c1, 1)
-            # a linear path from the folded inputs to the folded outputs keeps each pixel's own x_t exactly
-            # available to its output (what the full-resolution level's skip connection did)
-            self.out_skip = nn.Linear(4 * n_in, 4)
             self.res0 = self.down0 = self.up0 = self.res0d = None
         else:
             self.stem = nn.Conv2d(n_in, c0, 3, padding=1)
@@ -117,7 +114,6 @@ class Denoiser(nn.Module):
             self.down0 = Down(c0, c1)
             self.up0 = Up(c1, c0)
             self.res0d = LightBlock(c0, td, g)
-            self.out_skip = None
         self.inject1 = nn.Conv2d(d1, c1, 1)
         self.res1 = LightBlock(c1, td, g)
         self.down1 = Down(c1, c2)
@@ -243,11 +239,10 @@ class Denoiser(nn.Module):
         x = torch.stack(inputs, dim=-1).reshape(b * g, h, w, len(inputs)).permute(0, 3, 1, 2)  # channels-last
         temb = self.time(t)  # (B, time_dim), per tile
 
-        skip0 = folded = None
+        skip0 = None
         if self.shuffle:
             # level 1 (1/2) straight from the folded inputs
-            folded = to_cl(F.pixel_unshuffle(x, 2))
-            x = add_per_tile_(self.stem(folded), inj0)
+            x = add_per_tile_(self.stem(to_cl(F.pixel_unshuffle(x, 2))), inj0)
         else:
             # level 0 (HR resolution)
             x = add_per_tile_(self.stem(x), inj0)
@@ -275,8 +270,7 @@ class Denoiser(nn.Module):
             x = self.res0d(self.up0(x).add_(skip0), temb)
         x = F.silu(self.out_norm(x), inplace=not torch.is_grad_enabled())
         out = self.out(x.permute(0, 2, 3, 1))  # channels-last: (B*G, h', w', C) is contiguous -> (B*G, h', w', k)
-        if folded is not None:  # unfold the 2 x 2 outputs of each 1/2-resolution position (pixel-shuffle order)
-            out = out.add_(self.out_skip(folded.permute(0, 2, 3, 1)))
+        if self.shuffle:  # unfold the 2 x 2 outputs of each 1/2-resolution position (pixel-shuffle order)
             out = out.reshape(b * g, h // 2, w // 2, 2, 2).permute(0, 1, 3, 2, 4)
         return out.reshape(b, g, h, w), losses
 
