@@ -121,11 +121,6 @@ def main() -> None:
         default=None,
         help="gene-stream width multipliers (default 1 2 3)",
     )
-    p.add_argument(
-        "--shuffle-stem",
-        action="store_true",
-        help="start the gene stream at 1/2 resolution (pixel unshuffle/shuffle; ModelConfig.shuffle_stem)",
-    )
     p.add_argument("--name", default="default", help="name saved with the weights")
     p.add_argument(
         "--teacher",
@@ -175,7 +170,7 @@ def main() -> None:
     if str(args.device).startswith("cuda"):
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
-    config = ModelConfig(width=args.width, shuffle_stem=args.shuffle_stem)
+    config = ModelConfig(width=args.width)
     if args.channel_mult is not None:
         config = config.replace(channel_mult=tuple(args.channel_mult))
     teacher = None

@@ -415,10 +415,9 @@ def test_discriminator_per_gene_logits_and_training():
 
 
 # ---------------------------------------------------------------------------------------------------- gradients
-@pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize("flags", [(True,) * 5, (False, True, False, True, False)])
-def test_gradients_reach_every_enabled_module(flags, shuffle):
-    cfg = tiny(**dict(zip(SWITCHES, flags)), shuffle_stem=shuffle)
+def test_gradients_reach_every_enabled_module(flags):
+    cfg = tiny(**dict(zip(SWITCHES, flags)))
     model = make(cfg).train()
     image, x, lr, t = inputs(b=2, g=3)
     feats = model.encode_histology(image)
@@ -429,54 +428,3 @@ def test_gradients_reach_every_enabled_module(flags, shuffle):
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not missing, missing
-
-
-# ---------------------------------------------------------------------------------------------------- shuffle stem
-def test_shuffle_stem_drops_the_full_resolution_level():
-    plain, folded = make(tiny()), make(tiny(shuffle_stem=True))
-    for name in ("res0", "down0", "up0", "res0d"):
-        assert getattr(folded, name) is None and getattr(plain, name) is not None
-    image, x, lr, t = inputs(b=2, g=3)
-    with torch.no_grad():
-        cond = folded.prepare(folded.encode_histology(image), lr)
-        out = folded(x, lr, t, cond)
-        assert cond.injections[1] is None and cond.injections[0].shape == (2, 16, H // 2, W // 2)
-        torch.testing.assert_close(out, folded(x, lr, t, folded.encode_histology(image)))  # prepare is exact
-    assert out.shape == (2, 3, H, W) and torch.isfinite(out).all()
-    # configs saved before the option existed load as the full-resolution network
-    data = tiny().to_dict()
-    del data["shuffle_stem"]
-    assert ModelConfig.from_dict(data).shuffle_stem is False
-    with pytest.raises(ValueError, match="shuffle_stem"):
-        tiny(shuffle_stem=1)
-
-
-def test_shuffle_stem_output_order_is_pixel_shuffle():
-    """Output ``k`` of a 1/2-resolution position lands at HR offset ``divmod(k, 2)``, the order in which
-    ``pixel_unshuffle`` folds the inputs, so an input pixel and its output pixel share a place."""
-    model = make(tiny(shuffle_stem=True))
-    with torch.no_grad():
-        model.out.weight.zero_()
-        model.out.bias.copy_(torch.arange(4.0))
-        image, x, lr, t = inputs(g=2)
-        out = model(x, lr, t, model.encode_histology(image))
-    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
-    expected = (2 * (yy % 2) + xx % 2).float()
-    assert torch.equal(out[0, 0], expected) and torch.equal(out[0, 1], expected)
-    folded = F.pixel_unshuffle(expected[None, None], 2)[0, :, 0, 0]
-    assert folded.tolist() == [0.0, 1.0, 2.0, 3.0]
-
-
-def test_shuffle_stem_is_cheaper():
-    from torch.utils.flop_counter import FlopCounterMode
-
-    image, x, lr, t = inputs(g=4)
-    counts = []
-    for cfg in (tiny(), tiny(shuffle_stem=True)):
-        model = make(cfg)
-        with torch.no_grad():
-            cond = model.prepare(model.encode_histology(image), lr)
-            with FlopCounterMode(display=False) as counter:
-                model(x, lr, t, cond)
-        counts.append(counter.get_total_flops())
-    assert counts[1] < 0.8 * counts[0]

@@ -50,10 +50,6 @@ class ModelConfig:
         Base width of the channel discriminator.
     groups
         Groups of the GroupNorm layers (must divide every width).
-    shuffle_stem
-        Start the gene stream at 1/2 resolution: each gene's input maps are folded 2 x 2 into channels (pixel
-        unshuffle) and its output unfolded again (pixel shuffle), so no block runs at the full HR resolution
-        (``width * channel_mult[0]`` is then unused). About twice as fast on CPU; the output is still per HR pixel.
     n_timesteps, schedule, prediction
         Diffusion settings, used by the diffusion code (not by the network itself).
     use_distillation, use_cross_attention, use_disentangle, use_alignment, use_coexpression, use_adversarial
@@ -75,7 +71,6 @@ class ModelConfig:
     coexpr_grid: int = 8
     disc_width: int = 32
     groups: int = 8
-    shuffle_stem: bool = False
     n_timesteps: int = 1000
     schedule: str = "cosine"
     prediction: str = "v"
@@ -147,8 +142,6 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.prediction must be one of {_PREDICTIONS}, got {self.prediction!r}."
             )
-        if not isinstance(self.shuffle_stem, bool):
-            raise ValueError(f"ModelConfig.shuffle_stem must be a bool, got {self.shuffle_stem!r}.")
         for f in dataclasses.fields(self):
             if f.name.startswith("use_") and not isinstance(getattr(self, f.name), bool):
                 raise ValueError(f"ModelConfig.{f.name} must be a bool, got {getattr(self, f.name)!r}.")

@@ -12,10 +12,6 @@ Architecture (``G`` genes of ``B`` tiles, HR tile ``h x w``):
   blocks (the encoder side at 1/2 too), the heavier two-convolution blocks run at 1/2 (decoder) and 1/4; all
   gene-stream activations are ``channels_last``. Layout: stem+hist -> Light(1) -> down -> hist -> Light(1/2) ->
   down -> hist -> Res(1/4) -> [b] -> [c] -> [e] -> Res(1/4) -> up -> Res(1/2) -> up -> Light(1) -> GN-SiLU-linear.
-  With ``shuffle_stem`` the full-resolution level is dropped: the inputs are folded 2 x 2 into channels (pixel
-  unshuffle) for a stem at 1/2 that also takes the folded fine histology, and a linear layer predicts the 2 x 2
-  output pixels of each 1/2-resolution position (pixel shuffle): stem+hist -> Light(1/2) -> ... -> Res(1/2) ->
-  GN-SiLU-linear(4).
 - optional modules, each in its own file and removed by its switch: (a) distillation head, (b) cell-to-tissue
   cross-attention at 1/4 resolution, (c) disentangled FiLM modulation at 1/4 resolution, (d) spatial
   alignment of the histology features before use, (e) gene co-expression attention at the bottleneck.
@@ -38,7 +34,7 @@ from ._attention import CellToTissueAttention
 from ._coexpression import GeneCoexpression, lr_correlation
 from ._config import ModelConfig
 from ._encoder import DistillationHead, HistologyEncoder, HistologyFeatures
-from ._layers import CL, Down, LightBlock, ResBlock, TimeEmbedding, Up, add_per_tile_, count_parameters, to_cl
+from ._layers import CL, Down, LightBlock, ResBlock, TimeEmbedding, Up, add_per_tile_, count_parameters
 from ._modulation import DisentangledModulation
 
 
@@ -58,8 +54,7 @@ class Conditioning:
     aux
         ``(B, G, h, w)`` histology-only prediction of the distillation head (a), or ``None``.
     injections
-        The per-tile histology projections added to the gene stream at resolutions 1, 1/2 and 1/4 (with
-        ``shuffle_stem``: at the stem (1/2, both finer levels), ``None``, and 1/4).
+        The per-tile histology projections added to the gene stream at resolutions 1, 1/2 and 1/4.
     corr
         ``(B, G, G)`` LR co-expression matrix for (e), or ``None``.
     """
@@ -67,7 +62,7 @@ class Conditioning:
     hist: HistologyFeatures
     lr: Tensor
     aux: Tensor | None
-    injections: tuple[Tensor, Tensor | None, Tensor]
+    injections: tuple[Tensor, Tensor, Tensor]
     corr: Tensor | None
 
 
@@ -101,19 +96,10 @@ class Denoiser(nn.Module):
         self.time = TimeEmbedding(td)
 
         n_in = 3 if config.use_distillation else 2
-        self.shuffle = config.shuffle_stem
-        if self.shuffle:
-            # the stream starts at 1/2: 2 x 2 pixels folded into channels; the fine histology is folded likewise
-            self.stem = nn.Conv2d(4 * n_in, c1, 3, padding=1)
-            self.inject0 = nn.Conv2d(4 * d0, c1, 1)
-            self.res0 = self.down0 = self.up0 = self.res0d = None
-        else:
-            self.stem = nn.Conv2d(n_in, c0, 3, padding=1)
-            self.inject0 = nn.Conv2d(d0, c0, 1)
-            self.res0 = LightBlock(c0, td, g)
-            self.down0 = Down(c0, c1)
-            self.up0 = Up(c1, c0)
-            self.res0d = LightBlock(c0, td, g)
+        self.stem = nn.Conv2d(n_in, c0, 3, padding=1)
+        self.inject0 = nn.Conv2d(d0, c0, 1)
+        self.res0 = LightBlock(c0, td, g)
+        self.down0 = Down(c0, c1)
         self.inject1 = nn.Conv2d(d1, c1, 1)
         self.res1 = LightBlock(c1, td, g)
         self.down1 = Down(c1, c2)
@@ -122,9 +108,10 @@ class Denoiser(nn.Module):
         self.res2b = ResBlock(c2, td, g)
         self.up1 = Up(c2, c1)
         self.res1d = ResBlock(c1, td, g)
-        c_out = c1 if self.shuffle else c0
-        self.out_norm = nn.GroupNorm(g, c_out)
-        self.out = nn.Linear(c_out, 4 if self.shuffle else 1)
+        self.up0 = Up(c1, c0)
+        self.res0d = LightBlock(c0, td, g)
+        self.out_norm = nn.GroupNorm(g, c0)
+        self.out = nn.Linear(c0, 1)
 
         self.cross_attn = (
             CellToTissueAttention(c2, d2, config.n_heads, config.n_tokens, g)
@@ -171,16 +158,9 @@ class Denoiser(nn.Module):
             hist=hist,
             lr=lr,
             aux=self.distill(hist.fine, lr) if self.distill is not None else None,
-            injections=self._injections(hist),
+            injections=(self.inject0(hist.fine), self.inject1(hist.mid), self.inject2(hist.coarse)),
             corr=lr_correlation(lr) if self.coexpr is not None else None,
         )
-
-    def _injections(self, hist: HistologyFeatures) -> tuple[Tensor, Tensor | None, Tensor]:
-        """Per-tile histology projections added after the stem, at 1/2 (after ``down0``) and at 1/4."""
-        mid = self.inject1(hist.mid)
-        if self.shuffle:  # the stem already runs at 1/2: both finer levels enter there
-            return mid.add_(self.inject0(F.pixel_unshuffle(hist.fine, 2))), None, self.inject2(hist.coarse)
-        return self.inject0(hist.fine), mid, self.inject2(hist.coarse)
 
     def forward(self, x_t: Tensor, lr: Tensor, t: Tensor, feats: HistologyFeatures | Conditioning) -> Tensor:
         """Denoiser output ``(B, G, h, w)`` for noisy maps ``x_t``, LR maps ``lr`` (both ``(B, G, h, w)``), time ``t``.
@@ -239,17 +219,12 @@ class Denoiser(nn.Module):
         x = torch.stack(inputs, dim=-1).reshape(b * g, h, w, len(inputs)).permute(0, 3, 1, 2)  # channels-last
         temb = self.time(t)  # (B, time_dim), per tile
 
-        skip0 = None
-        if self.shuffle:
-            # level 1 (1/2) straight from the folded inputs
-            x = add_per_tile_(self.stem(to_cl(F.pixel_unshuffle(x, 2))), inj0)
-        else:
-            # level 0 (HR resolution)
-            x = add_per_tile_(self.stem(x), inj0)
-            x = self.res0(x, temb)
-            skip0 = x
-            # level 1 (1/2)
-            x = add_per_tile_(self.down0(x), inj1)
+        # level 0 (HR resolution)
+        x = add_per_tile_(self.stem(x), inj0)
+        x = self.res0(x, temb)
+        skip0 = x
+        # level 1 (1/2)
+        x = add_per_tile_(self.down0(x), inj1)
         x = self.res1(x, temb)
         skip1 = x
         # level 2 (1/4, bottleneck)
@@ -266,12 +241,9 @@ class Denoiser(nn.Module):
         x = self.res2b(x, temb)
         # decoder
         x = self.res1d(self.up1(x).add_(skip1), temb)
-        if skip0 is not None:
-            x = self.res0d(self.up0(x).add_(skip0), temb)
+        x = self.res0d(self.up0(x).add_(skip0), temb)
         x = F.silu(self.out_norm(x), inplace=not torch.is_grad_enabled())
-        out = self.out(x.permute(0, 2, 3, 1))  # channels-last: (B*G, h', w', C) is contiguous -> (B*G, h', w', k)
-        if self.shuffle:  # unfold the 2 x 2 outputs of each 1/2-resolution position (pixel-shuffle order)
-            out = out.reshape(b * g, h // 2, w // 2, 2, 2).permute(0, 1, 3, 2, 4)
+        out = self.out(x.permute(0, 2, 3, 1))  # channels-last: (B*G, h, w, C) is contiguous -> (B*G, h, w, 1)
         return out.reshape(b, g, h, w), losses
 
     # ------------------------------------------------------------------ introspection
