@@ -5,9 +5,12 @@ slide, which must stay within 1.3x over a 16x range of area because tiles, not s
 is measured in HR gene-pixel-steps per second and extrapolated to a full Visium capture area (6.5 x 6.5 mm,
 ~5,000 spots, 50 genes, 5.5 um pixels, 20 steps).
 
-    python benchmarks/super_resolve_scale.py [--sizes 500 1000 2000] [--genes 50] [--steps 2] [--model fast] [--full]
+    python benchmarks/super_resolve_scale.py [--sizes 500 1000 2000] [--genes 50] [--steps 2] [--model fast]
+        [--tile-size 64] [--overlap 16] [--batch-size 8] [--full]
 
-``--full`` also runs the full capture area for real (long on a laptop CPU).
+``--full`` also runs the full capture area for real (long on a laptop CPU). On CPU, larger tiles waste less work
+on overlaps (``--tile-size 128 --overlap 12 --batch-size 2``: 484 tile-equivalents of 64 x 64 pixels for the
+capture area instead of 625).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import json, resource, sys, time, tempfile
 import torch
 import stsr
 size, genes, steps, threads, batch = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-name = sys.argv[6]
+name, tile, overlap = sys.argv[6], int(sys.argv[7]), int(sys.argv[8])
 torch.set_num_threads(threads)
 model = stsr.models.load(None if name == "default" else name)
 sdata = stsr.datasets.synthetic(size_um=(size, size), n_genes=genes, seed=0)
@@ -34,7 +37,7 @@ sdata = sd.read_zarr(path)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.time()
 stsr.tl.super_resolve(sdata, "he", list(sdata["table"].var_names[:genes]), model=model, steps=steps,
-                      batch_size=batch, progress=False)
+                      batch_size=batch, tile_size=tile, overlap=overlap, progress=False)
 wall = time.time() - t
 prov = sdata.attrs["stsr"]["stsr"]
 h, w = prov["grid_shape"]
@@ -44,9 +47,12 @@ print(json.dumps({"size_um": size, "grid": [h, w], "tiles": prov["n_tiles"], "se
 """
 
 
-def run(size: float, genes: int, steps: int, threads: int, batch: int, model: str) -> dict:
+def run(args: argparse.Namespace, size: float, genes: int, steps: int) -> dict:
+    """Run ``super_resolve`` on a fresh synthetic slide of ``size`` um in a subprocess; its measurements."""
+    cmd = [str(v) for v in (size, genes, steps, args.threads, args.batch_size, args.model)]
+    cmd += [str(args.tile_size), str(args.overlap)]
     out = subprocess.run(
-        [sys.executable, "-c", WORKER, str(size), str(genes), str(steps), str(threads), str(batch), model],
+        [sys.executable, "-c", WORKER, *cmd],
         capture_output=True,
         text=True,
         check=True,
@@ -62,18 +68,20 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8, help="tiles per batch (memory is per batch)")
     p.add_argument("--model", default="default", help="shipped weights (name) or a path")
+    p.add_argument("--tile-size", type=int, default=64, help="super_resolve(tile_size=...)")
+    p.add_argument("--overlap", type=int, default=16, help="super_resolve(overlap=...)")
     p.add_argument("--full", action="store_true", help="also run a full 6.5 mm capture area at 20 steps")
     args = p.parse_args()
     rows = []
     for size in args.sizes:
         t = time.time()
-        r = run(size, args.genes, args.steps, args.threads, args.batch_size, args.model)
+        r = run(args, size, args.genes, args.steps)
         print(f"# {size:.0f} um done in {time.time() - t:.0f} s", file=sys.stderr, flush=True)
         rows.append(r)
     base = rows[0]
     print(
         f"\nsuper_resolve scaling: {args.genes} genes, {args.steps} DDIM steps, model {args.model!r}, "
-        f"{args.threads} threads\n"
+        f"{args.threads} threads, tiles {args.tile_size} (overlap {args.overlap}), batch {args.batch_size}\n"
     )
     print(
         "| slide (um) | area ratio | HR grid | tiles | wall (s) | peak RSS (MB) | memory ratio | "
@@ -90,10 +98,12 @@ def main() -> None:
             f"{r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f} | "
             f"{rate:,.0f} |"
         )
-    # full Visium capture area: 6.5 mm at 5.5 um -> 1182^2 grid; tiles of 64 with overlap 16 (stride 48). The time
-    # of a tile is a fixed part (image crop, LR density, histology encoder) plus one gene-stream pass per step, so
-    # only a run at the target settings extrapolates by tile count.
-    tiles_full = (-(-(1182 - 64) // 48) + 1) ** 2
+    # full Visium capture area: 6.5 mm at 5.5 um -> 1182^2 grid, tiled as super_resolve plans it. The time of a
+    # tile is a fixed part (image crop, LR density, histology encoder) plus one gene-stream pass per step, so only a
+    # run at the target settings extrapolates by tile count.
+    from stsr.tl._tiling import plan_tiles
+
+    tiles_full = plan_tiles((1182, 1182), args.tile_size, args.overlap).n_tiles
     per_tile = rows[-1]["seconds"] / rows[-1]["tiles"]
     if (args.genes, args.steps) == (50, 20):
         print(
@@ -107,7 +117,7 @@ def main() -> None:
             "per tile does not scale linearly in genes and steps."
         )
     if args.full:
-        r = run(6500.0, 50, 20, args.threads, args.batch_size, args.model)
+        r = run(args, 6500.0, 50, 20)
         print(
             f"Full capture area measured: {r['seconds'] / 60:.1f} min, peak RSS {r['peak_rss_mb']:.0f} MB, "
             f"{r['tiles']} tiles."
