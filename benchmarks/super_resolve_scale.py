@@ -8,9 +8,9 @@ is measured in HR gene-pixel-steps per second and extrapolated to a full Visium 
     python benchmarks/super_resolve_scale.py [--sizes 500 1000 2000] [--genes 50] [--steps 2] [--model fast]
         [--tile-size 64] [--overlap 16] [--batch-size 8] [--full]
 
-``--full`` also runs the full capture area for real (long on a laptop CPU). On CPU, larger tiles waste less work
-on overlaps (``--tile-size 128 --overlap 12 --batch-size 2``: 484 tile-equivalents of 64 x 64 pixels for the
-capture area instead of 625).
+``--full`` also runs the full capture area for real (long on a laptop CPU). Larger tiles waste less work on
+overlaps (``--tile-size 128 --overlap 12 --batch-size 2``: 484 tile-equivalents of 64 x 64 pixels for the capture
+area instead of 625), but on 2 CPU cores they were not faster overall (docs/benchmarks/scaling.md).
 """
 
 from __future__ import annotations
