@@ -26,6 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import stsr.models
+from stsr.models._allocator import reuse_freed_memory, reuse_freed_memory_available
 from stsr.models._denoiser import Denoiser
 from stsr.models._discriminator import ChannelDiscriminator
 from stsr.models._layers import count_parameters
@@ -91,6 +92,13 @@ def main() -> None:  # noqa: D103
     parser.add_argument("--genes", type=int, nargs="+", default=[1, 10, 50])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch", type=int, default=1, help="tiles per forward pass; times are per tile")
+    parser.add_argument(
+        "--allocator",
+        choices=["reuse", "system"],
+        default="reuse",
+        help="'reuse': keep freed memory in the heap during the timings, as STSRModel.sample does on CPU "
+        "(stsr.models._allocator); 'system': glibc's defaults",
+    )
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -108,6 +116,11 @@ def main() -> None:  # noqa: D103
         f"load average at start {os.getloadavg()[0]:.2f}; batches of {nb} tile(s), times per tile = min (median) "
         f"of {args.repeats} runs\n"
     )
+    if DEVICE.type == "cpu" and reuse_freed_memory_available():
+        # first, before any reuse context has changed glibc's settings in this process
+        allocator_table(args.models[0], configs[args.models[0]], g_max, args.repeats)
+    reuse = reuse_freed_memory(args.allocator == "reuse" and DEVICE.type == "cpu")
+    reuse.__enter__()
     summary = []
     for name, cfg in configs.items():
         torch.manual_seed(0)
@@ -188,6 +201,36 @@ def main() -> None:  # noqa: D103
                 f"| {name} | {n:,} | {n / base_p:.2f} | {s_min * 1e3:.1f} | {s_min / base_t:.2f} | "
                 f"{s_cpu * 1e3:.1f} | {gflop:.2f} |"
             )
+    reuse.__exit__(None, None, None)
+
+
+def allocator_table(name: str, cfg, g: int, repeats: int) -> None:
+    """Time one gene-stream step with glibc's default allocator settings, then with freed memory kept for reuse."""
+    print(
+        f"### Freed-memory reuse ({name}, G={g}, per step; glibc defaults first, then `reuse_freed_memory`)\n"
+    )
+    print(
+        "| tile | tiles per batch | activation at full res (MiB) | system (ms per 64x64 tile) | reuse (ms) | speed-up |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|")
+    torch.manual_seed(0)
+    model = Denoiser(cfg).eval().to(DEVICE)
+    layouts = [(64, 1), (64, 4), (128, 2), (256, 1)]
+    times: dict[tuple[int, int], list[float]] = {}
+    for mode in ("system", "reuse"):
+        with torch.no_grad(), reuse_freed_memory(mode == "reuse"):
+            for tile, nb in layouts:
+                image, x, lr, t = make_inputs(model, g, tile, batch=nb)
+                cond = model.prepare(model.encode_histology(image), lr)
+                step = lambda x=x, lr=lr, t=t, cond=cond: model(x, lr, t, cond)  # noqa: E731
+                per_tile = timeit(step, max(3, repeats // 2))[0] / (nb * (tile / 64) ** 2)
+                times.setdefault((tile, nb), []).append(per_tile)
+    for (tile, nb), (system, reuse) in times.items():
+        mib = nb * g * cfg.widths[0] * tile * tile * 4 / 2**20
+        print(
+            f"| {tile} | {nb} | {mib:.0f} | {system * 1e3:.1f} | {reuse * 1e3:.1f} | {system / reuse:.2f} |"
+        )
+    print()
 
 
 if __name__ == "__main__":

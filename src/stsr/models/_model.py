@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..observation import ObservationModel
+from ._allocator import reuse_freed_memory
 from ._config import ModelConfig
 from ._diffusion import NoiseSchedule, ddim_sample
 from ._noise import gaussian_field
@@ -227,7 +228,7 @@ class STSRModel(nn.Module):
         self.to(dev)
         self.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), reuse_freed_memory(dev.type == "cpu"):
                 img, lr = img.to(dev), lr.to(dev)
                 lr_z = normalizer.normalize(lr)
                 cond = self.denoiser.prepare(self.denoiser.encode_histology(img), lr_z)

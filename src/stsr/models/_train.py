@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..observation import ObservationModel
+from ._allocator import reuse_freed_memory
 from ._diffusion import diffusion_loss, q_sample, to_x0_eps, training_target
 from ._model import STSRModel
 from ._noise import gene_ids_from_names
@@ -717,6 +718,8 @@ def fit(
 
     rng_cm = torch.random.fork_rng(devices=[])
     rng_cm.__enter__()
+    memory_cm = reuse_freed_memory(dev.type == "cpu")
+    memory_cm.__enter__()
     try:
         torch.manual_seed(int(cfg.seed) + 1)
         if ckdir is not None and resume:
@@ -853,6 +856,7 @@ def fit(
             validate()
         checkpoint()
     finally:
+        memory_cm.__exit__(None, None, None)
         rng_cm.__exit__(None, None, None)
 
     final = copy.deepcopy(ema).eval()
