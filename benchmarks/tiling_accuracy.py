@@ -33,7 +33,9 @@ def main() -> None:  # noqa: D103
     p.add_argument("--size-um", type=float, default=1500.0)
     p.add_argument("--genes", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--layouts", nargs="+", default=["64/16", "64/12", "128/12", "256/12"], help="TILE/OVERLAP")
+    p.add_argument(
+        "--layouts", nargs="+", default=["64/16", "64/12", "128/12", "256/12"], help="TILE/OVERLAP"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     sdata = stsr.datasets.synthetic(size_um=(args.size_um, args.size_um), n_genes=args.genes, seed=99)
@@ -43,7 +45,9 @@ def main() -> None:  # noqa: D103
     )
     truth = np.asarray(sdata["hr_truth"]["scale0"]["image"].values, dtype=np.float64)
     mask = inputs.mask
-    print(f"super_resolve tile layouts: model {args.model!r}, {args.genes} genes, 20 steps, grid {mask.shape}\n")
+    print(
+        f"super_resolve tile layouts: model {args.model!r}, {args.genes} genes, 20 steps, grid {mask.shape}\n"
+    )
     print("| tile / overlap | tiles | wall (s) | r vs truth |")
     print("|---|---|---|---|")
     r_lr = mean_r(inputs.observation.interpolate(inputs.lr), truth, mask)
@@ -53,13 +57,22 @@ def main() -> None:  # noqa: D103
         key = f"sr_{tile}_{overlap}"
         t0 = time.time()
         stsr.tl.super_resolve(
-            sdata, "he", genes, model=args.model, tile_size=tile, overlap=overlap, key_added=key,
-            batch_size=max(1, 256 // tile), progress=False,
+            sdata,
+            "he",
+            genes,
+            model=args.model,
+            tile_size=tile,
+            overlap=overlap,
+            key_added=key,
+            batch_size=max(1, 256 // tile),
+            progress=False,
         )
         wall = time.time() - t0
         pred = np.asarray(sdata[key]["scale0"]["image"].values, dtype=np.float64)
         n_tiles = sdata.attrs["stsr"][key]["n_tiles"]
-        print(f"| {tile} / {overlap} | {n_tiles} | {wall:.1f} | {mean_r(pred, truth, mask):.4f} |", flush=True)
+        print(
+            f"| {tile} / {overlap} | {n_tiles} | {wall:.1f} | {mean_r(pred, truth, mask):.4f} |", flush=True
+        )
 
 
 if __name__ == "__main__":
