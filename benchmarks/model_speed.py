@@ -1,11 +1,13 @@
 """Speed and size benchmark of the stsr denoiser network on CPU (or a GPU with ``--device cuda``).
 
-Prints a markdown report: parameters per module, time per tile split into the histology encoder (once per tile)
+Prints a markdown report: first, on CPU, one step per model with glibc's default allocator settings and with freed
+memory kept for reuse (``stsr.models._allocator``, which ``STSRModel.sample`` uses; ``--allocator`` picks the mode of
+the other tables) for several tile layouts; then parameters per module, time per tile split into the histology encoder (once per tile)
 and the gene stream (once per denoising step) for several gene counts, the full 20-step estimate, throughput,
 achieved GFLOP/s (counted with ``torch.utils.flop_counter.FlopCounterMode``), and the cost of each ablation.
 
 Run: ``python benchmarks/model_speed.py [--models default fast] [--threads 2] [--repeats 7] [--tile 64] [--steps 20]
-[--device cuda] [--batch 16]`` (``--models``: shipped weights or paths whose architecture is timed, the first is the
+[--device cuda] [--batch 16] [--allocator reuse|system]`` (``--models``: shipped weights or paths whose architecture is timed, the first is the
 baseline of the ratios; ``--batch``: tiles per forward pass, as ``super_resolve(batch_size=...)``; times are per
 tile). The "once per tile" column is the histology encoder plus the step-invariant conditioning
 (``Denoiser.prepare``); the "per step" column is one gene-stream pass, as in the sampler.
@@ -118,7 +120,8 @@ def main() -> None:  # noqa: D103
     )
     if DEVICE.type == "cpu" and reuse_freed_memory_available():
         # first, before any reuse context has changed glibc's settings in this process
-        allocator_table(args.models[0], configs[args.models[0]], g_max, args.repeats)
+        for name, cfg in configs.items():
+            allocator_table(name, cfg, g_max, args.repeats)
     reuse = reuse_freed_memory(args.allocator == "reuse" and DEVICE.type == "cpu")
     reuse.__enter__()
     summary = []
@@ -223,7 +226,7 @@ def allocator_table(name: str, cfg, g: int, repeats: int) -> None:
                 image, x, lr, t = make_inputs(model, g, tile, batch=nb)
                 cond = model.prepare(model.encode_histology(image), lr)
                 step = lambda x=x, lr=lr, t=t, cond=cond: model(x, lr, t, cond)  # noqa: E731
-                per_tile = timeit(step, max(3, repeats // 2))[0] / (nb * (tile / 64) ** 2)
+                per_tile = timeit(step, repeats)[0] / (nb * (tile / 64) ** 2)
                 times.setdefault((tile, nb), []).append(per_tile)
     for (tile, nb), (system, reuse) in times.items():
         mib = nb * g * cfg.widths[0] * tile * tile * 4 / 2**20

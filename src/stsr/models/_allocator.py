@@ -3,8 +3,9 @@
 glibc's ``malloc`` serves every allocation above ``M_MMAP_THRESHOLD`` (at most 32 MiB) with a fresh ``mmap`` and
 returns it to the system on ``free``. A denoising step allocates activations of ``genes x channels x tile`` floats
 (52 MiB for 50 genes of four 64 x 64 tiles at 16 channels), so every step page-faults all of them in again: on 2 CPU
-cores that made a SiLU over 52 MiB take 37 ms instead of 9 ms, and a whole step of the ``fast`` network 1.6-1.8x
-slower than with the memory kept (the "Freed-memory reuse" table of ``benchmarks/model_speed.py``).
+cores that made a SiLU over 52 MiB take 37 ms instead of 9 ms, and a whole step of the ``fast`` network up to 1.9x
+slower than with the memory kept, the more so the larger the batch or tile (the "Freed-memory reuse" tables of
+``benchmarks/model_speed.py``).
 
 :func:`reuse_freed_memory` switches ``mmap`` off for allocations (``M_MMAP_MAX = 0``) and stops heap trimming
 (``M_TRIM_THRESHOLD``) while it is active, so freed activations are reused by the next step; on exit it restores
