@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -26,12 +25,11 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
-log = logging.getLogger(__name__)
-
 # glibc mallopt parameters (malloc.h) and their documented defaults
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
-#: freed memory kept in the heap while active (the ``int`` argument of ``mallopt`` caps it below 2 GiB)
+#: freed memory kept at the top of the heap while active; the ``int`` argument of ``mallopt`` caps it below 2 GiB,
+#: so runs whose activations exceed that (the default weights on 256-pixel tiles) still trim part of it
 _KEEP_BYTES = 2**31 - 1
 
 _lock = threading.Lock()
