@@ -34,6 +34,7 @@ def run_demo(
     import spatialdata as sd
 
     from . import datasets, pl, tl
+    from .metrics import pearson
     from .tl._inputs import prepare_inputs
 
     out = Path(out)
@@ -55,8 +56,8 @@ def run_demo(
     )
     baseline = inputs.observation.interpolate(inputs.lr)
     mask = inputs.mask
-    r_model = float(np.mean([np.corrcoef(pred[g][mask], truth[g][mask])[0, 1] for g in range(len(genes))]))
-    r_base = float(np.mean([np.corrcoef(baseline[g][mask], truth[g][mask])[0, 1] for g in range(len(genes))]))
+    r_model = float(np.mean(pearson(pred, truth, mask)))
+    r_base = float(np.mean(pearson(baseline, truth, mask)))
     fig = pl.panels(sdata, genes[0], lr="spots", hr="stsr", truth="hr_truth", image_key="he")
     fig.savefig(out / "overlay.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
