@@ -121,3 +121,44 @@ def test_sampling_is_identical_with_and_without(monkeypatch, tiny_model):
     monkeypatch.setenv("STSR_REUSE_FREED_MEMORY", "1")
     reused, _ = tiny_model.sample(image, dens, norm, **kw)
     assert torch.equal(plain, reused)
+
+
+class _FakeLibc:
+    """Records the mallopt / malloc_trim calls instead of making them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_super_resolve_keeps_one_setting_for_all_batches(monkeypatch, tiny_model):
+    """Memory freed by one batch of tiles serves the next: the settings are applied and the heap trimmed once per run,
+    not once per batch."""
+    import stsr
+
+    fake = _FakeLibc()
+    monkeypatch.delenv("STSR_REUSE_FREED_MEMORY", raising=False)
+    monkeypatch.setattr(_allocator, "_glibc", lambda: fake)
+    sdata = stsr.datasets.synthetic(size_um=(300, 300), n_genes=2, seed=3)
+    stsr.tl.super_resolve(
+        sdata,
+        "he",
+        ["gene_000"],
+        model=tiny_model,
+        steps=1,
+        tile_size=32,
+        overlap=12,
+        batch_size=1,
+        progress=False,
+    )
+    assert sdata.attrs["stsr"]["stsr"]["n_tiles"] > 1  # several batches
+    assert fake.calls.count(("mallopt", _allocator._M_MMAP_MAX, 0)) == 1
+    assert [c for c in fake.calls if c[0] == "malloc_trim"] == [("malloc_trim", 0)]
+    assert fake.calls[-1] == ("malloc_trim", 0)

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from .._constants import KEY_SUPER_RESOLVE
 from ..models import gene_ids_from_names
+from ..models._allocator import reuse_freed_memory
 from ..observation import ObservationModel
 from ._image_tiles import ImageSource
 from ._inputs import SlideInputs, prepare_inputs
@@ -285,34 +286,36 @@ def _run_tiles(
         unit="tile",
         disable=not progress,
     )
-    for start in range(0, len(todo), batch_size):
-        index = todo[start : start + batch_size]
-        origins = plan.origins[index]
-        image = source.tiles(origins, t)
-        lr_density = np.stack(
-            [inputs.observation.interpolate(inputs.lr, window=(r, c, t, t)) for r, c in origins]
-        )
-        observations = None
-        if consistency:
-            observations = []
-            for r, c in origins:
-                sub, keep = inputs.observation.crop(int(r), int(c), t, t)
-                observations.append((sub, inputs.lr[:, keep]))
-        mean, std = net.sample(
-            image,
-            torch.as_tensor(lr_density, dtype=torch.float32),
-            normalizer,
-            observations=observations,
-            origins=torch.as_tensor(origins, dtype=torch.int64),
-            gene_ids=gene_ids,
-            seed=seed,
-            steps=steps,
-            n_samples=n_samples,
-            consistency=consistency,
-            device=dev,
-        )
-        store.write(index, mean.float().cpu().numpy(), None if std is None else std.float().cpu().numpy())
-        bar.update(len(index))
+    # one reuse context for the whole run: memory freed by one batch serves the next (sample() nests in it)
+    with reuse_freed_memory(dev.type == "cpu"):
+        for start in range(0, len(todo), batch_size):
+            index = todo[start : start + batch_size]
+            origins = plan.origins[index]
+            image = source.tiles(origins, t)
+            lr_density = np.stack(
+                [inputs.observation.interpolate(inputs.lr, window=(r, c, t, t)) for r, c in origins]
+            )
+            observations = None
+            if consistency:
+                observations = []
+                for r, c in origins:
+                    sub, keep = inputs.observation.crop(int(r), int(c), t, t)
+                    observations.append((sub, inputs.lr[:, keep]))
+            mean, std = net.sample(
+                image,
+                torch.as_tensor(lr_density, dtype=torch.float32),
+                normalizer,
+                observations=observations,
+                origins=torch.as_tensor(origins, dtype=torch.int64),
+                gene_ids=gene_ids,
+                seed=seed,
+                steps=steps,
+                n_samples=n_samples,
+                consistency=consistency,
+                device=dev,
+            )
+            store.write(index, mean.float().cpu().numpy(), None if std is None else std.float().cpu().numpy())
+            bar.update(len(index))
     bar.close()
 
 
