@@ -1,15 +1,16 @@
 """Speed and size benchmark of the stsr denoiser network on CPU (or a GPU with ``--device cuda``).
 
-Prints a markdown report: first, on CPU, one step per model with glibc's default allocator settings and with freed
-memory kept for reuse (``stsr.models._allocator``, which ``STSRModel.sample`` uses; ``--allocator`` picks the mode of
-the other tables) for several tile layouts; then parameters per module, time per tile split into the histology encoder (once per tile)
-and the gene stream (once per denoising step) for several gene counts, the full 20-step estimate, throughput,
-achieved GFLOP/s (counted with ``torch.utils.flop_counter.FlopCounterMode``), and the cost of each ablation.
+Prints a markdown report: first, on CPU, the time of one step per model with glibc's default allocator settings and
+with freed memory kept for reuse (``stsr.models._allocator``, as ``STSRModel.sample`` runs) for several tile layouts;
+then parameters per module, time per tile split into the histology encoder (once per tile) and the gene stream (once
+per denoising step) for several gene counts, the full 20-step estimate, throughput, achieved GFLOP/s (counted with
+``torch.utils.flop_counter.FlopCounterMode``), and the cost of each ablation.
 
 Run: ``python benchmarks/model_speed.py [--models default fast] [--threads 2] [--repeats 7] [--tile 64] [--steps 20]
-[--device cuda] [--batch 16] [--allocator reuse|system]`` (``--models``: shipped weights or paths whose architecture is timed, the first is the
-baseline of the ratios; ``--batch``: tiles per forward pass, as ``super_resolve(batch_size=...)``; times are per
-tile). The "once per tile" column is the histology encoder plus the step-invariant conditioning
+[--device cuda] [--batch 16] [--allocator reuse|system]`` (``--models``: shipped weights or paths whose architecture
+is timed, the first is the baseline of the ratios; ``--batch``: tiles per forward pass, as
+``super_resolve(batch_size=...)``; times are per tile; ``--allocator``: the allocator mode of the tables after the
+first). The "once per tile" column is the histology encoder plus the step-invariant conditioning
 (``Denoiser.prepare``); the "per step" column is one gene-stream pass, as in the sampler.
 Timings are the minimum over ``--repeats`` runs (the median is shown too): on a shared machine other processes
 inflate single runs. The "CPU time" columns are process CPU time; with ``--threads 1`` they measure the compute

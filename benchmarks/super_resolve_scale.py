@@ -10,7 +10,8 @@ is measured in HR gene-pixel-steps per second and extrapolated to a full Visium 
 
 ``--full`` also runs the full capture area for real (long on a laptop CPU). Larger tiles waste less work on
 overlaps (``--tile-size 128 --overlap 12 --batch-size 2``: 484 tile-equivalents of 64 x 64 pixels for the capture
-area instead of 625), but on 2 CPU cores they were not faster overall (docs/benchmarks/scaling.md).
+area instead of 625; ``--tile-size 248 --overlap 12 --batch-size 1``: 375, the fastest layout on 2 CPU cores, see
+docs/benchmarks/scaling.md).
 """
 
 from __future__ import annotations
