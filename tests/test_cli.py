@@ -50,6 +50,9 @@ def test_super_resolve_in_place_refuses_to_overwrite(store, weights):
     with pytest.raises(ValueError, match="overwrite"):
         main(argv)
     assert main([*argv, "--overwrite"]) == 0
+    assert sd.read_zarr(store).attrs["stsr"]["stsr"]["semantic_prior"] is None
+    assert main([*argv, "--overwrite", "--semantic-prior"]) == 0
+    assert sd.read_zarr(store).attrs["stsr"]["stsr"]["semantic_prior"] == 0.5
 
 
 def test_demo_writes_a_store_and_an_overlay(tmp_path, weights, capsys):

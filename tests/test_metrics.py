@@ -294,6 +294,24 @@ def test_harness_tables():
     assert summary.count("\n") == 2 + 1 + len(rows)
 
 
+def test_prior_rows_and_teacher_scale():
+    assert A.teacher_scale(200.0) == 128 and A.teacher_scale(25.0) == 16 and A.teacher_scale(5.5) == 4
+    assert A.teacher_scale(0.5) == 1
+    pair = _pair()
+    op = pair.observation
+    bare = A.Case("toy", pair, B.pair_lr(pair))
+    assert all(r.values is None and "no teacher image" in r.note for r in A.prior_rows(bare, None, "stsr"))
+    case = A.Case("toy", pair, bare.lr, teacher_image=np.asarray(pair.image))
+    stsr_mean = B.bicubic_mass(case.lr, op)
+    rows = A.prior_rows(case, stsr_mean, "stsr")
+    assert [r.method for r in rows] == ["bicubic + mass × semantic prior", "stsr, mean of 4 × semantic prior"]
+    for row in rows:
+        assert row.values["lr_rel_error"][0] < 1e-9  # the reweighted maps keep the LR sums
+        assert row.seconds > 0 and "features + fit" in row.note
+    # same base: the two rows agree
+    assert rows[0].values["pearson"] == pytest.approx(rows[1].values["pearson"])
+
+
 def test_tesla_baseline_when_installed():
     """The optional TESLA baseline (``pip install --no-deps teslaforst opencv-python-headless``)."""
     if not B.tesla_available():

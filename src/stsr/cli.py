@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     sr.add_argument(
         "--no-consistency", action="store_true", help="do not project outputs onto the spot counts"
     )
+    sr.add_argument(
+        "--semantic-prior",
+        action="store_true",
+        help="reweight by the histology prior of a pretrained image model (needs the extra stsr[prior])",
+    )
     sr.add_argument("--tile-size", type=int, default=64)
     sr.add_argument("--overlap", type=int, default=16)
     sr.add_argument("--batch-size", type=int, default=8)
@@ -91,6 +96,7 @@ def _super_resolve(args: argparse.Namespace) -> int:
         steps=args.steps,
         n_samples=args.n_samples,
         consistency=not args.no_consistency,
+        semantic_prior=args.semantic_prior,
         tile_size=args.tile_size,
         overlap=args.overlap,
         batch_size=args.batch_size,

@@ -218,3 +218,35 @@ def test_output_mask_fills_the_gaps_between_spots_but_not_beyond(lattice):
     outside |= cc > hi[1] + radius + 1
     assert not mask[outside].any()
     assert mask.mean() < 0.6
+
+
+def test_semantic_prior_reweights_the_mean_and_keeps_the_spot_sums(slide, model, monkeypatch):
+    """``semantic_prior=True`` is the array-level prior (whole-image teacher features, read-out fitted on the spots)
+    applied to the plain result, whatever the teacher's windows; the spot sums are kept."""
+    from stsr.models import apply_prior, semantic_prior, teacher_features
+    from stsr.tl import _semantic_prior
+    from stsr.tl._image_tiles import ImageSource
+
+    _, plain = _run(slide, model)
+    monkeypatch.setattr(_semantic_prior, "PRIOR_WINDOW", 48)  # several windows with halos
+    sdata, out = _run(slide, model, semantic_prior=True)
+    inputs = prepare_inputs(
+        slide, "he", GENES, table_key=None, pixel_size=None, coordinate_system=None, image_channels=3
+    )
+    op, h, w = inputs.observation, *inputs.grid.shape
+    image = ImageSource(inputs.image_levels, inputs.grid, model.config.image_scale).region(0, 0, h, w)
+    prior = semantic_prior(teacher_features(image, (h, w)), inputs.lr, op, mask=inputs.mask)
+    expected = apply_prior(plain, prior, inputs.lr, op) * inputs.mask
+    assert not np.allclose(out, plain, rtol=0.05)  # the prior changes the map ...
+    np.testing.assert_allclose(out, expected, rtol=2e-3, atol=1e-4 * plain.max())  # ... exactly as specified
+    has = inputs.lr > 0
+    np.testing.assert_allclose(op.pool(out.astype(np.float64))[has], inputs.lr[has], rtol=1e-4)
+    prov = sdata["stsr"].attrs["stsr"]
+    assert prov["semantic_prior"] == 0.5 and len(prov["teacher_sha256"]) == 64
+    # on large slides the principal axes come from a subset of the windows: nearly the same map, same spot sums
+    monkeypatch.setattr(_semantic_prior, "PRIOR_PCA_WINDOWS", 2)
+    _, sub = _run(slide, model, semantic_prior=True)
+    assert np.corrcoef(sub.ravel(), out.ravel())[0, 1] > 0.98
+    np.testing.assert_allclose(op.pool(sub.astype(np.float64))[has], inputs.lr[has], rtol=1e-4)
+    with pytest.raises(ValueError, match="prior_strength"):
+        _run(slide, model, semantic_prior=True, prior_strength=-1.0)

@@ -1,6 +1,8 @@
 """stsr.models: the histology-conditioned diffusion core (pure torch, no SpatialData).
 
 ``load()`` returns the shipped default model; ``load(path)`` loads saved weights (safetensors + JSON, hash-checked).
+``teacher_features`` and ``semantic_prior`` give a histology prior from a pretrained image trunk, fitted per slide on
+the LR data (optional extra ``stsr[prior]``).
 """
 
 from ._config import ModelConfig
@@ -12,6 +14,8 @@ from ._model import STSRModel
 from ._noise import gaussian_field, gene_ids_from_names
 from ._normalize import GeneNormalizer
 from ._pair_store import load_pairs, save_pairs
+from ._prior import apply_prior, semantic_prior
+from ._teacher import TEACHER_UM_PER_PX, DenseNetTrunk, load_teacher, teacher_features
 from ._train import TrainConfig, TrainingPair, evaluate_pairs, fit
 from ._weights import WeightsError, available_weights, load
 
@@ -42,4 +46,10 @@ __all__ = [
     "WeightsError",
     "available_weights",
     "load",
+    "semantic_prior",
+    "apply_prior",
+    "TEACHER_UM_PER_PX",
+    "DenseNetTrunk",
+    "load_teacher",
+    "teacher_features",
 ]

@@ -1,0 +1,122 @@
+"""The semantic prior of a whole slide, computed window by window with bounded memory (for ``super_resolve``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import dask.array as da
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..models._prior import (
+    FeatureMoments,
+    fit_readout,
+    pca_scores,
+    prior_weights,
+    readout,
+    usable_components,
+)
+from ._image_tiles import ImageSource
+from ._inputs import SlideInputs
+
+#: HR pixels per side of the windows the teacher reads, and the context read around each window (multiples of 16, so
+#: that the teacher's stride-16 cells of every window line up with those of the whole image at any image scale).
+PRIOR_WINDOW = 256
+PRIOR_HALO = 32
+#: The principal axes are fitted on at most this many windows, spread evenly over the tissue (all of them on small
+#: slides); the read-out itself is fitted on every spot.
+PRIOR_PCA_WINDOWS = 8
+
+
+@dataclass
+class SlidePrior:
+    """The read-out of one slide: principal-component scores of the teacher features on the HR grid and the
+    per-gene ridge coefficients fitted on the spots.
+
+    Attributes
+    ----------
+    scores
+        ``(k, height, width)`` float32 scores (zero outside the windows that hold tissue).
+    coef, intercept
+        ``(k, G)`` and ``(G,)`` read-out of ``log1p(count per pixel)``.
+    teacher_hash
+        SHA-256 of the teacher's weights file.
+    """
+
+    scores: np.ndarray
+    coef: np.ndarray
+    intercept: np.ndarray
+    teacher_hash: str
+
+    def reweight(self, mean: da.Array, strength: float) -> da.Array:
+        """``mean * (prior + 1e-3) ** strength``, chunk by chunk (the caller restores the spot sums)."""
+
+        def block(b: np.ndarray, block_info=None) -> np.ndarray:
+            (r0, r1), (c0, c1) = block_info[0]["array-location"][1:]
+            prior = readout(self.scores[:, r0:r1, c0:c1], self.coef, self.intercept)
+            return (b * prior_weights(prior, strength)).astype(b.dtype)
+
+        return mean.map_blocks(block, dtype=mean.dtype)
+
+
+def _windows(mask: np.ndarray, size: int) -> list[tuple[int, int, int, int]]:
+    h, w = mask.shape
+    return [
+        (r, c, min(size, h - r), min(size, w - c))
+        for r in range(0, h, size)
+        for c in range(0, w, size)
+        if mask[r : r + size, c : c + size].any()
+    ]
+
+
+def slide_prior(
+    inputs: SlideInputs, source: ImageSource, *, n_components: int = 5, progress: bool = False
+) -> SlidePrior:
+    """Fit the semantic prior of a slide (:func:`stsr.models.semantic_prior`, window by window).
+
+    The teacher reads the image through ``source`` (the model's resolution) in windows of :data:`PRIOR_WINDOW` HR
+    pixels with :data:`PRIOR_HALO` pixels of context. A first pass over at most :data:`PRIOR_PCA_WINDOWS` windows
+    spread over the tissue (all of them on small slides) accumulates the feature moments of the tissue pixels
+    (``inputs.mask``) for the principal axes; a second pass over every window stores the ``k`` scores per pixel and
+    sums them per spot; the ridge is fitted on the spots. Memory: one window through the teacher plus ``k`` floats
+    per HR pixel.
+    """
+    from ..models import load_teacher, teacher_features
+
+    teacher = load_teacher()
+    op, mask = inputs.observation, inputs.mask
+    height, width = mask.shape
+    windows = _windows(mask, PRIOR_WINDOW)
+
+    def features(r0: int, c0: int, h: int, w: int) -> np.ndarray:
+        ra, ca = max(r0 - PRIOR_HALO, 0), max(c0 - PRIOR_HALO, 0)
+        rb, cb = min(r0 + h + PRIOR_HALO, height), min(c0 + w + PRIOR_HALO, width)
+        image = source.region(ra, ca, rb - ra, cb - ca)
+        whole = 16 * -(-max(image.shape[1:]) // 16)  # the window in one piece: no second halo inside
+        f = teacher_features(image, (rb - ra, cb - ca), teacher=teacher, tile=whole)
+        return f[:, r0 - ra : r0 - ra + h, c0 - ca : c0 - ca + w]
+
+    if not windows:
+        raise ValueError("the slide has no tissue pixels to fit the semantic prior on.")
+    pca_windows = [
+        windows[i] for i in np.unique(np.linspace(0, len(windows) - 1, PRIOR_PCA_WINDOWS).round().astype(int))
+    ]
+    bar = tqdm(total=len(pca_windows) + len(windows), desc="semantic prior", disable=not progress)
+    moments: FeatureMoments | None = None
+    for r0, c0, h, w in pca_windows:
+        f = features(r0, c0, h, w)
+        moments = FeatureMoments(f.shape[0]) if moments is None else moments
+        moments.add(f[:, mask[r0 : r0 + h, c0 : c0 + w]])
+        bar.update()
+    n_pix = op.pool(mask.astype(np.float64)[None])[0]
+    mean, scale, axes = moments.pca(usable_components(n_components, n_pix))
+    scores = np.zeros((axes.shape[1], height, width), np.float32)
+    obs_sums = np.zeros((axes.shape[1], op.n_obs))
+    for r0, c0, h, w in windows:
+        z = pca_scores(features(r0, c0, h, w), mean, scale, axes)
+        scores[:, r0 : r0 + h, c0 : c0 + w] = z
+        obs_sums += op.pool_window(z * mask[r0 : r0 + h, c0 : c0 + w], r0, c0)
+        bar.update()
+    bar.close()
+    coef, intercept = fit_readout(obs_sums / np.where(n_pix > 0, n_pix, 1.0), n_pix, inputs.lr)
+    return SlidePrior(scores, coef, intercept, teacher.weights_hash)

@@ -1,0 +1,143 @@
+"""The semantic prior: the pretrained image teacher and the per-slide read-out fitted on LR data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+import stsr
+from stsr import metrics as M
+from stsr.models import (
+    TEACHER_UM_PER_PX,
+    DenseNetTrunk,
+    apply_prior,
+    load_teacher,
+    semantic_prior,
+    teacher_features,
+)
+from stsr.models._teacher import TEACHER_CHANNELS
+from stsr.observation import ObservationModel
+
+
+def _histology_driven_slide(seed: int = 0, shape=(48, 48), n_genes: int = 6, depth: float = 30.0):
+    """Smooth feature fields, expression log-linear in them, Poisson counts, 4 x 4 blocks."""
+    rng = np.random.default_rng(seed)
+    feats = np.stack([gaussian_filter(rng.normal(size=shape), 1.5) for _ in range(8)])
+    feats /= feats.std(axis=(1, 2), keepdims=True)
+    beta = rng.normal(scale=0.6, size=(n_genes, 3))
+    lam = depth * np.exp(np.einsum("gk,khw->ghw", beta, feats[:3]))
+    counts = rng.poisson(lam).astype(np.float64)
+    op = ObservationModel.blocks(shape, 4)
+    return feats, lam, counts, op
+
+
+def test_semantic_prior_recovers_the_histology_driven_split():
+    feats, lam, counts, op = _histology_driven_slide()
+    lr = op.pool(counts)
+    prior = semantic_prior(feats, lr, op, n_components=5)
+    pred = apply_prior(op.lift(lr), prior, lr, op, strength=1.0)
+    oracle = M.oracle_split(lam, lr, op)
+    wb_pred = M.within_block_pearson(pred, counts, op).mean()
+    wb_oracle = M.within_block_pearson(oracle, counts, op).mean()
+    # fitted on the LR blocks alone, the read-out finds most of the structure inside the blocks
+    assert wb_oracle > 0.5
+    assert wb_pred > 0.8 * wb_oracle
+    # and the reweighted map pools back to the LR input exactly
+    np.testing.assert_allclose(op.pool(pred), lr, rtol=1e-9, atol=1e-9)
+    # features that carry no information give (almost) nothing
+    noise = np.random.default_rng(1).normal(size=feats.shape)
+    wb_noise = M.within_block_pearson(
+        apply_prior(op.lift(lr), semantic_prior(noise, lr, op), lr, op), counts, op
+    )
+    assert wb_noise.mean() < 0.3 * wb_pred
+
+
+def test_apply_prior_strength_zero_keeps_the_base_and_masks_are_respected():
+    feats, _, counts, op = _histology_driven_slide(seed=2)
+    lr = op.pool(counts)
+    base = op.lift(lr) * (1 + 0.1 * np.random.default_rng(0).random(counts.shape))
+    base = op.project(base, lr, mode="multiplicative")
+    prior = semantic_prior(feats, lr, op)
+    np.testing.assert_allclose(apply_prior(base, prior, lr, op, strength=0.0), base, rtol=1e-9)
+    # features outside the mask are not used: changing them leaves the prior on the tissue unchanged
+    mask = np.ones(op.shape, bool)
+    mask[:, :8] = False
+    other = feats.copy()
+    other[:, :, :8] = 1e3
+    a = semantic_prior(feats, lr, op, mask=mask)
+    b = semantic_prior(other, lr, op, mask=mask)
+    np.testing.assert_allclose(a[:, :, 8:], b[:, :, 8:], rtol=1e-6)
+
+
+def test_semantic_prior_errors_name_the_problem():
+    feats, _, counts, op = _histology_driven_slide()
+    lr = op.pool(counts)
+    with pytest.raises(ValueError, match="features must be"):
+        semantic_prior(feats[:, :10], lr, op)
+    with pytest.raises(ValueError, match="lr must be"):
+        semantic_prior(feats, lr[:, :5], op)
+    with pytest.raises(ValueError, match="n_components"):
+        semantic_prior(feats, lr, op, n_components=0)
+    with pytest.raises(ValueError, match="constant"):
+        semantic_prior(np.ones_like(feats), lr, op)
+    small = ObservationModel.blocks((8, 8), 4)  # 4 observations: the read-out falls back to 2 components
+    assert semantic_prior(feats[:, :8, :8], small.pool(counts[:, :8, :8]), small).shape == (6, 8, 8)
+    tiny = ObservationModel.blocks((8, 4), 4)
+    with pytest.raises(ValueError, match="observation\\(s\\) cover tissue"):
+        semantic_prior(feats[:, :8, :4], tiny.pool(counts[:, :8, :4]), tiny)
+    with pytest.raises(ValueError, match="strength"):
+        apply_prior(counts, counts, lr, op, strength=-1)
+
+
+# ---------------------------------------------------------------------------------------------------- teacher
+def test_teacher_is_filled_from_the_pretrained_weights():
+    teacher = load_teacher()
+    fresh = DenseNetTrunk()
+    assert len(teacher.keras_order()) == 2 + 6 * 4 + 2 + 12 * 4 + 2
+    for (name, p), q in zip(teacher.state_dict().items(), fresh.state_dict().values()):
+        if p.dtype.is_floating_point:
+            assert not torch.equal(p, q), f"{name} kept its initial value"
+    assert len(teacher.weights_hash) == 64
+    assert load_teacher() is teacher  # cached
+    # eval-mode ImageNet batch norms: a natural-looking input gives finite, non-degenerate features
+    img = np.random.default_rng(0).integers(0, 255, (3, 128, 160), dtype=np.uint8)
+    f8, f16 = teacher(torch.as_tensor(img).float()[None] / 255)
+    assert f8.shape == (1, 128, 16, 20) and f16.shape == (1, 256, 8, 10)
+    assert torch.isfinite(f16).all() and f16.std() > 0
+
+
+def test_teacher_features_do_not_depend_on_the_tiling():
+    rng = np.random.default_rng(0)
+    img = (gaussian_filter(rng.random((3, 300, 340)), (0, 3, 3)) * 255).astype(np.uint8)
+    whole = teacher_features(img, (15, 17), tile=1024)
+    tiled = teacher_features(img, (15, 17), tile=128, halo=96)
+    assert whole.shape == (TEACHER_CHANNELS, 15, 17)
+    scale = np.abs(whole).max(axis=(1, 2), keepdims=True) + 1e-6
+    assert np.max(np.abs(whole - tiled) / scale) < 0.02
+    grey = teacher_features(img[:1], (15, 17))
+    np.testing.assert_allclose(
+        grey, teacher_features(np.repeat(img[:1], 3, 0), (15, 17)), rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="RGB"):
+        teacher_features(img[:2], (15, 17))
+    with pytest.raises(ValueError, match="cover the HR grid"):
+        teacher_features(img, (400, 17))
+
+
+def test_semantic_prior_adds_structure_inside_the_spots_on_her2st(her2st_c2):
+    """Real data (HER2ST C2, the validation section): measured 100 µm spots as truth, 2 x 2 spots as input."""
+    genes = stsr.pp.select_genes(her2st_c2["table"], n_top=12)
+    k = 2 ** round(np.log2(200.0 / TEACHER_UM_PER_PX))  # 200 µm lattice pixels at ~1.5 µm per image pixel
+    pair = stsr.tl.training_pair(her2st_c2, "he", table_key="table", genes=genes, factor=2, image_scale=k)
+    op, hr, mask = pair.observation, pair.hr.double().numpy(), pair.mask.numpy()
+    lr = op.pool(hr)
+    base = np.clip(op.project(np.clip(op.interpolate(lr), 1e-9, None), lr, mode="multiplicative"), 0, None)
+    prior = semantic_prior(teacher_features(pair.image.numpy(), op.shape), lr, op, mask=mask)
+    pred = apply_prior(base, prior, lr, op)
+    before = M.summarize(M.gene_metrics(base, hr, op, lr=lr, mask=mask))
+    after = M.summarize(M.gene_metrics(pred, hr, op, lr=lr, mask=mask))
+    assert after["within_block"][0] > before["within_block"][0] + 0.05
+    assert after["pearson"][0] > before["pearson"][0] - 0.005
+    assert after["lr_rel_error"][0] < 1e-9
