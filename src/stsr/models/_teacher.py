@@ -36,6 +36,7 @@ _BLOCKS = (6, 12)
 _GROWTH = 32
 _BOTTLENECK = 4 * _GROWTH
 _BN_EPS = 1.001e-5  # Keras DenseNet
+_STRIDES = (8, 16)  # of the feature maps after transitions 1 and 2
 
 
 class DenseNetTrunk(nn.Module):
@@ -213,7 +214,7 @@ def teacher_features(
         )
     if tile % 16 or halo % 16 or tile < 64:
         raise ValueError(f"tile ({tile}) and halo ({halo}) must be multiples of 16, tile at least 64.")
-    maps = [torch.zeros(c, -(-height // s), -(-width // s)) for c, s in ((128, 8), (256, 16))]
+    maps = [torch.zeros(c, -(-height // s), -(-width // s)) for c, s in zip((128, 256), _STRIDES)]
     with torch.no_grad():
         for y0 in range(0, height, tile):
             for x0 in range(0, width, tile):
@@ -224,15 +225,14 @@ def teacher_features(
                 pad_h, pad_w = (-ph) % 16, (-pw) % 16
                 if pad_h or pad_w:
                     piece = F.pad(piece[None], (0, pad_w, 0, pad_h), mode="replicate")[0]
-                for out, full in zip(teacher(piece[None]), maps):
-                    s = 8 if full.shape[0] == 128 else 16
+                for out, full, s in zip(teacher(piece[None]), maps, _STRIDES):
                     r0, c0 = (y0 - ya) // s, (x0 - xa) // s
                     n_r = -(-min(tile, height - y0) // s)
                     n_c = -(-min(tile, width - x0) // s)
                     full[:, y0 // s : y0 // s + n_r, x0 // s : x0 // s + n_c] = out[
                         0, :, r0 : r0 + n_r, c0 : c0 + n_c
                     ]
-    pooled = [_area_mean(m, (height, width), s, (h, w)) for m, s in zip(maps, (8, 16))]
+    pooled = [_area_mean(m, (height, width), s, (h, w)) for m, s in zip(maps, _STRIDES)]
     # colour statistics per HR pixel (area weights over the image pixels it covers)
     rgb = _area_mean(img, (height, width), 1, (h, w))
     rgb_sq = _area_mean(img * img, (height, width), 1, (h, w))
