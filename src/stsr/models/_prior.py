@@ -44,14 +44,18 @@ class FeatureMoments:
         Constant features get scale 1 and no weight in the axes. Raises if every feature is constant.
         """
         if self.n < 2:
-            raise ValueError("the prior needs the features of at least two tissue pixels.")
+            raise ValueError(
+                "the prior needs the features of at least two tissue pixels; check the tissue mask (or pass "
+                "mask=None) and that the image covers the spots."
+            )
         mean = self.total / self.n
         cov = self.outer / self.n - np.outer(mean, mean)
         var = np.clip(np.diag(cov), 0.0, None)
         keep = var > 1e-12 * max(float(var.max()), 1e-300)
         if not keep.any() or var.max() <= 0:
             raise ValueError(
-                "the histology features are constant over the tissue; the prior has nothing to read."
+                "the histology features are constant over the tissue, so the prior has nothing to read; check that "
+                "the image element is the histology of these spots (not blank or a placeholder)."
             )
         scale = np.where(keep, np.sqrt(np.where(keep, var, 1.0)), 1.0)
         corr = cov[np.ix_(keep, keep)] / np.outer(scale[keep], scale[keep])
@@ -165,7 +169,10 @@ def usable_components(n_components: int, n_pix: np.ndarray) -> int:
     """
     n_ok = int((np.asarray(n_pix) > 0.5).sum())
     if n_ok < 3:
-        raise ValueError(f"only {n_ok} observation(s) cover tissue; the semantic prior needs at least 3.")
+        raise ValueError(
+            f"only {n_ok} observation(s) cover tissue; the semantic prior needs at least 3 to fit its read-out: "
+            "use a larger region of the slide, or leave the prior off."
+        )
     return max(1, min(n_components, n_ok - 2))
 
 
@@ -179,12 +186,12 @@ def fit_readout(
     intercept (G,))``.
     """
     k = obs_scores.shape[0]
-    ok = n_pix > 0.5
-    if ok.sum() < k + 2:
+    if usable_components(k, n_pix) < k:
         raise ValueError(
-            f"only {int(ok.sum())} observations cover tissue; the prior needs more than {k + 1} to fit "
-            f"{k} components (lower n_components)."
+            f"{k} components need at least {k + 2} observations on tissue; pass no more than "
+            f"usable_components({k}, n_pix) components."
         )
+    ok = n_pix > 0.5
     y = np.log1p(np.clip(np.asarray(lr, np.float64)[:, ok], 0, None) / n_pix[ok])
     coef, intercept, _ = _ridge_gcv(obs_scores[:, ok].T, y.T, alphas)
     return coef, intercept
@@ -195,6 +202,15 @@ def readout(scores: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> np.n
     k = scores.shape[0]
     pred = coef.T @ np.asarray(scores, np.float64).reshape(k, -1) + intercept[:, None]
     return np.expm1(np.clip(pred, 0.0, None)).reshape(coef.shape[1], *scores.shape[1:])
+
+
+def check_strength(strength: float, name: str = "strength") -> None:
+    """Raise unless the prior's exponent is in ``[0, 4]`` (0: no effect; 1: the full read-out)."""
+    if not 0.0 <= strength <= 4.0:
+        raise ValueError(
+            f"{name} must be in [0, 4] (0 = no effect, 1 = the full read-out; 0.5 is the tested value), "
+            f"got {strength}."
+        )
 
 
 def prior_weights(prior: np.ndarray, strength: float) -> np.ndarray:
@@ -224,8 +240,7 @@ def apply_prior(
     ``(G, h, w)`` float64 LR-consistent prediction (multiplicative projection; pixels outside every observation
     keep ``base``).
     """
-    if not 0.0 <= strength <= 4.0:
-        raise ValueError(f"strength must be in [0, 4], got {strength}.")
+    check_strength(strength)
     base = np.clip(np.asarray(base, np.float64), 1e-9, None)
     weights = prior_weights(prior, strength)
     if weights.shape != base.shape:

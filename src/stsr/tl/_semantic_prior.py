@@ -97,7 +97,10 @@ def slide_prior(
         return f[:, r0 - ra : r0 - ra + h, c0 - ca : c0 - ca + w]
 
     if not windows:
-        raise ValueError("the slide has no tissue pixels to fit the semantic prior on.")
+        raise ValueError(
+            "the slide has no tissue pixels to fit the semantic prior on; check the image and spots, or leave "
+            "semantic_prior off."
+        )
     pca_windows = [
         windows[i] for i in np.unique(np.linspace(0, len(windows) - 1, PRIOR_PCA_WINDOWS).round().astype(int))
     ]

@@ -145,8 +145,10 @@ def super_resolve(
         raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}.")
-    if semantic_prior and not 0.0 <= prior_strength <= 4.0:
-        raise ValueError(f"prior_strength must be in [0, 4], got {prior_strength}.")
+    if semantic_prior:
+        from ..models._prior import check_strength
+
+        check_strength(prior_strength, "prior_strength")
     out_keys = [key_added] + ([f"{key_added}_std"] if n_samples > 1 else [])
     check_free_keys(sdata, out_keys, overwrite)
     net = _load_model(model)
