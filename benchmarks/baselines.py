@@ -252,8 +252,13 @@ def stsr_predict(
     steps: int = 20,
     n_samples: int = 1,
     seed: int = 0,
+    sample_offset: int = 0,
+    cache_interval: int = 1,
 ) -> np.ndarray:
-    """Super-resolve a whole case with the stsr model (one tile, LR-consistent DDIM); ``(G, H, W)`` counts."""
+    """Super-resolve a whole case with the stsr model (one tile, LR-consistent DDIM); ``(G, H, W)`` counts.
+
+    ``sample_offset`` and ``cache_interval`` are passed to :meth:`stsr.models.STSRModel.sample`.
+    """
     lr = np.asarray(lr, np.float64)
     img, dens, pop, norm = _model_inputs(image, op, lr, model.config.image_scale)
     mean, _ = model.sample(
@@ -266,6 +271,8 @@ def stsr_predict(
         seed=seed,
         steps=steps,
         n_samples=n_samples,
+        sample_offset=sample_offset,
+        cache_interval=cache_interval,
         consistency=True,
     )
     return mean[0, :, : op.shape[0], : op.shape[1]].double().numpy()

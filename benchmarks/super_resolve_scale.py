@@ -6,9 +6,11 @@ is measured in HR gene-pixel-steps per second and extrapolated to a full Visium 
 ~5,000 spots, 50 genes, 5.5 um pixels, 20 steps).
 
     python benchmarks/super_resolve_scale.py [--sizes 500 1000 2000] [--genes 50] [--steps 2] [--model fast]
-        [--tile-size 64] [--overlap 16] [--batch-size 8] [--full]
+        [--tile-size 64] [--overlap 16] [--batch-size 8] [--cache-interval 1 2] [--full]
 
-``--full`` also runs the full capture area for real (long on a laptop CPU). Larger tiles waste less work on
+``--cache-interval 1 2`` runs every size once per interval (``super_resolve(cache_interval=...)``, deep features
+reused across steps) and prints the capture-area estimates side by side, with the speed-up over the first.
+``--full`` also runs the full capture area for real, at the last interval (long on a laptop CPU). Larger tiles waste less work on
 overlaps (``--tile-size 128 --overlap 12 --batch-size 2``: 484 tile-equivalents of 64 x 64 pixels for the capture
 area instead of 625; ``--tile-size 248 --overlap 12 --batch-size 1``: 375, the fastest layout on 2 CPU cores, see
 docs/benchmarks/scaling.md).
@@ -27,7 +29,7 @@ import json, resource, sys, time, tempfile
 import torch
 import stsr
 size, genes, steps, threads, batch = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-name, tile, overlap = sys.argv[6], int(sys.argv[7]), int(sys.argv[8])
+name, tile, overlap, interval = sys.argv[6], int(sys.argv[7]), int(sys.argv[8]), int(sys.argv[9])
 torch.set_num_threads(threads)
 model = stsr.models.load(None if name == "default" else name)
 sdata = stsr.datasets.synthetic(size_um=(size, size), n_genes=genes, seed=0)
@@ -38,7 +40,8 @@ sdata = sd.read_zarr(path)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.time()
 stsr.tl.super_resolve(sdata, "he", list(sdata["table"].var_names[:genes]), model=model, steps=steps,
-                      batch_size=batch, tile_size=tile, overlap=overlap, progress=False)
+                      batch_size=batch, tile_size=tile, overlap=overlap, cache_interval=interval,
+                      progress=False)
 wall = time.time() - t
 prov = sdata.attrs["stsr"]["stsr"]
 h, w = prov["grid_shape"]
@@ -48,10 +51,10 @@ print(json.dumps({"size_um": size, "grid": [h, w], "tiles": prov["n_tiles"], "se
 """
 
 
-def run(args: argparse.Namespace, size: float, genes: int, steps: int) -> dict:
+def run(args: argparse.Namespace, size: float, genes: int, steps: int, interval: int = 1) -> dict:
     """Run ``super_resolve`` on a fresh synthetic slide of ``size`` um in a subprocess; its measurements."""
     cmd = [str(v) for v in (size, genes, steps, args.threads, args.batch_size, args.model)]
-    cmd += [str(args.tile_size), str(args.overlap)]
+    cmd += [str(args.tile_size), str(args.overlap), str(interval)]
     out = subprocess.run(
         [sys.executable, "-c", WORKER, *cmd],
         capture_output=True,
@@ -71,18 +74,67 @@ def main() -> None:
     p.add_argument("--model", default="default", help="shipped weights (name) or a path")
     p.add_argument("--tile-size", type=int, default=64, help="super_resolve(tile_size=...)")
     p.add_argument("--overlap", type=int, default=16, help="super_resolve(overlap=...)")
+    p.add_argument(
+        "--cache-interval",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="super_resolve(cache_interval=...) values, run one after the other; the first is the ratios' baseline",
+    )
     p.add_argument("--full", action="store_true", help="also run a full 6.5 mm capture area at 20 steps")
     args = p.parse_args()
-    rows = []
-    for size in args.sizes:
-        t = time.time()
-        r = run(args, size, args.genes, args.steps)
-        print(f"# {size:.0f} um done in {time.time() - t:.0f} s", file=sys.stderr, flush=True)
-        rows.append(r)
+    from stsr.tl._tiling import plan_tiles
+
+    # full Visium capture area: 6.5 mm at 5.5 um -> 1182^2 grid, tiled as super_resolve plans it. The time of a
+    # tile is a fixed part (image crop, LR density, histology encoder) plus one gene-stream pass per step, so only a
+    # run at the target settings extrapolates by tile count.
+    tiles_full = plan_tiles((1182, 1182), args.tile_size, args.overlap).n_tiles
+    estimates: dict[int, float] = {}
+    for interval in args.cache_interval:
+        rows = []
+        for size in args.sizes:
+            t = time.time()
+            r = run(args, size, args.genes, args.steps, interval)
+            print(
+                f"# {size:.0f} um, interval {interval} done in {time.time() - t:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            rows.append(r)
+        table(args, rows, interval)
+        estimates[interval] = tiles_full * rows[-1]["seconds"] / rows[-1]["tiles"] / 60
+    if (args.genes, args.steps) == (50, 20):
+        base = estimates[args.cache_interval[0]]
+        print(
+            f"\nFull capture area (6.5 x 6.5 mm, 50 genes, 5.5 um, 20 steps): {tiles_full} tiles if all tissue "
+            "(target <= 15 min); estimated from the s per tile of the largest slide above:\n"
+        )
+        print("| cache interval | estimate (min) | speed-up |")
+        print("|---|---|---|")
+        for interval, minutes in estimates.items():
+            print(f"| {interval} | {minutes:.1f} | {base / minutes:.2f}x |")
+    else:
+        print(
+            "\nFor the full capture-area estimate (50 genes, 20 steps) rerun with --genes 50 --steps 20: the time "
+            "per tile does not scale linearly in genes and steps."
+        )
+    if args.full:
+        interval = args.cache_interval[-1]
+        r = run(args, 6500.0, 50, 20, interval)
+        print(
+            f"\nFull capture area measured (cache interval {interval}): {r['seconds'] / 60:.1f} min, peak RSS "
+            f"{r['peak_rss_mb']:.0f} MB, {r['tiles']} tiles of {r['tile']} (overlap {r['overlap']}), HR grid "
+            f"{r['grid'][0]}x{r['grid'][1]}."
+        )
+
+
+def table(args: argparse.Namespace, rows: list[dict], interval: int) -> None:
+    """Print the scaling table of one cache interval (memory as a ratio to the smallest slide)."""
     base = rows[0]
     print(
         f"\nsuper_resolve scaling: {args.genes} genes, {args.steps} DDIM steps, model {args.model!r}, "
-        f"{args.threads} threads, tiles {args.tile_size} (overlap {args.overlap}), batch {args.batch_size}\n"
+        f"{args.threads} threads, tiles {args.tile_size} (overlap {args.overlap}), batch {args.batch_size}, "
+        f"cache interval {interval}\n"
     )
     print(
         "| slide (um) | area ratio | HR grid | tiles | wall (s) | peak RSS (MB) | memory ratio | "
@@ -91,37 +143,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         area = (r["size_um"] / base["size_um"]) ** 2
-        t2 = r["tile"] ** 2
-        rate = r["tiles"] * t2 * args.genes * args.steps / r["seconds"]
-        r["rate"] = rate
+        rate = r["tiles"] * r["tile"] ** 2 * args.genes * args.steps / r["seconds"]
         print(
             f"| {r['size_um']:.0f} | {area:.0f}x | {r['grid'][0]}x{r['grid'][1]} | {r['tiles']} | "
             f"{r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f} | "
             f"{rate:,.0f} |"
-        )
-    # full Visium capture area: 6.5 mm at 5.5 um -> 1182^2 grid, tiled as super_resolve plans it. The time of a
-    # tile is a fixed part (image crop, LR density, histology encoder) plus one gene-stream pass per step, so only a
-    # run at the target settings extrapolates by tile count.
-    from stsr.tl._tiling import plan_tiles
-
-    tiles_full = plan_tiles((1182, 1182), args.tile_size, args.overlap).n_tiles
-    per_tile = rows[-1]["seconds"] / rows[-1]["tiles"]
-    if (args.genes, args.steps) == (50, 20):
-        print(
-            f"\nFull capture area (6.5 x 6.5 mm, 50 genes, 5.5 um, 20 steps): {tiles_full} tiles if all tissue; "
-            f"{per_tile:.2f} s per tile measured -> estimated {tiles_full * per_tile / 60:.0f} min "
-            f"(target <= 15 min)."
-        )
-    else:
-        print(
-            "\nFor the full capture-area estimate (50 genes, 20 steps) rerun with --genes 50 --steps 20: the time "
-            "per tile does not scale linearly in genes and steps."
-        )
-    if args.full:
-        r = run(args, 6500.0, 50, 20)
-        print(
-            f"Full capture area measured: {r['seconds'] / 60:.1f} min, peak RSS {r['peak_rss_mb']:.0f} MB, "
-            f"{r['tiles']} tiles."
         )
 
 

@@ -34,6 +34,7 @@ def test_super_resolve_into_a_copy_leaves_the_input_untouched(store, tmp_path, w
     assert list(result["stsr"]["scale0"]["image"].coords["c"].values) == ["gene_000", "gene_001"]
     assert result.attrs["stsr"]["stsr"]["model"] == "tiny"
     assert result.attrs["stsr"]["stsr"]["steps"] == 2
+    assert result.attrs["stsr"]["stsr"]["cache_interval"] == 1
     hr = np.asarray(result["stsr"]["scale0"]["image"].values)
     assert np.isfinite(hr).all() and hr.min() >= 0 and hr.sum() > 0
     assert "stsr" not in sd.read_zarr(store).images  # the input store was copied, not modified
@@ -53,6 +54,8 @@ def test_super_resolve_in_place_refuses_to_overwrite(store, weights):
     assert sd.read_zarr(store).attrs["stsr"]["stsr"]["semantic_prior"] is None
     assert main([*argv, "--overwrite", "--semantic-prior"]) == 0
     assert sd.read_zarr(store).attrs["stsr"]["stsr"]["semantic_prior"] == 0.5
+    assert main([*argv, "--overwrite", "--cache-interval", "2"]) == 0
+    assert sd.read_zarr(store).attrs["stsr"]["stsr"]["cache_interval"] == 2
 
 
 def test_demo_writes_a_store_and_an_overlay(tmp_path, weights, capsys):

@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     sr.add_argument("--pixel-size", type=float, default=None, help="HR pixel size in coordinate-system units")
     sr.add_argument("--steps", type=int, default=20)
+    sr.add_argument(
+        "--cache-interval",
+        type=int,
+        default=1,
+        help="steps per full network evaluation; 2 reuses deep features every other step (faster, approximate)",
+    )
     sr.add_argument("--n-samples", type=int, default=1)
     sr.add_argument(
         "--no-consistency", action="store_true", help="do not project outputs onto the spot counts"
@@ -94,6 +100,7 @@ def _super_resolve(args: argparse.Namespace) -> int:
         model=args.model,
         pixel_size=args.pixel_size,
         steps=args.steps,
+        cache_interval=args.cache_interval,
         n_samples=args.n_samples,
         consistency=not args.no_consistency,
         semantic_prior=args.semantic_prior,

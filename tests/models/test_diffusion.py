@@ -288,3 +288,24 @@ def test_sample_rejects_bad_input(model):
     other, _ = op.crop(0, 0, 16, 16)
     with pytest.raises(ValueError, match="crop"):
         model.sample(image, dens, norm, observations=[(other, obs[0][1]), obs[1]], **kw)
+
+
+def test_sample_with_feature_cache_stays_consistent_and_counts_full_steps(model, monkeypatch):
+    op = ObservationModel.blocks((32, 32), 4)
+    image, dens, norm, obs, lr = _tile_inputs(op, batch=1)
+    kw = dict(observations=obs, origins=[(0, 0)], gene_ids=torch.tensor([1, 2, 3]), steps=5, seed=2)
+    ref, _ = model.sample(image, dens, norm, **kw)
+    one, _ = model.sample(image, dens, norm, cache_interval=1, **kw)
+    assert torch.equal(one, ref)
+    calls = []
+    deep = model.denoiser._deep
+    monkeypatch.setattr(model.denoiser, "_deep", lambda *a: calls.append(1) or deep(*a))
+    two, _ = model.sample(image, dens, norm, cache_interval=2, **kw)
+    assert len(calls) == 3  # steps 0, 2 and 4 are full evaluations
+    assert (two - ref).abs().max() > 0  # the cached steps change the trajectory a little
+    np.testing.assert_allclose(op.pool(two.double().numpy()), lr, rtol=1e-4, atol=1e-6)
+    calls.clear()
+    model.sample(image, dens, norm, cache_interval=2, n_samples=2, **kw)
+    assert len(calls) == 2 * 3  # every sample starts afresh with a full evaluation
+    with pytest.raises(ValueError, match="interval"):
+        model.sample(image, dens, norm, cache_interval=0, **kw)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from stsr.models._alignment import SpatialAlignment, warp
 from stsr.models._coexpression import lr_correlation
 from stsr.models._config import ModelConfig
-from stsr.models._denoiser import Denoiser
+from stsr.models._denoiser import Denoiser, FeatureCache
 from stsr.models._discriminator import (
     ChannelDiscriminator,
     build_discriminator,
@@ -428,3 +428,48 @@ def test_gradients_reach_every_enabled_module(flags):
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not missing, missing
+
+
+# ---------------------------------------------------------------------------------------------------- feature cache
+def test_feature_cache_interval_one_is_exact_and_two_reuses_the_deep_features(monkeypatch):
+    model = make(tiny())
+    image, x, lr, _ = inputs(b=2, g=3)
+    times = [torch.full((2,), s) for s in (0.9, 0.6, 0.3, 0.1)]
+    xs = [x * (1 + i) for i in range(4)]
+    with torch.no_grad():
+        cond = model.prepare(model.encode_histology(image), lr)
+        exact = [model(xi, lr, t, cond) for xi, t in zip(xs, times)]
+        one = FeatureCache(1)
+        assert all(torch.equal(model(xi, lr, t, cond, one), e) for xi, t, e in zip(xs, times, exact))
+        deep_calls = []
+        full_deep = model._deep
+        monkeypatch.setattr(model, "_deep", lambda *a: deep_calls.append(1) or full_deep(*a))
+        cache = FeatureCache(2)
+        out = [model(xi, lr, t, cond, cache) for xi, t in zip(xs, times)]
+        assert len(deep_calls) == 2 and cache.calls == 4  # steps 0 and 2 are full, 1 and 3 reuse
+        assert torch.equal(out[0], exact[0]) and torch.equal(out[2], exact[2])
+        # the cached steps recompute the full-resolution level only: close to, not equal to, the exact output
+        for i in (1, 3):
+            assert 0 < (out[i] - exact[i]).abs().max() < (exact[i] - exact[i - 1]).abs().max()
+        # a cached step at the same input as the full step before it reproduces that step exactly, and does not
+        # modify the cached tensor
+        cache = FeatureCache(2)
+        full = model(x, lr, times[0], cond, cache)
+        kept = cache.deep.clone()
+        assert torch.equal(model(x, lr, times[0], cond, cache), full)
+        assert torch.equal(cache.deep, kept)
+        # a cache for another tile shape is not reused
+        cache = FeatureCache(3)
+        model(x, lr, times[0], cond, cache)
+        deep_calls.clear()
+        cond1 = model.prepare(model.encode_histology(image[:1]), lr[:1])
+        model(x[:1], lr[:1], times[0][:1], cond1, cache)
+        assert len(deep_calls) == 1
+    with pytest.raises(RuntimeError, match="no_grad"):
+        model(x, lr, times[0], cond, FeatureCache(2))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2"])
+def test_feature_cache_rejects_bad_intervals(bad):
+    with pytest.raises((ValueError, TypeError), match="interval"):
+        FeatureCache(bad)

@@ -72,6 +72,22 @@ def test_same_result_for_batch_sizes_and_tilings(slide, model):
     assert np.corrcoef(other.ravel(), ref.ravel())[0, 1] > 0.97
 
 
+def test_cache_interval_is_recorded_checked_and_keeps_the_spot_sums(slide, model):
+    sdata, exact = _run(slide, model, steps=4)
+    cached_sdata, cached = _run(slide, model, steps=4, cache_interval=2)
+    assert sdata["stsr"].attrs["stsr"]["cache_interval"] == 1
+    assert cached_sdata["stsr"].attrs["stsr"]["cache_interval"] == 2
+    assert np.abs(cached - exact).max() > 0  # the cached steps were used
+    grid = stsr.pp.hr_grid(cached_sdata, "he", 5.5)
+    op = spots_observation_model(cached_sdata, "spots", grid, "he")
+    counts = np.asarray(cached_sdata["table"][:, GENES].X.todense()).T
+    has = counts > 0
+    np.testing.assert_allclose(op.pool(cached.astype(np.float64))[has], counts[has], rtol=1e-4)
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="interval"):
+            stsr.tl.super_resolve(sd.deepcopy(slide), "he", GENES, model=model, cache_interval=bad)
+
+
 @pytest.mark.slow
 def test_distributed_cluster_gives_the_same_result(slide, model):
     from dask.distributed import Client, LocalCluster

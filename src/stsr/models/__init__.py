@@ -6,7 +6,7 @@ the LR data (optional extra ``stsr[prior]``).
 """
 
 from ._config import ModelConfig
-from ._denoiser import Conditioning, Denoiser
+from ._denoiser import Conditioning, Denoiser, FeatureCache
 from ._diffusion import NoiseSchedule, ddim_sample, diffusion_loss, q_sample, to_x0_eps, training_target
 from ._discriminator import ChannelDiscriminator, discriminator_loss, generator_adversarial_loss
 from ._encoder import HistologyFeatures
@@ -23,6 +23,7 @@ __all__ = [
     "ModelConfig",
     "Conditioning",
     "Denoiser",
+    "FeatureCache",
     "HistologyFeatures",
     "ChannelDiscriminator",
     "discriminator_loss",

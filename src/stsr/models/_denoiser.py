@@ -17,6 +17,9 @@ Architecture (``G`` genes of ``B`` tiles, HR tile ``h x w``):
   alignment of the histology features before use, (e) gene co-expression attention at the bottleneck.
   (f) the channel discriminator is a separate module (:mod:`~stsr.models._discriminator`).
 
+A :class:`FeatureCache` lets the sampler reuse the output of the deep levels (1/2 and 1/4) between full evaluations
+and recompute only the full-resolution level at the steps in between (DeepCache).
+
 Genes interact only through (e) and through the per-tile displacement field of (d); with both switched off each
 gene's output depends only on its own ``x_t``/``lr`` and the tile's histology.
 """
@@ -64,6 +67,47 @@ class Conditioning:
     aux: Tensor | None
     injections: tuple[Tensor, Tensor, Tensor]
     corr: Tensor | None
+
+
+@dataclass
+class FeatureCache:
+    """Deep decoder features reused across denoising steps (DeepCache, Ma et al., CVPR 2024).
+
+    Consecutive DDIM steps change the deep (1/2 and 1/4 resolution) features of the gene stream only slowly. With a
+    cache, every ``interval``-th call of :meth:`Denoiser.forward` is a full evaluation that stores the decoder's
+    output of the deep levels (upsampled to full resolution, before the skip connection); the calls in between
+    recompute only the full-resolution level (stem, encoder block, decoder block, output) from the new ``x_t`` and
+    time, and take the deep part from the cache. ``interval=1`` is an exact evaluation at every call.
+
+    Parameters
+    ----------
+    interval
+        Calls per full evaluation; the first call is always full.
+
+    Attributes
+    ----------
+    calls
+        Number of forward calls made with this cache.
+    deep
+        The cached ``(B*G, C0, h, w)`` deep features of the last full evaluation, or ``None``.
+    """
+
+    interval: int = 1
+    calls: int = 0
+    deep: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if int(self.interval) < 1 or int(self.interval) != self.interval:
+            raise ValueError(
+                f"the feature-reuse interval must be a positive integer (1 = no reuse), got {self.interval!r}."
+            )
+        self.interval = int(self.interval)
+
+    def reuse(self, shape: tuple[int, ...]) -> bool:
+        """Whether the next call may take its deep features from the cache (and count the call)."""
+        use = self.deep is not None and self.calls % self.interval != 0 and tuple(self.deep.shape) == shape
+        self.calls += 1
+        return use
 
 
 class Denoiser(nn.Module):
@@ -162,13 +206,26 @@ class Denoiser(nn.Module):
             corr=lr_correlation(lr) if self.coexpr is not None else None,
         )
 
-    def forward(self, x_t: Tensor, lr: Tensor, t: Tensor, feats: HistologyFeatures | Conditioning) -> Tensor:
+    def forward(
+        self,
+        x_t: Tensor,
+        lr: Tensor,
+        t: Tensor,
+        feats: HistologyFeatures | Conditioning,
+        cache: FeatureCache | None = None,
+    ) -> Tensor:
         """Denoiser output ``(B, G, h, w)`` for noisy maps ``x_t``, LR maps ``lr`` (both ``(B, G, h, w)``), time ``t``.
 
         ``t`` is ``(B,)`` (or a scalar) float diffusion time in ``[0, 1]``; ``feats`` from :meth:`encode_histology`,
         or the :class:`Conditioning` of :meth:`prepare` for the same ``lr`` (faster when called at every step).
+        ``cache``: a :class:`FeatureCache` shared by the steps of one sampling run, to reuse the deep features
+        between full evaluations (an approximation; ``None`` evaluates the whole network).
         """
-        return self._run(x_t, lr, t, feats, return_loss=False)[0]
+        if cache is not None and torch.is_grad_enabled():
+            raise RuntimeError(
+                "a FeatureCache is for sampling only: call the denoiser under torch.no_grad() or pass cache=None."
+            )
+        return self._run(x_t, lr, t, feats, return_loss=False, cache=cache)[0]
 
     def forward_train(
         self, x_t: Tensor, lr: Tensor, t: Tensor, feats: HistologyFeatures
@@ -194,7 +251,13 @@ class Denoiser(nn.Module):
             raise ValueError(f"t must have shape (B,) = ({b},) or be a scalar, got {tuple(t.shape)}.")
 
     def _run(
-        self, x_t: Tensor, lr: Tensor, t: Tensor, feats: HistologyFeatures | Conditioning, return_loss: bool
+        self,
+        x_t: Tensor,
+        lr: Tensor,
+        t: Tensor,
+        feats: HistologyFeatures | Conditioning,
+        return_loss: bool,
+        cache: FeatureCache | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
         if isinstance(feats, Conditioning):
@@ -210,8 +273,7 @@ class Denoiser(nn.Module):
         b, g, h, w = x_t.shape
         t = t.reshape(-1).expand(b)
         losses: dict[str, Tensor] = {}
-        hist = cond.hist
-        inj0, inj1, inj2 = cond.injections
+        inj0 = cond.injections[0]
 
         inputs = [x_t, lr]
         if cond.aux is not None:
@@ -223,6 +285,24 @@ class Denoiser(nn.Module):
         x = add_per_tile_(self.stem(x), inj0)
         x = self.res0(x, temb)
         skip0 = x
+        if cache is not None and cache.reuse((b * g, self.config.widths[0], h, w)):
+            deep = cache.deep
+        else:
+            deep = self._deep(x, temb, cond, losses, return_loss)
+            if cache is not None:
+                cache.deep = deep
+        # with a cache (sampling only, no autograd) the cached tensor must stay intact: add into the skip instead
+        x = skip0.add_(deep) if cache is not None else deep.add_(skip0)
+        x = self.res0d(x, temb)
+        x = F.silu(self.out_norm(x), inplace=not torch.is_grad_enabled())
+        out = self.out(x.permute(0, 2, 3, 1))  # channels-last: (B*G, h, w, C) is contiguous -> (B*G, h, w, 1)
+        return out.reshape(b, g, h, w), losses
+
+    def _deep(
+        self, x: Tensor, temb: Tensor, cond: Conditioning, losses: dict[str, Tensor], return_loss: bool
+    ) -> Tensor:
+        """Levels 1/2 and 1/4 of the gene stream: full-resolution features in, upsampled decoder features out."""
+        inj1, inj2 = cond.injections[1:]
         # level 1 (1/2)
         x = add_per_tile_(self.down0(x), inj1)
         x = self.res1(x, temb)
@@ -231,20 +311,17 @@ class Denoiser(nn.Module):
         x = add_per_tile_(self.down1(x), inj2)
         x = self.res2a(x, temb)
         if self.cross_attn is not None:
-            x = x + self.cross_attn(x, hist.tokens)
+            x = x + self.cross_attn(x, cond.hist.tokens)
         if self.modulate is not None:
-            x, loss = self.modulate(x, hist.coarse, return_loss)
+            x, loss = self.modulate(x, cond.hist.coarse, return_loss)
             if return_loss:
                 losses["disentangle"] = loss
         if self.coexpr is not None:
             x = x + self.coexpr(x, cond.corr)
         x = self.res2b(x, temb)
-        # decoder
+        # decoder back to 1/2, then up to full resolution (the skip of level 0 is added by the caller)
         x = self.res1d(self.up1(x).add_(skip1), temb)
-        x = self.res0d(self.up0(x).add_(skip0), temb)
-        x = F.silu(self.out_norm(x), inplace=not torch.is_grad_enabled())
-        out = self.out(x.permute(0, 2, 3, 1))  # channels-last: (B*G, h, w, C) is contiguous -> (B*G, h, w, 1)
-        return out.reshape(b, g, h, w), losses
+        return self.up0(x)
 
     # ------------------------------------------------------------------ introspection
     def module_parameters(self) -> dict[str, int]:

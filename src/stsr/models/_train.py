@@ -476,9 +476,17 @@ def _metrics(pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor) -> dic
 
 
 def evaluate_pairs(
-    model: STSRModel, valsets: list[_ValSet], steps: int, seed: int = 0, device: torch.device | None = None
+    model: STSRModel,
+    valsets: list[_ValSet],
+    steps: int,
+    seed: int = 0,
+    device: torch.device | None = None,
+    cache_interval: int = 1,
 ) -> dict[str, float]:
-    """Sample the validation tiles (with consistency) and score them against the truth (averaged over pairs)."""
+    """Sample the validation tiles (with consistency) and score them against the truth (averaged over pairs).
+
+    ``cache_interval`` is passed to :meth:`~stsr.models.STSRModel.sample` (deep-feature reuse across steps).
+    """
     out: dict[str, list[float]] = {"rmse": [], "pearson": [], "rmse_lr": [], "pearson_lr": []}
     for vs in valsets:
         tiles = vs.tiles
@@ -491,6 +499,7 @@ def evaluate_pairs(
             gene_ids=vs.gene_ids,
             seed=seed,
             steps=steps,
+            cache_interval=cache_interval,
             consistency=True,
             device=device,
         )
