@@ -569,10 +569,7 @@ def main(argv: list[str] | None = None) -> str:
     out += ["## Summary: r / within-block r (mean over genes)", "", summary_table(results), "## Cases", ""]
     out += [case_table(c, rows, ce) for c, rows, ce in results]
     text = "\n".join(out)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    return text
+    return B.publish(text, args.out)
 
 
 if __name__ == "__main__":

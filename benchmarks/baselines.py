@@ -30,6 +30,7 @@ import math
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -465,6 +466,15 @@ def fluorescence_to_he(
     conc = np.clip(img / np.maximum(scale, 1e-9)[:, None, None], 0.0, 1.5)
     od = np.einsum("chw,cr->rhw", conc * np.array([h_od, e_od])[:, None, None], _HE_OD)
     return np.round(np.exp(-od) * 255).astype(np.uint8)
+
+
+def publish(report: str, out: Path | None) -> str:
+    """Print a markdown report and, when ``out`` is given, write it there (creating the folder); the report."""
+    print(report)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report)
+    return report
 
 
 class Timer:

@@ -201,11 +201,7 @@ def main(argv: list[str] | None = None) -> str:  # noqa: D103
         ),
     ]
     report = "\n".join(out)
-    print(report)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
-    return report
+    return B.publish(report, args.out)
 
 
 if __name__ == "__main__":

@@ -205,11 +205,7 @@ def main(argv: list[str] | None = None) -> str:  # noqa: D103
     for meth in methods:
         lines.append(f"| {meth} | " + " | ".join(f"{results[s][meth][1]:.0f}" for s in results) + " |")
     report = "\n".join(lines) + "\n"
-    print(report)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
-    return report
+    return B.publish(report, args.out)
 
 
 if __name__ == "__main__":
