@@ -224,10 +224,11 @@ def _padded_op(op: ObservationModel, shape: tuple[int, int]) -> ObservationModel
 
 
 def _model_inputs(
-    image: Any, op: ObservationModel, lr: np.ndarray, k: int
+    image: Any, op: ObservationModel, lr: np.ndarray, k: int, density: np.ndarray | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, ObservationModel, GeneNormalizer]:
     """Whole-case model inputs padded to a multiple of 4: image ``(1, C, kHp, kWp)`` in [0, 1], LR density
-    ``(1, G, Hp, Wp)``, the padded operator and the slide-level normaliser."""
+    ``(1, G, Hp, Wp)`` (``density``, default the interpolation of ``lr``), the padded operator and the slide-level
+    normaliser."""
     h, w = op.shape
     hp, wp = 4 * math.ceil(h / 4), 4 * math.ceil(w / 4)
     img = torch.as_tensor(np.asarray(image))
@@ -237,7 +238,9 @@ def _model_inputs(
             f"image is {tuple(img.shape[-2:])} px, expected {(k * h, k * w)} for image_scale={k}."
         )
     img = torch.nn.functional.pad(img[None], (0, k * (wp - w), 0, k * (hp - h)), mode="replicate")
-    dens = op.interpolate(lr)
+    dens = op.interpolate(lr) if density is None else np.asarray(density, np.float64)
+    if dens.shape != (lr.shape[0], h, w):
+        raise ValueError(f"density must be {(lr.shape[0], h, w)}, got {dens.shape}.")
     dens = np.pad(dens, ((0, 0), (0, hp - h), (0, wp - w)))
     norm = GeneNormalizer.from_observations(lr, op.support_area)
     return img, torch.as_tensor(dens[None], dtype=torch.float32), _padded_op(op, (hp, wp)), norm
@@ -255,13 +258,20 @@ def stsr_predict(
     seed: int = 0,
     sample_offset: int = 0,
     cache_interval: int = 1,
+    guide: np.ndarray | None = None,
+    start: float = 1.0,
 ) -> np.ndarray:
     """Super-resolve a whole case with the stsr model (one tile, LR-consistent DDIM); ``(G, H, W)`` counts.
 
-    ``sample_offset`` and ``cache_interval`` are passed to :meth:`stsr.models.STSRModel.sample`.
+    ``sample_offset``, ``cache_interval`` and ``start`` are passed to :meth:`stsr.models.STSRModel.sample`. A prior-guided
+    model (``model.lr_input == "prior_guide"``) needs its ``guide`` (:func:`stsr.models.prior_guide`) as LR input.
     """
     lr = np.asarray(lr, np.float64)
-    img, dens, pop, norm = _model_inputs(image, op, lr, model.config.image_scale)
+    if (guide is None) != (model.lr_input == "interpolation"):
+        raise ValueError(
+            f"model {model.name!r} takes {model.lr_input!r} as LR input; pass guide accordingly."
+        )
+    img, dens, pop, norm = _model_inputs(image, op, lr, model.config.image_scale, density=guide)
     mean, _ = model.sample(
         img,
         dens,
@@ -274,6 +284,7 @@ def stsr_predict(
         n_samples=n_samples,
         sample_offset=sample_offset,
         cache_interval=cache_interval,
+        start=start,
         consistency=True,
     )
     return mean[0, :, : op.shape[0], : op.shape[1]].double().numpy()

@@ -13,7 +13,9 @@ benchmark. Methods:
 - fine interpolation: the block densities interpolated onto the fine grid (``ObservationModel.interpolate``, the
   LR input the model sees) and projected onto the block sums; and the same x semantic prior (the teacher reads
   the image at about 1.25 µm per pixel, the read-out is fitted on the blocks);
-- stsr at native resolution (``--model``, 1 sample, ``--cache-interval``), alone and x semantic prior.
+- stsr at native resolution (``--model``, a shipped name or a weights directory; 1 sample, ``--cache-interval``),
+  alone and x semantic prior; a prior-guided model (``lr_input == "prior_guide"``) is given the fine interpolation x
+  semantic prior as its LR input instead.
 
 Run::
 
@@ -131,12 +133,15 @@ def section_rows(section: str, args: argparse.Namespace, model) -> dict[str, tup
         stsr.models.teacher_features(timg, (side, side))[:, :h, :w], lr, blocks, mask=inputs.mask
     )
     t_fine = time.time() - t
-    add(
+    guide = add(
         "fine interpolation × semantic prior, pooled",
         lambda: stsr.models.apply_prior(interp, prior, lr, blocks, strength=PRIOR_STRENGTH),
         t_fine,
     )
     if model is not None:
+        guided = model.lr_input == "prior_guide"
+        if guided:  # the prior-guided model takes the row above as its LR input (stsr.models.prior_guide)
+            dens = np.pad(guide, ((0, 0), (0, side - h), (0, side - w)))
         image = np.asarray(ImageSource(inputs.image_levels, inputs.grid, k).tiles(np.array([[0, 0]]), side))
         image = torch.as_tensor(image)
         image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
@@ -155,13 +160,14 @@ def section_rows(section: str, args: argparse.Namespace, model) -> dict[str, tup
             )
             return mean[0, :, :h, :w].double().numpy()
 
-        label = f"stsr ({args.model}) at native resolution, 1 sample"
-        fine = add(label, sample)
-        add(
-            f"{label} × semantic prior",
-            lambda: stsr.models.apply_prior(fine, prior, lr, blocks, strength=PRIOR_STRENGTH),
-            t_fine + rows[label][1],
-        )
+        label = f"stsr ({Path(args.model).name}) at native resolution, 1 sample"
+        fine = add(label, sample, t_fine if guided else 0.0)
+        if not guided:
+            add(
+                f"{label} × semantic prior",
+                lambda: stsr.models.apply_prior(fine, prior, lr, blocks, strength=PRIOR_STRENGTH),
+                t_fine + rows[label][1],
+            )
     print(f"# {section}: fine grid {h} x {w}, {blocks.n_obs} blocks", file=sys.stderr, flush=True)
     return rows
 
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> str:  # noqa: D103
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    model = None if args.no_model else stsr.models.load(args.model)
+    model = None if args.no_model else stsr.models.load(args.model)  # a shipped name or a weights directory
     results = {s: section_rows(s, args, model) for s in args.sections}
     methods = list(next(iter(results.values())))
     lines = [

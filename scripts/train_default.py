@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -52,22 +53,55 @@ SYNTHETIC_TRAIN_SEEDS = (0, 1, 2, 3, 4, 5)
 SYNTHETIC_VAL_SEED = 99
 
 
-def synthetic_pair(seed: int, image_scale: int) -> stsr.models.TrainingPair:
-    """A synthetic slide pooled over its Visium-like spots."""
-    sdata = stsr.datasets.synthetic(size_um=(1200, 1200), n_genes=30, seed=seed)
-    return stsr.tl.training_pair(
-        sdata, "he", hr_key="hr_truth", spots_key="spots", image_scale=image_scale, name=f"synthetic-{seed}"
+def teacher_scale(hr_um: float) -> int:
+    """Image pixels per HR pixel (a power of two) closest to the image teacher's resolution."""
+    return int(2 ** max(0, round(math.log2(hr_um / stsr.models.TEACHER_UM_PER_PX))))
+
+
+def with_guide(pair: stsr.models.TrainingPair, teacher_image) -> stsr.models.TrainingPair:
+    """The pair with its semantic-prior guide (:func:`stsr.models.prior_guide`) as the network's LR input."""
+    op = pair.observation
+    lr = pair.lr if pair.lr is not None else op.pool(pair.hr.double().numpy())
+    feats = stsr.models.teacher_features(teacher_image, pair.shape)
+    mask = pair.mask.numpy() if pair.mask is not None else None
+    guide = stsr.models.prior_guide(stsr.models.semantic_prior(feats, lr, op, mask=mask), lr, op)
+    return stsr.models.TrainingPair(
+        image=pair.image,
+        hr=pair.hr,
+        observation=op,
+        genes=pair.genes,
+        mask=pair.mask,
+        lr=lr,
+        name=pair.name,
+        guide=guide,
     )
 
 
-def dbit_pair(image_scale: int, n_genes: int = 200) -> stsr.models.TrainingPair:
+def synthetic_pair(
+    seed: int, image_scale: int, factor: int | None = None, guide: bool = False
+) -> stsr.models.TrainingPair:
+    """A synthetic slide pooled over its Visium-like spots (or over ``factor`` x ``factor`` blocks)."""
+    sdata = stsr.datasets.synthetic(size_um=(1200, 1200), n_genes=30, seed=seed)
+    geometry = {"spots_key": "spots"} if factor is None else {"factor": factor}
+    name = f"synthetic-{seed}" + ("" if factor is None else f"-x{factor}")
+    kw = {"hr_key": "hr_truth", "name": name, **geometry}
+    pair = stsr.tl.training_pair(sdata, "he", image_scale=image_scale, **kw)
+    if guide:
+        teacher = stsr.tl.training_pair(sdata, "he", image_scale=teacher_scale(5.5), **kw).image
+        pair = with_guide(pair, teacher.numpy())
+    return pair
+
+
+def dbit_pair(image_scale: int, n_genes: int = 200, guide: bool = False) -> stsr.models.TrainingPair:
     """DBiT-seq: measured 25 um pixels as HR, 2 x 2 blocks as LR (in-tissue pixels, defective rows masked)."""
     sdata = stsr.datasets.dbit_mouse_embryo()
     table = sdata["table"]
     genes = stsr.pp.select_genes(table, n_top=n_genes)
-    pair = stsr.tl.training_pair(
-        sdata, "brightfield", table_key="table", genes=genes, factor=2, image_scale=image_scale, name="dbit"
-    )
+    kw = {"table_key": "table", "genes": genes, "factor": 2, "name": "dbit"}
+    pair = stsr.tl.training_pair(sdata, "brightfield", image_scale=image_scale, **kw)
+    if guide:
+        teacher = stsr.tl.training_pair(sdata, "brightfield", image_scale=teacher_scale(25.0), **kw).image
+        pair = with_guide(pair, teacher.numpy())
     return pair
 
 
@@ -153,6 +187,19 @@ def main() -> None:
     )
     p.add_argument("--pairs", type=Path, help="train on the pairs of a store written by --save-pairs")
     p.add_argument(
+        "--guide",
+        action="store_true",
+        help="give the network the semantic-prior guide (stsr.models.prior_guide) as its LR input instead of the "
+        "interpolation (needs the 'prior' extra to build the pairs); the saved model records it",
+    )
+    p.add_argument(
+        "--block-pairs",
+        nargs="*",
+        default=[],
+        metavar="SEED:FACTOR",
+        help="more synthetic slides, pooled over FACTOR x FACTOR blocks instead of spots (other observation sizes)",
+    )
+    p.add_argument(
         "--init",
         help="start from these weights (name or path, e.g. 'default') instead of a fresh network: continued training",
     )
@@ -181,14 +228,24 @@ def main() -> None:
         stored = stsr.models.load_pairs(args.pairs)
         validation = [q for q in stored if q.name == f"synthetic-{SYNTHETIC_VAL_SEED}"]
         pairs = [q for q in stored if q.name != f"synthetic-{SYNTHETIC_VAL_SEED}"]
-        args.synthetic_seeds = [int(q.name.split("-")[1]) for q in pairs if q.name.startswith("synthetic-")]
+        args.synthetic_seeds = sorted(
+            {int(q.name.split("-")[1]) for q in pairs if q.name.startswith("synthetic-")}
+        )
+        guided = {q.guide is not None for q in stored}
+        if len(guided) > 1:
+            p.error(f"{args.pairs} mixes pairs with and without a guide; rebuild it with or without --guide")
+        args.guide = guided == {True}
     else:
-        if {42, SYNTHETIC_VAL_SEED} & set(args.synthetic_seeds):
+        if {42, SYNTHETIC_VAL_SEED} & (
+            set(args.synthetic_seeds) | {int(b.split(":")[0]) for b in args.block_pairs}
+        ):
             p.error(f"synthetic seeds 42 (benchmark) and {SYNTHETIC_VAL_SEED} (validation) are held out")
-        pairs = [synthetic_pair(s, config.image_scale) for s in args.synthetic_seeds] + [
-            dbit_pair(config.image_scale)
-        ]
-        validation = [synthetic_pair(SYNTHETIC_VAL_SEED, config.image_scale)]
+        k, g = config.image_scale, args.guide
+        pairs = [synthetic_pair(s, k, guide=g) for s in args.synthetic_seeds]
+        blocks = [tuple(int(v) for v in b.split(":")) for b in args.block_pairs]
+        pairs += [synthetic_pair(s, k, factor=f, guide=g) for s, f in blocks]
+        pairs += [dbit_pair(k, guide=g)]
+        validation = [synthetic_pair(SYNTHETIC_VAL_SEED, k, guide=g)]
     print(f"{len(pairs)} training pairs ready in {time.time() - t0:.0f} s", flush=True)
     if args.save_pairs is not None:
         stsr.models.save_pairs(pairs + validation, args.save_pairs, hr_dtype="float16")
@@ -205,6 +262,9 @@ def main() -> None:
             if teacher is not None:
                 copied = copy_matching(teacher.denoiser, model.denoiser, ("encoder.", "distill.", "align."))
                 print(f"started {copied} tensors from the teacher", flush=True)
+        if args.guide:
+            # the network's LR input is the semantic-prior guide; inference must give it the same
+            model.config.extra = {**model.config.extra, "lr_input": "prior_guide", "prior_strength": 0.5}
         train_config = stsr.models.TrainConfig(
             steps=steps,
             batch_size=args.batch_size,
@@ -236,8 +296,14 @@ def main() -> None:
             return time.time() - t
 
         short, long_ = 10, 50
+        timed(short)  # warm-up: kernel selection and allocator growth would otherwise inflate the short run
         t_short, t_long = timed(short), timed(long_)
-        per_step = max(t_long - t_short, 1e-3) / (long_ - short)
+        if t_long <= t_short:
+            p.error(
+                f"could not calibrate the step time ({long_} steps took {t_long:.1f} s, {short} took {t_short:.1f} s; "
+                "another job shares the device?): pass --steps instead of --time-budget"
+            )
+        per_step = (t_long - t_short) / (long_ - short)
         fixed = max(t_short - short * per_step, 0.0)
         args.steps = max(100, int((args.time_budget - fixed) / (per_step * 1.05)))
         print(

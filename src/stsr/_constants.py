@@ -18,6 +18,8 @@ RASTER_LR = "lr"
 
 #: Default ``key_added`` of :func:`stsr.tl.super_resolve`.
 KEY_SUPER_RESOLVE = "stsr"
+#: Default ``key_added`` of :func:`stsr.tl.prior_map`.
+KEY_PRIOR_MAP = "stsr_prior"
 
 #: Column names.
 GENE_COLUMN = "gene"

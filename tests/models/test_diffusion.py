@@ -14,6 +14,7 @@ from stsr.models._diffusion import (
     ddim_sample,
     ddim_timesteps,
     diffusion_loss,
+    noised,
     q_sample,
     to_x0_eps,
     training_target,
@@ -168,8 +169,12 @@ def test_parameterisations_are_consistent(prediction):
 def test_ddim_timesteps():
     ts = ddim_timesteps(4)
     assert ts.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert ddim_timesteps(4, start=0.4).tolist() == pytest.approx([0.4, 0.3, 0.2, 0.1, 0.0])
     with pytest.raises(ValueError, match="at least 1"):
         ddim_timesteps(0)
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(ValueError, match=r"starting diffusion time must be in \(0, 1\]"):
+            ddim_timesteps(4, start=bad)
 
 
 @pytest.mark.parametrize(("prediction", "steps"), [("v", 1), ("v", 5), ("v", 20), ("x0", 3), ("eps", 5)])
@@ -190,6 +195,10 @@ def test_ddim_with_oracle_returns_truth(prediction, steps):
     target = torch.zeros_like(truth)
     out = ddim_sample(oracle, noise, sch, steps, prediction, x0_hook=lambda x0, i: target)
     assert torch.equal(out, target)
+    # a partial run (SDEdit) from a noised estimate at t = 0.3 also lands on the truth with the oracle
+    start = noised(sch, torch.zeros_like(truth), noise, 0.3)
+    out = ddim_sample(oracle, start, sch, steps, prediction, start=0.3)
+    assert torch.allclose(out, truth, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------- model sampler
@@ -271,6 +280,30 @@ def test_sample_several_samples(model):
     assert torch.allclose(std, (s0 - s1).abs() / np.sqrt(2), atol=1e-6)
     assert float(std.max()) > 0 and torch.all(std >= 0)
     np.testing.assert_allclose(op.pool(mean.double().numpy()), lr, rtol=1e-4, atol=1e-6)
+
+
+def test_sample_from_a_noised_input_keeps_its_structure(model):
+    """``start < 1`` (SDEdit): the sampler starts from the LR input noised to ``start``; the lower ``start``, the
+    closer the result stays to the (projected) input, and the spot sums hold at any ``start``."""
+    op = ObservationModel.blocks((32, 32), 4)
+    image, dens, norm, obs, lr = _tile_inputs(op, batch=1)
+    kw = dict(observations=obs, origins=[(0, 0)], gene_ids=torch.tensor([1, 2, 3]), steps=4, seed=3)
+    full, _ = model.sample(image, dens, norm, **kw)
+    explicit, _ = model.sample(image, dens, norm, start=1.0, **kw)
+    assert torch.equal(full, explicit)  # start=1 is the default run
+    target = op.project(dens.double().numpy()[0], lr[0], mode="multiplicative")
+
+    def dist(x):
+        return float(np.abs(x[0].double().numpy() - target).mean() / np.abs(target).mean())
+
+    low, _ = model.sample(image, dens, norm, start=0.01, **kw)
+    mid, _ = model.sample(image, dens, norm, start=0.5, **kw)
+    assert dist(low) < 0.1 < dist(full)
+    assert dist(low) < dist(mid) < dist(full)
+    for out in (low, mid):
+        np.testing.assert_allclose(op.pool(out.double().numpy()), lr, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="starting diffusion time"):
+        model.sample(image, dens, norm, start=0.0, **kw)
 
 
 def test_sample_rejects_bad_input(model):

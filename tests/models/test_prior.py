@@ -14,6 +14,7 @@ from stsr.models import (
     DenseNetTrunk,
     apply_prior,
     load_teacher,
+    prior_guide,
     semantic_prior,
     teacher_features,
 )
@@ -52,6 +53,23 @@ def test_semantic_prior_recovers_the_histology_driven_split():
         apply_prior(op.lift(lr), semantic_prior(noise, lr, op), lr, op), counts, op
     )
     assert wb_noise.mean() < 0.3 * wb_pred
+
+
+def test_prior_guide_is_the_reweighted_interpolation_and_keeps_the_lr_sums():
+    feats, lam, counts, op = _histology_driven_slide(seed=3)
+    lr = op.pool(counts)
+    prior = semantic_prior(feats, lr, op)
+    guide = prior_guide(prior, lr, op)
+    assert guide.dtype == np.float32 and guide.shape == counts.shape and guide.min() >= 0
+    np.testing.assert_allclose(guide, apply_prior(op.interpolate(lr), prior, lr, op), rtol=1e-5)
+    np.testing.assert_allclose(op.pool(guide.astype(np.float64)), lr, rtol=1e-5)
+    # the guide carries the histology-driven structure inside the blocks that the interpolation lacks
+    wb_guide = M.within_block_pearson(guide, counts, op).mean()
+    wb_interp = M.within_block_pearson(op.interpolate(lr), counts, op).mean()
+    assert wb_guide > wb_interp + 0.2
+    # strength 0 is the (projected) interpolation
+    flat = prior_guide(prior, lr, op, strength=0.0)
+    np.testing.assert_allclose(flat, op.project(op.interpolate(lr), lr, mode="multiplicative"), rtol=1e-5)
 
 
 def test_apply_prior_strength_zero_keeps_the_base_and_masks_are_respected():

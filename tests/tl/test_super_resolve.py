@@ -266,3 +266,54 @@ def test_semantic_prior_reweights_the_mean_and_keeps_the_spot_sums(slide, model,
     np.testing.assert_allclose(op.pool(sub.astype(np.float64))[has], inputs.lr[has], rtol=1e-4)
     with pytest.raises(ValueError, match="prior_strength"):
         _run(slide, model, semantic_prior=True, prior_strength=-1.0)
+
+
+def test_prior_guided_model_gets_the_guide_as_its_lr_input(slide, model, monkeypatch):
+    """A model trained on guided pairs (``lr_input == "prior_guide"``) is given, tile by tile, the slide's
+    :func:`stsr.models.prior_guide` instead of the interpolation, and the result is not reweighted a second time."""
+    import copy
+
+    from stsr.models import prior_guide, semantic_prior, teacher_features
+    from stsr.tl import _semantic_prior
+    from stsr.tl._image_tiles import ImageSource
+
+    guided = copy.deepcopy(model)
+    guided.config = guided.config.replace(extra={"lr_input": "prior_guide", "prior_strength": 0.5})
+    assert guided.lr_input == "prior_guide" and model.lr_input == "interpolation"
+    with pytest.raises(ValueError, match="semantic_prior=True"):
+        _run(slide, guided)
+    seen = []
+    sample = guided.sample
+
+    def spy(image, lr_density, *args, **kwargs):
+        seen.append((np.asarray(kwargs["origins"]), lr_density.numpy()))
+        return sample(image, lr_density, *args, **kwargs)
+
+    monkeypatch.setattr(guided, "sample", spy)
+    monkeypatch.setattr(
+        _semantic_prior, "PRIOR_WINDOW", 48
+    )  # the guide's scales are fitted over several windows
+    sdata, out = _run(slide, guided, semantic_prior=True)
+    inputs = prepare_inputs(
+        slide, "he", GENES, table_key=None, pixel_size=None, coordinate_system=None, image_channels=3
+    )
+    op, h, w = inputs.observation, *inputs.grid.shape
+    image = ImageSource(inputs.image_levels, inputs.grid, model.config.image_scale).region(0, 0, h, w)
+    prior = semantic_prior(teacher_features(image, (h, w)), inputs.lr, op, mask=inputs.mask)
+    expected = prior_guide(prior, inputs.lr, op)
+    n = 0
+    for origins, dens in seen:
+        for (r, c), d in zip(origins, dens, strict=True):
+            rb, cb = min(r + 32, h), min(c + 32, w)
+            np.testing.assert_allclose(
+                d[:, : rb - r, : cb - c], expected[:, r:rb, c:cb], rtol=5e-3, atol=1e-4 * expected.max()
+            )
+            n += 1
+    assert n >= 4
+    assert not np.allclose(
+        expected, op.interpolate(inputs.lr), rtol=0.05
+    )  # the guide is not the interpolation
+    has = inputs.lr > 0
+    np.testing.assert_allclose(op.pool(out.astype(np.float64))[has], inputs.lr[has], rtol=1e-4)
+    prov = sdata["stsr"].attrs["stsr"]
+    assert prov["lr_input"] == "prior_guide" and prov["semantic_prior"] == 0.5

@@ -14,7 +14,7 @@ from ._model import STSRModel
 from ._noise import gaussian_field, gene_ids_from_names
 from ._normalize import GeneNormalizer
 from ._pair_store import load_pairs, save_pairs
-from ._prior import apply_prior, semantic_prior
+from ._prior import apply_prior, prior_guide, semantic_prior
 from ._teacher import TEACHER_UM_PER_PX, DenseNetTrunk, load_teacher, teacher_features
 from ._train import TrainConfig, TrainingPair, evaluate_pairs, fit
 from ._weights import WeightsError, available_weights, load
@@ -49,6 +49,7 @@ __all__ = [
     "load",
     "semantic_prior",
     "apply_prior",
+    "prior_guide",
     "TEACHER_UM_PER_PX",
     "DenseNetTrunk",
     "load_teacher",

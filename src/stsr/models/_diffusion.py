@@ -144,11 +144,26 @@ def diffusion_loss(
     return (err * m).sum() / m.sum().clamp_min(1.0)
 
 
-def ddim_timesteps(steps: int) -> torch.Tensor:
-    """The ``steps + 1`` decreasing times ``1 = t_0 > t_1 > ... > t_steps = 0`` of a DDIM run."""
+def ddim_timesteps(steps: int, start: float = 1.0) -> torch.Tensor:
+    """The ``steps + 1`` decreasing times ``start = t_0 > t_1 > ... > t_steps = 0`` of a DDIM run."""
     if int(steps) < 1:
         raise ValueError(f"The number of sampling steps must be at least 1, got {steps}.")
-    return torch.linspace(1.0, 0.0, int(steps) + 1, dtype=torch.float64)
+    check_start(start)
+    return torch.linspace(float(start), 0.0, int(steps) + 1, dtype=torch.float64)
+
+
+def check_start(start: float) -> None:
+    """Raise unless the starting diffusion time is in ``(0, 1]``."""
+    if not 0.0 < float(start) <= 1.0:
+        raise ValueError(
+            f"the starting diffusion time must be in (0, 1] (1 = from pure noise), got {start!r}."
+        )
+
+
+def noised(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
+    """``x_t = alpha(t) x0 + sigma(t) noise`` at one time ``t`` (the start of a partial run, SDEdit)."""
+    a, s = schedule.alpha_sigma(torch.tensor(float(t), dtype=torch.float64))
+    return float(a) * x0 + float(s) * noise
 
 
 @torch.no_grad()
@@ -159,8 +174,9 @@ def ddim_sample(
     steps: int = 20,
     prediction: str = "v",
     x0_hook: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    start: float = 1.0,
 ) -> torch.Tensor:
-    """Deterministic DDIM (``eta = 0``) from ``t = 1`` to ``t = 0``.
+    """Deterministic DDIM (``eta = 0``) from ``t = start`` to ``t = 0``.
 
     At each step the network output is converted to ``(x0_hat, eps_hat)``; ``x0_hook`` (e.g. clipping or the
     consistency projection) may replace ``x0_hat``, after which ``eps_hat`` is recomputed from ``x_t`` and the new
@@ -171,7 +187,8 @@ def ddim_sample(
     model_fn
         ``model_fn(x_t, t)`` with ``t`` a ``(B,)`` float tensor, returning the network output of ``x_t``'s shape.
     x_T
-        ``(B, ...)`` initial noise.
+        ``(B, ...)`` initial state at ``t = start``: pure noise for ``start = 1``, else a clean estimate noised to
+        ``start`` (:func:`noised`; SDEdit, Meng et al., ICLR 2022).
     schedule
         The noise schedule the network was trained with.
     steps
@@ -180,12 +197,14 @@ def ddim_sample(
         Parameterisation of the network output (``"v"``, ``"eps"`` or ``"x0"``).
     x0_hook
         Optional ``hook(x0_hat, step_index) -> x0_hat``.
+    start
+        Diffusion time of ``x_T``, in ``(0, 1]``.
 
     Returns
     -------
     The sampled clean map.
     """
-    ts = ddim_timesteps(steps)
+    ts = ddim_timesteps(steps, start)
     x = x_T
     batch = x.shape[0]
     x0 = x

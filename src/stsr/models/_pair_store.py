@@ -1,7 +1,7 @@
 """Training pairs on disk: prepare them once where the SpatialData stack is, train anywhere torch runs.
 
 A pair store is a directory with ``pairs.json`` (names, genes, observation geometry) and one compressed ``.npz`` per
-pair (image, HR truth, optional mask and LR, and the sparse observation operator). Nothing is pickled, so loading
+pair (image, HR truth, optional mask, LR and guide, and the sparse observation operator). Nothing is pickled, so loading
 a store runs no code from it.
 """
 
@@ -37,7 +37,7 @@ def save_pairs(pairs: Sequence[TrainingPair], path: str | Path, *, hr_dtype: str
     path
         Target directory.
     hr_dtype
-        Storage type of the HR truth: ``"float32"`` (exact) or ``"float16"`` (half the size; relative rounding
+        Storage type of the HR truth and of the guide: ``"float32"`` (exact) or ``"float16"`` (half the size; relative rounding
         ~5e-4, for non-integer synthetic truth). Integer-valued truth (counts) is always stored exactly.
 
     Returns
@@ -71,6 +71,8 @@ def save_pairs(pairs: Sequence[TrainingPair], path: str | Path, *, hr_dtype: str
             arrays["mask"] = _numpy(p.mask).astype(bool)
         if p.lr is not None:
             arrays["lr"] = np.asarray(p.lr, dtype=np.float64)
+        if p.guide is not None:
+            arrays["guide"] = _numpy(p.guide).astype(np.float16 if hr_dtype == "float16" else np.float32)
         fname = f"pair_{i:03d}.npz"
         np.savez_compressed(path / fname, **arrays)
         entries.append(
@@ -139,6 +141,7 @@ def load_pairs(path: str | Path, names: Sequence[str] | None = None) -> list[Tra
                 mask=arrays.get("mask"),
                 lr=arrays.get("lr"),
                 name=e["name"],
+                guide=arrays["guide"].astype(np.float32) if "guide" in arrays else None,
             )
         )
     return pairs

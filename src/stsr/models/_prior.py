@@ -247,3 +247,31 @@ def apply_prior(
         raise ValueError(f"prior {weights.shape} and base {base.shape} must have the same shape.")
     out = observation.project(base * weights, np.asarray(lr, np.float64), mode="multiplicative")
     return np.clip(np.asarray(out, np.float64), 0.0, None)
+
+
+def prior_guide(
+    prior: np.ndarray, lr: Any, observation: ObservationModel, *, strength: float = 0.5
+) -> np.ndarray:
+    """The LR input of a prior-guided model: the interpolated LR reweighted by the semantic prior.
+
+    ``apply_prior(observation.interpolate(lr), prior, lr, observation, strength=strength)``: a deterministic,
+    LR-consistent HR estimate that a model trained on guided pairs (:class:`~stsr.models.TrainingPair` ``guide``,
+    ``STSRModel.lr_input == "prior_guide"``) refines.
+
+    Parameters
+    ----------
+    prior
+        ``(G, h, w)`` output of :func:`semantic_prior`.
+    lr
+        ``(G, n_obs)`` LR measurements (counts) of ``observation``.
+    observation
+        The LR observation model on the ``(h, w)`` grid.
+    strength
+        Exponent of the prior (see :func:`apply_prior`).
+
+    Returns
+    -------
+    ``(G, h, w)`` float32 non-negative counts per HR pixel, pooling back to ``lr``.
+    """
+    base = observation.interpolate(np.asarray(lr, np.float64))
+    return apply_prior(base, prior, lr, observation, strength=strength).astype(np.float32)

@@ -77,6 +77,10 @@ class TrainingPair:
         Optional ``(G, n_obs)`` LR measurements; default ``observation.pool(hr)``.
     name
         Label used in messages and in the training summary.
+    guide
+        Optional ``(G, H, W)`` HR estimate (counts per HR pixel) given to the network as its LR input instead of the
+        interpolation of ``lr``, e.g. the interpolation reweighted by the semantic prior
+        (:func:`~stsr.models.prior_guide`); a model trained on guided pairs must be sampled with the same guide.
     """
 
     image: Any
@@ -86,6 +90,7 @@ class TrainingPair:
     mask: Any | None = None
     lr: Any | None = None
     name: str = "pair"
+    guide: Any | None = None
 
     def __post_init__(self) -> None:
         img = torch.as_tensor(np.asarray(self.image) if not torch.is_tensor(self.image) else self.image)
@@ -143,6 +148,18 @@ class TrainingPair:
                     f"got {lr.shape}."
                 )
             self.lr = lr
+        if self.guide is not None:
+            guide = torch.as_tensor(
+                np.asarray(self.guide) if not torch.is_tensor(self.guide) else self.guide
+            ).to(torch.float32)
+            if tuple(guide.shape) != tuple(hr.shape):
+                raise ValueError(
+                    f"TrainingPair {self.name!r}: guide must have the shape of hr {tuple(hr.shape)}, "
+                    f"got {tuple(guide.shape)}."
+                )
+            if not torch.all(torch.isfinite(guide)) or bool((guide < 0).any()):
+                raise ValueError(f"TrainingPair {self.name!r}: guide must hold finite, non-negative values.")
+            self.guide = guide
         self.image, self.hr, self.genes = img, hr, genes
 
     @property
@@ -173,7 +190,12 @@ class _Prepared:
         self.gene_ids = gene_ids_from_names(pair.genes)
 
     def density(self, genes: torch.Tensor, r0: int, c0: int, height: int, width: int) -> torch.Tensor:
-        """``(len(genes), height, width)`` LR density (counts per HR pixel) of a window of the slide."""
+        """``(len(genes), height, width)`` LR density (counts per HR pixel) of a window of the slide.
+
+        This is the network's LR input: the pair's ``guide`` where it has one, else the interpolation of its LR.
+        """
+        if self.pair.guide is not None:
+            return self.pair.guide[genes, r0 : r0 + height, c0 : c0 + width].clone()
         lr = self.lr[np.asarray(genes, dtype=np.int64)]
         dens = self.pair.observation.interpolate(lr, window=(r0, c0, height, width))
         return torch.as_tensor(dens, dtype=torch.float32)

@@ -58,6 +58,66 @@ class SlidePrior:
 
         return mean.map_blocks(block, dtype=mean.dtype)
 
+    def weights(self, r0: int, c0: int, h: int, w: int, strength: float) -> np.ndarray:
+        """``(G, h, w)`` prior weights ``(prior + 1e-3) ** strength`` of a window (1 where it leaves the grid)."""
+        out = np.ones((self.coef.shape[1], h, w))
+        height, width = self.scores.shape[1:]
+        ra, ca = max(r0, 0), max(c0, 0)
+        rb, cb = min(r0 + h, height), min(c0 + w, width)
+        if rb > ra and cb > ca:
+            prior = readout(self.scores[:, ra:rb, ca:cb], self.coef, self.intercept)
+            out[:, ra - r0 : rb - r0, ca - c0 : cb - c0] = prior_weights(prior, strength)
+        return out
+
+
+@dataclass
+class SlideGuide:
+    """The LR input of a prior-guided model (:func:`stsr.models.prior_guide`), window by window.
+
+    ``interpolate(lr) * weights``, each observation's pixels rescaled so that they pool to its count: the scale of
+    every observation is fitted once over the slide (:func:`slide_guide`), then any window is computed on demand.
+    """
+
+    inputs: SlideInputs
+    prior: SlidePrior
+    strength: float
+    scale: (
+        np.ndarray
+    )  # (G, n_obs + 1): per observation, lr / pooled(interpolation x weights); 1 for "no observation"
+
+    def window(self, r0: int, c0: int, h: int, w: int) -> np.ndarray:
+        """``(G, h, w)`` guide of a window (which may reach beyond the grid, like the tiles)."""
+        op = self.inputs.observation
+        base = np.clip(op.interpolate(self.inputs.lr, window=(r0, c0, h, w)), 1e-9, None)
+        owner = np.full((h, w), op.n_obs, dtype=np.int64)
+        height, width = op.shape
+        ra, ca, rb, cb = max(r0, 0), max(c0, 0), min(r0 + h, height), min(c0 + w, width)
+        if rb > ra and cb > ca:
+            owner[ra - r0 : rb - r0, ca - c0 : cb - c0] = op.owner_map()[ra:rb, ca:cb]
+        return (base * self.prior.weights(r0, c0, h, w, self.strength) * self.scale[:, owner]).astype(
+            np.float32
+        )
+
+
+def slide_guide(inputs: SlideInputs, prior: SlidePrior, strength: float) -> SlideGuide:
+    """Fit the per-observation scales of the guide in one pass over the grid, in windows of :data:`PRIOR_WINDOW`.
+
+    Equal to :func:`stsr.models.prior_guide` of the whole slide for disjoint observations (spot disks, blocks);
+    memory: one window of ``G`` maps plus ``G x n_obs`` sums.
+    """
+    op = inputs.observation
+    height, width = op.shape
+    pooled = np.zeros((len(inputs.genes), op.n_obs))
+    for r0 in range(0, height, PRIOR_WINDOW):
+        for c0 in range(0, width, PRIOR_WINDOW):
+            h, w = min(PRIOR_WINDOW, height - r0), min(PRIOR_WINDOW, width - c0)
+            base = np.clip(op.interpolate(inputs.lr, window=(r0, c0, h, w)), 1e-9, None)
+            pooled += op.pool_window(base * prior.weights(r0, c0, h, w, strength), r0, c0)
+    ok = pooled > 0
+    scale = np.ones((pooled.shape[0], op.n_obs + 1))
+    scale[:, :-1] = np.where(ok, np.asarray(inputs.lr, np.float64) / np.where(ok, pooled, 1.0), 1.0)
+    return SlideGuide(inputs, prior, strength, scale)
+
 
 def _windows(mask: np.ndarray, size: int) -> list[tuple[int, int, int, int]]:
     h, w = mask.shape

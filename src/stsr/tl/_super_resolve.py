@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,13 @@ def super_resolve(
     out_keys = [key_added] + ([f"{key_added}_std"] if n_samples > 1 else [])
     check_free_keys(sdata, out_keys, overwrite)
     net = _load_model(model)
+    guided = getattr(net, "lr_input", "interpolation") == "prior_guide"
+    if guided and not semantic_prior:
+        raise ValueError(
+            f"model {getattr(net, 'name', None)!r} takes the semantic-prior guide as its LR input "
+            "(stsr.models.prior_guide): pass semantic_prior=True (needs the 'prior' extra: pip install 'stsr[prior]'), "
+            "or use a model trained on the interpolated LR input such as 'default'."
+        )
     dev = resolve_device(device)
     inputs = prepare_inputs(
         sdata,
@@ -189,6 +197,7 @@ def super_resolve(
         "n_samples": n_samples,
         "consistency": consistency,
         "semantic_prior": prior_strength if semantic_prior else None,
+        "lr_input": "prior_guide" if guided else "interpolation",
         "tile_size": tile_size,
         "overlap": overlap,
         "seed": seed,
@@ -219,6 +228,18 @@ def super_resolve(
 
         prior = slide_prior(inputs, source, progress=progress)
         params["teacher_sha256"] = prior.teacher_hash
+    if guided:
+        from ._semantic_prior import slide_guide
+
+        guide = slide_guide(inputs, prior, prior_strength)
+
+        def lr_input(r: int, c: int, t: int) -> np.ndarray:
+            return guide.window(r, c, t, t)
+    else:
+
+        def lr_input(r: int, c: int, t: int) -> np.ndarray:
+            return inputs.observation.interpolate(inputs.lr, window=(r, c, t, t))
+
     cache = _cache_dir(sdata, cache_dir, key_added)
     store = TileStore(cache / "tiles.zarr", plan.n_tiles, len(inputs.genes), tile_size, params, n_samples > 1)
     _run_tiles(
@@ -227,6 +248,7 @@ def super_resolve(
         plan,
         source,
         inputs,
+        lr_input,
         normalizer,
         gene_ids,
         dev,
@@ -240,7 +262,7 @@ def super_resolve(
     )
 
     mean = _restrict(assemble(store.mean, plan), inputs.mask)
-    if prior is not None:
+    if prior is not None and not guided:  # a guided model's input already holds the prior
         mean = prior.reweight(mean, prior_strength)
     if consistency or prior is not None:
         mean = _global_consistency(mean, inputs.observation, inputs.lr)
@@ -300,6 +322,7 @@ def _run_tiles(
     plan: TilePlan,
     source: ImageSource,
     inputs: SlideInputs,
+    lr_input: Callable[[int, int, int], np.ndarray],
     normalizer: Any,
     gene_ids: torch.Tensor,
     dev: torch.device,
@@ -330,9 +353,7 @@ def _run_tiles(
             index = todo[start : start + batch_size]
             origins = plan.origins[index]
             image = source.tiles(origins, t)
-            lr_density = np.stack(
-                [inputs.observation.interpolate(inputs.lr, window=(r, c, t, t)) for r, c in origins]
-            )
+            lr_density = np.stack([lr_input(int(r), int(c), t) for r, c in origins])
             observations = None
             if consistency:
                 observations = []

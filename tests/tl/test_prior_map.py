@@ -1,0 +1,66 @@
+"""``stsr.tl.prior_map``: the deterministic histology-guided map, window by window, written like super_resolve."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import spatialdata as sd
+from spatialdata.transformations import get_transformation
+
+import stsr
+from stsr.models import prior_guide, semantic_prior, teacher_features
+from stsr.tl import _semantic_prior
+from stsr.tl._image_tiles import ImageSource
+from stsr.tl._inputs import prepare_inputs
+
+GENES = ["gene_000", "gene_001", "gene_002"]
+
+
+@pytest.fixture(scope="module")
+def slide() -> sd.SpatialData:
+    return stsr.datasets.synthetic(size_um=(450, 450), n_genes=4, seed=3)
+
+
+def test_prior_map_is_the_slide_guide_and_keeps_the_spot_counts(slide, monkeypatch):
+    monkeypatch.setattr(_semantic_prior, "PRIOR_WINDOW", 48)  # several windows and chunks
+    sdata = sd.deepcopy(slide)
+    stsr.tl.prior_map(sdata, "he", GENES, progress=False)
+    out = np.asarray(sdata["stsr_prior"]["scale0"]["image"].values)
+    inputs = prepare_inputs(
+        slide, "he", GENES, table_key=None, pixel_size=None, coordinate_system=None, image_channels=3
+    )
+    op, h, w = inputs.observation, *inputs.grid.shape
+    assert out.shape == (3, h, w) and out.dtype == np.float32 and out.min() >= 0
+    image = ImageSource(inputs.image_levels, inputs.grid, 4).region(0, 0, h, w)
+    prior = semantic_prior(teacher_features(image, (h, w)), inputs.lr, op, mask=inputs.mask)
+    expected = prior_guide(prior, inputs.lr, op) * inputs.mask
+    np.testing.assert_allclose(out, expected, rtol=5e-3, atol=1e-4 * expected.max())
+    # it differs from the plain interpolation, and every spot keeps its measured counts
+    assert not np.allclose(out, op.interpolate(inputs.lr) * inputs.mask, rtol=0.05)
+    has = inputs.lr > 0
+    np.testing.assert_allclose(op.pool(out.astype(np.float64))[has], inputs.lr[has], rtol=1e-4)
+    # the raster overlays the image on the same HR grid as super_resolve, with its provenance
+    t = get_transformation(sdata["stsr_prior"], "global").to_affine_matrix(("x", "y"), ("x", "y"))
+    np.testing.assert_allclose(np.diag(t)[:2], 5.5, rtol=1e-6)
+    prov = sdata["stsr_prior"].attrs["stsr"]
+    assert prov["method"] == "prior_map" and prov["genes"] == GENES and prov["strength"] == 0.5
+    assert len(prov["teacher_sha256"]) == 64
+    assert sdata.attrs["stsr"]["stsr_prior"]["unit"] == "counts per HR pixel"
+
+
+def test_prior_map_refuses_to_overwrite_and_bad_parameters(slide):
+    sdata = sd.deepcopy(slide)
+    stsr.tl.prior_map(sdata, "he", GENES[:1], key_added="guide", progress=False)
+    before = np.asarray(sdata["guide"]["scale0"]["image"].values)
+    with pytest.raises(ValueError, match="overwrite=True"):
+        stsr.tl.prior_map(sdata, "he", GENES[1:2], key_added="guide", progress=False)
+    np.testing.assert_array_equal(np.asarray(sdata["guide"]["scale0"]["image"].values), before)
+    stsr.tl.prior_map(
+        sdata, "he", GENES[1:2], key_added="guide", overwrite=True, progress=False, strength=0.0
+    )
+    assert sdata["guide"].attrs["stsr"]["genes"] == GENES[1:2]
+    with pytest.raises(ValueError, match="strength"):
+        stsr.tl.prior_map(sdata, "he", GENES, key_added="other", strength=5.0, progress=False)
+    with pytest.raises(ValueError, match="image_scale"):
+        stsr.tl.prior_map(sdata, "he", GENES, key_added="other", image_scale=0, progress=False)
+    assert "other" not in sdata
