@@ -1,4 +1,4 @@
-"""The ``stsr`` command line: super-resolve a store (in place or into a copy) and the demo."""
+"""The ``stsr`` command line: super-resolve a store (in place or into a copy), the prior map, and the demo."""
 
 from __future__ import annotations
 
@@ -67,3 +67,30 @@ def test_demo_writes_a_store_and_an_overlay(tmp_path, weights, capsys):
     assert "stsr" in sd.read_zarr(tmp_path / "demo.zarr").images
     printed = capsys.readouterr().out
     assert "model 'tiny'" in printed and "Pearson r vs HR truth" in printed
+
+
+def test_prior_map_into_a_copy_and_in_place(store, tmp_path):
+    out = tmp_path / "mapped.zarr"
+    argv = [
+        "prior-map",
+        str(store),
+        "--image-key",
+        "he",
+        "--genes",
+        "gene_000",
+        "gene_001",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    result = sd.read_zarr(out)
+    assert list(result["stsr_prior"]["scale0"]["image"].coords["c"].values) == ["gene_000", "gene_001"]
+    assert result.attrs["stsr"]["stsr_prior"]["method"] == "prior_map"
+    assert result.attrs["stsr"]["stsr_prior"]["strength"] == 0.5
+    assert "stsr_prior" not in sd.read_zarr(store).images  # the input store was copied, not modified
+    assert main(argv) == 2  # --out exists
+    in_place = ["prior-map", str(store), "--image-key", "he", "--genes", "gene_000", "--strength", "0"]
+    assert main(in_place) == 0
+    assert sd.read_zarr(store).attrs["stsr"]["stsr_prior"]["strength"] == 0.0
+    with pytest.raises(ValueError, match="overwrite"):
+        main(in_place)

@@ -1,8 +1,9 @@
-"""Command line: ``stsr super-resolve``, ``stsr demo``.
+"""Command line: ``stsr super-resolve``, ``stsr prior-map``, ``stsr demo``.
 
 Examples
 --------
 ``stsr super-resolve slide.zarr --image-key he --genes ERBB2 CD74 --out slide_sr.zarr``
+``stsr prior-map slide.zarr --image-key he --genes ERBB2 CD74``
 ``stsr demo --out demo_out``
 """
 
@@ -63,6 +64,26 @@ def _parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="write a copy here instead of adding to INPUT in place"
     )
 
+    pm = sub.add_parser(
+        "prior-map",
+        help="the deterministic histology-guided map (interpolation x semantic prior; needs the extra stsr[prior])",
+    )
+    pm.add_argument("input", type=Path, help="SpatialData zarr store (read with spatialdata.read_zarr)")
+    pm.add_argument("--image-key", required=True, help="image element holding the H&E")
+    pm.add_argument("--genes", nargs="*", default=None, help="genes to map (default: highly expressed)")
+    pm.add_argument(
+        "--table-key", default=None, help="table holding the spot counts (default: found automatically)"
+    )
+    pm.add_argument("--pixel-size", type=float, default=None, help="HR pixel size in coordinate-system units")
+    pm.add_argument(
+        "--strength", type=float, default=0.5, help="exponent of the prior (0 = interpolation only)"
+    )
+    pm.add_argument("--key-added", default="stsr_prior")
+    pm.add_argument("--overwrite", action="store_true")
+    pm.add_argument(
+        "--out", type=Path, default=None, help="write a copy here instead of adding to INPUT in place"
+    )
+
     demo = sub.add_parser(
         "demo", help="super-resolve the embedded synthetic slide; writes a zarr store and a PNG"
     )
@@ -76,21 +97,50 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _target(args: argparse.Namespace) -> Path | None:
+    """The store to add to: ``--out`` (a copy of the input) or the input itself; ``None`` after printing an error."""
+    if not args.input.exists():
+        print(f"stsr: input store {args.input} does not exist.", file=sys.stderr)
+        return None
+    if args.out is None:
+        return args.input
+    if args.out.exists():
+        print(f"stsr: {args.out} exists; choose another --out or remove it.", file=sys.stderr)
+        return None
+    shutil.copytree(args.input, args.out)
+    return args.out
+
+
+def _prior_map(args: argparse.Namespace) -> int:
+    import spatialdata as sd
+
+    from .tl import prior_map
+
+    target = _target(args)
+    if target is None:
+        return 2
+    prior_map(
+        sd.read_zarr(target),
+        args.image_key,
+        args.genes or None,
+        table_key=args.table_key,
+        pixel_size=args.pixel_size,
+        strength=args.strength,
+        key_added=args.key_added,
+        overwrite=args.overwrite,
+    )
+    print(f"stsr: wrote {args.key_added!r} to {target}")
+    return 0
+
+
 def _super_resolve(args: argparse.Namespace) -> int:
     import spatialdata as sd
 
     from .tl import super_resolve
 
-    if not args.input.exists():
-        print(f"stsr: input store {args.input} does not exist.", file=sys.stderr)
+    target = _target(args)
+    if target is None:
         return 2
-    target = args.input
-    if args.out is not None:
-        if args.out.exists():
-            print(f"stsr: {args.out} exists; choose another --out or remove it.", file=sys.stderr)
-            return 2
-        shutil.copytree(args.input, args.out)
-        target = args.out
     sdata = sd.read_zarr(target)
     super_resolve(
         sdata,
@@ -122,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "super-resolve":
         return _super_resolve(args)
+    if args.command == "prior-map":
+        return _prior_map(args)
     from ._demo import run_demo
 
     run_demo(args.out, steps=args.steps, device=args.device, size_um=args.size_um, model=args.model)

@@ -116,7 +116,9 @@ def super_resolve(
         rows "× semantic prior"). The teacher reads every window of the tissue once, and up to 8 windows once
         more for the principal axes: about 4 min for a full Visium capture area on 2 CPU cores, 1.3-1.5 GB of memory
         whatever the slide size (``benchmarks/semantic_prior_cost.py``). The ``_std`` layer stays that of the
-        samples.
+        samples. A prior-guided model (``model.lr_input == "prior_guide"``) needs it: it is given the prior map
+        (:func:`prior_map`, tile by tile) as its LR input instead of the interpolation, and its output is not
+        reweighted again.
     prior_strength
         Exponent of the prior weights (0 = no effect, 1 = the full read-out); 0.5 was chosen on HER2ST C2.
     tile_size, overlap
