@@ -81,9 +81,8 @@ class SlideGuide:
     inputs: SlideInputs
     prior: SlidePrior
     strength: float
-    scale: (
-        np.ndarray
-    )  # (G, n_obs + 1): per observation, lr / pooled(interpolation x weights); 1 for "no observation"
+    #: ``(G, n_obs + 1)``: per observation, ``lr / pooled(interpolation x weights)``; 1 in the last column (no observation)
+    scale: np.ndarray
 
     def window(self, r0: int, c0: int, h: int, w: int) -> np.ndarray:
         """``(G, h, w)`` guide of a window (which may reach beyond the grid, like the tiles)."""
