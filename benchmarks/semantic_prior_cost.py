@@ -1,9 +1,10 @@
-"""Cost of the semantic prior in ``stsr.tl.super_resolve`` (``semantic_prior=True``) on CPU.
+"""Cost of the semantic prior in ``stsr.tl.super_resolve`` (``semantic_prior=True``) and of ``stsr.tl.prior_map`` on CPU.
 
 For synthetic slides of growing size, times ``super_resolve`` without the prior and the prior alone (two passes of
 the image teacher over the tissue window by window, the PCA and the ridge: ``stsr.tl._semantic_prior.slide_prior``)
 in the same process, and prints their ratio, the prior's time per megapixel of tissue image at the model's
-resolution and its peak memory above the process's level before it. Then it times the teacher on one full window
+resolution and its peak memory above the process's level before it, and the whole ``stsr.tl.prior_map`` (the prior,
+the guide's scales, the map and its write). Then it times the teacher on one full window
 (``PRIOR_WINDOW`` HR pixels plus the halo) and estimates the prior on a full Visium capture area (6.5 x 6.5 mm at
 5.5 um HR pixels, all tissue) as ``(PRIOR_PCA_WINDOWS + windows) x`` that time, every window counted as a full one.
 
@@ -57,9 +58,10 @@ def main(argv: list[str] | None = None) -> None:  # noqa: D103
         f"{args.genes} genes, {args.steps} steps, tiles {args.tile_size}/{args.overlap}, batch {args.batch_size})\n"
     )
     print(
-        "| slide | tissue image MP | super_resolve s | prior s | prior / super_resolve | prior s per MP | peak MiB |"
+        "| slide | tissue image MP | super_resolve s | prior s | prior / super_resolve | prior s per MP | peak MiB "
+        "| prior_map s | prior_map / super_resolve |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         sdata = stsr.datasets.synthetic(size_um=(size, size), n_genes=args.genes, seed=0)
         genes = list(sdata["table"].var_names[: args.genes])
@@ -76,9 +78,12 @@ def main(argv: list[str] | None = None) -> None:  # noqa: D103
         with B.Timer() as t:
             slide_prior(inputs, source)
         mp = inputs.mask.sum() * model.config.image_scale**2 / 1e6  # image megapixels of the tissue
+        t0 = time.perf_counter()
+        stsr.tl.prior_map(sdata, "he", genes, image_scale=model.config.image_scale, progress=False)
+        mapped = time.perf_counter() - t0
         print(
             f"| {size:g} um | {mp:.2f} | {plain:.1f} | {t.seconds:.1f} | {t.seconds / plain:.3f} | "
-            f"{t.seconds / mp:.1f} | {t.peak_mib:.0f} |"
+            f"{t.seconds / mp:.1f} | {t.peak_mib:.0f} | {mapped:.1f} | {mapped / plain:.3f} |"
         )
     side = PRIOR_WINDOW + 2 * PRIOR_HALO
     hr = (min(side, inputs.grid.shape[0]), min(side, inputs.grid.shape[1]))
