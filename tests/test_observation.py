@@ -152,3 +152,27 @@ def test_square_bins_cover_their_area_and_tile_exactly():
     np.testing.assert_allclose(op.coverage, 1.0)  # abutting bins tile the grid exactly
     off = ObservationModel.squares((20, 20), [[10.3, 9.6]], 4.5, supersample=16)
     np.testing.assert_allclose(off.support_area, 4.5**2, rtol=0.01)
+
+
+def test_pixel_factors_spread_one_factor_per_observation(rng):
+    centres = np.array([[8.0, 8.0], [8.0, 24.0], [24.0, 8.0], [24.0, 24.0]])
+    op = ObservationModel.disks((32, 32), centres, 4.0)
+    ratio = np.array([[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 0.5, 0.5]])
+    f = op.pixel_factors(ratio)
+    assert f.shape == (2, 32, 32)
+    owner = op.owner_map()
+    inside = owner < op.n_obs
+    # inside a spot: exactly its factor (as the multiplicative projection scales it)
+    np.testing.assert_array_equal(f[0][inside], ratio[0][owner[inside]])
+    # between spots: within the range of the factors around, equal to a constant factor where all are equal
+    assert (~inside).any()
+    assert f[0][~inside].min() >= 1.0 - 1e-9 and f[0][~inside].max() <= 4.0 + 1e-9
+    np.testing.assert_allclose(f[1], 0.5)
+    # halfway between spots 0 and 1 the factor is near their mean
+    assert abs(f[0, 8, 16] - 1.5) < 0.3
+    # a window (also one reaching beyond the grid) is the crop of the whole
+    np.testing.assert_allclose(op.pixel_factors(ratio, window=(5, 9, 12, 14)), f[:, 5:17, 9:23], rtol=1e-9)
+    edge = op.pixel_factors(ratio, window=(28, 28, 8, 8))
+    np.testing.assert_allclose(edge[:, :4, :4], f[:, 28:, 28:], rtol=1e-6)
+    with pytest.raises(ValueError):
+        op.pixel_factors(ratio[:, :3])

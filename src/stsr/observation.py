@@ -507,6 +507,38 @@ class ObservationModel:
         """
         return self._owner().reshape(self.shape)
 
+    def pixel_factors(self, ratio: Any, window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """Spread one factor per observation over the HR grid: ``(..., h, w)``.
+
+        Every pixel of an observation gets that observation's factor (as the multiplicative :meth:`project` scales
+        it); a pixel outside every observation gets the factors of the observations around it, interpolated as
+        :meth:`interpolate` interpolates densities. Multiplying a map by the factors of ``measured / pooled`` thus
+        makes it consistent and rescales the gaps between spots smoothly with their neighbours.
+
+        Parameters
+        ----------
+        ratio
+            ``(..., n_obs)`` factor of each observation.
+        window
+            ``(row0, col0, height, width)``: only this window of the grid (it may reach beyond the grid, where every
+            pixel counts as outside the observations).
+        """
+        ratio = np.asarray(ratio, dtype=np.float64)
+        self._check_lr(ratio)
+        r0, c0, h, w = window if window is not None else (0, 0, *self.shape)
+        owner = np.full((h, w), self.n_obs, dtype=np.int64)
+        height, width = self.shape
+        ra, ca, rb, cb = max(r0, 0), max(c0, 0), min(r0 + h, height), min(c0 + w, width)
+        if rb > ra and cb > ca:
+            owner[ra - r0 : rb - r0, ca - c0 : cb - c0] = self.owner_map()[ra:rb, ca:cb]
+        ext = np.concatenate([ratio, np.ones((*ratio.shape[:-1], 1))], axis=-1)
+        out = ext[..., owner]
+        gap = owner == self.n_obs
+        if gap.any():
+            spread = self.interpolate(ratio * self.support_area, window=(r0, c0, h, w))
+            out = np.where(gap, spread, out)
+        return out
+
 
 def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch")

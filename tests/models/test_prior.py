@@ -72,6 +72,60 @@ def test_prior_guide_is_the_reweighted_interpolation_and_keeps_the_lr_sums():
     np.testing.assert_allclose(flat, op.project(op.interpolate(lr), lr, mode="multiplicative"), rtol=1e-5)
 
 
+def test_apply_prior_is_scale_free_between_spots_too():
+    """A constant prior carries no information: it has the effect of no prior (strength 0), inside the spots and
+    between them (the gaps are rescaled with the interpolated factors of their neighbours, not left at the weights'
+    absolute scale)."""
+    rng = np.random.default_rng(4)
+    centres = np.array([[r, c] for r in (6.0, 18.0, 30.0) for c in (6.0, 18.0, 30.0)])
+    op = ObservationModel.disks((36, 36), centres, 4.0)
+    assert (op.coverage == 0).mean() > 0.3
+    hr = rng.gamma(2.0, 1.0, size=(2, 36, 36))
+    lr = op.pool(hr)
+    base = op.interpolate(lr)
+    flat = np.full(hr.shape, 25.0)  # weights 5 at strength 0.5
+    none = apply_prior(base, flat, lr, op, strength=0.0)
+    np.testing.assert_allclose(apply_prior(base, flat, lr, op), none, rtol=1e-6)
+    # strength 0 makes the base consistent: the spots exactly, the gaps with their neighbours' factors
+    inside = op.coverage > 0
+    np.testing.assert_allclose(
+        none[:, inside], op.project(base, lr, mode="multiplicative")[:, inside], rtol=1e-9
+    )
+    pooled = op.pool(base)
+    factors = op.pixel_factors(lr / pooled)
+    np.testing.assert_allclose(none[:, ~inside], (base * factors)[:, ~inside], rtol=1e-9)
+    # an informative prior changes the gaps relative to the base only through its relative values
+    varying = flat * rng.uniform(0.5, 2.0, size=hr.shape)
+    out = apply_prior(base, varying, lr, op)
+    gap = op.coverage == 0
+    ratio = out[:, gap] / base[:, gap]
+    assert 0.3 < np.median(ratio) < 3.0  # the absolute scale (x5) cancelled
+    np.testing.assert_allclose(op.pool(out), lr, rtol=1e-9)
+
+
+def test_rescaling_the_gaps_beats_leaving_them_at_the_weights_scale():
+    """On spots with gaps (Visium-like), the pixels between spots are rescaled with their neighbours' factors: their
+    level matches the truth, where the weights' absolute scale (about sqrt(count per pixel)) would inflate it."""
+    feats, lam, _, _ = _histology_driven_slide(seed=5, shape=(64, 64), depth=30.0)
+    centres = np.array([[r, c] for r in np.arange(4.0, 64, 8.0) for c in np.arange(4.0, 64, 8.0)])
+    op = ObservationModel.disks((64, 64), centres, 2.5)
+    gap = op.coverage == 0
+    assert gap.mean() > 0.4
+    lr = op.pool(lam)
+    base = op.interpolate(lr)
+    prior = semantic_prior(feats, lr, op)
+    out = apply_prior(base, prior, lr, op)
+    # the map before this rescaling: the gaps left at base x weights
+    old = np.where(gap, base * (prior + 1e-3) ** 0.5, out)
+    level_new = out[:, gap].sum(1) / lam[:, gap].sum(1)
+    level_old = old[:, gap].sum(1) / lam[:, gap].sum(1)
+    assert np.all(np.abs(np.log(level_new)) < 0.5) and np.abs(np.log(level_new)).mean() < 0.15
+    assert np.abs(np.log(level_new)).mean() < 0.5 * np.abs(np.log(level_old)).mean()
+    r_new = M.pearson(out, lam).mean()
+    r_old = M.pearson(old, lam).mean()
+    assert r_new > r_old
+
+
 def test_apply_prior_strength_zero_keeps_the_base_and_masks_are_respected():
     feats, _, counts, op = _histology_driven_slide(seed=2)
     lr = op.pool(counts)

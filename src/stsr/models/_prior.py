@@ -232,21 +232,34 @@ def apply_prior(
     lr, observation
         The LR measurements and their operator; the result pools back to ``lr`` exactly.
     strength
-        Exponent of the prior: 0 keeps ``base``, 1 multiplies by the full prior. The read-out's predictions are
+        Exponent of the prior: 0 keeps ``base`` (made consistent), 1 multiplies by the full prior. The read-out's predictions are
         noisy, and a partial weight (0.5, chosen on the HER2ST validation section C2) scores best.
 
     Returns
     -------
-    ``(G, h, w)`` float64 LR-consistent prediction (multiplicative projection; pixels outside every observation
-    keep ``base``).
+    ``(G, h, w)`` float64 LR-consistent prediction (multiplicative projection). Pixels outside every observation
+    (between spots) are reweighted too and rescaled by the interpolated factors of the observations around them
+    (:meth:`~stsr.observation.ObservationModel.pixel_factors`), so that the weights' absolute scale cancels there as
+    it does inside the spots: a constant prior has the effect of ``strength=0``, which only makes ``base``
+    consistent.
     """
     check_strength(strength)
-    base = np.clip(np.asarray(base, np.float64), 1e-9, None)
+    raw = np.clip(np.asarray(base, np.float64), 0.0, None)
+    base = np.clip(raw, 1e-9, None)  # zero-predicted spots can still be scaled up to their counts
     weights = prior_weights(prior, strength)
     if weights.shape != base.shape:
         raise ValueError(f"prior {weights.shape} and base {base.shape} must have the same shape.")
-    out = observation.project(base * weights, np.asarray(lr, np.float64), mode="multiplicative")
-    return np.clip(np.asarray(out, np.float64), 0.0, None)
+    lr = np.asarray(lr, np.float64)
+    reweighted = base * weights
+    out = np.asarray(observation.project(reweighted, lr, mode="multiplicative"), np.float64)
+    gap = observation.coverage == 0
+    if (
+        gap.any()
+    ):  # factors of the observations that the prediction covers (1 where it is zero: nothing to correct)
+        pooled = observation.pool(raw * weights)
+        ratio = np.where(pooled > 0, lr / np.where(pooled > 0, pooled, 1.0), 1.0)
+        out = np.where(gap, reweighted * observation.pixel_factors(ratio), out)
+    return np.clip(out, 0.0, None)
 
 
 def prior_guide(

@@ -74,28 +74,23 @@ class SlidePrior:
 class SlideGuide:
     """The LR input of a prior-guided model (:func:`stsr.models.prior_guide`), window by window.
 
-    ``interpolate(lr) * weights``, each observation's pixels rescaled so that they pool to its count: the scale of
+    ``interpolate(lr) * weights``, each observation's pixels rescaled so that they pool to its count and the pixels
+    between observations by the interpolated scales around them (``ObservationModel.pixel_factors``): the scale of
     every observation is fitted once over the slide (:func:`slide_guide`), then any window is computed on demand.
     """
 
     inputs: SlideInputs
     prior: SlidePrior
     strength: float
-    #: ``(G, n_obs + 1)``: per observation, ``lr / pooled(interpolation x weights)``; 1 in the last column (no observation)
+    #: ``(G, n_obs)``: per observation, ``lr / pooled(interpolation x weights)``
     scale: np.ndarray
 
     def window(self, r0: int, c0: int, h: int, w: int) -> np.ndarray:
         """``(G, h, w)`` guide of a window (which may reach beyond the grid, like the tiles)."""
         op = self.inputs.observation
         base = np.clip(op.interpolate(self.inputs.lr, window=(r0, c0, h, w)), 1e-9, None)
-        owner = np.full((h, w), op.n_obs, dtype=np.int64)
-        height, width = op.shape
-        ra, ca, rb, cb = max(r0, 0), max(c0, 0), min(r0 + h, height), min(c0 + w, width)
-        if rb > ra and cb > ca:
-            owner[ra - r0 : rb - r0, ca - c0 : cb - c0] = op.owner_map()[ra:rb, ca:cb]
-        return (base * self.prior.weights(r0, c0, h, w, self.strength) * self.scale[:, owner]).astype(
-            np.float32
-        )
+        factors = op.pixel_factors(self.scale, window=(r0, c0, h, w))
+        return (base * self.prior.weights(r0, c0, h, w, self.strength) * factors).astype(np.float32)
 
 
 def slide_guide(inputs: SlideInputs, prior: SlidePrior, strength: float) -> SlideGuide:
@@ -113,8 +108,7 @@ def slide_guide(inputs: SlideInputs, prior: SlidePrior, strength: float) -> Slid
             base = np.clip(op.interpolate(inputs.lr, window=(r0, c0, h, w)), 1e-9, None)
             pooled += op.pool_window(base * prior.weights(r0, c0, h, w, strength), r0, c0)
     ok = pooled > 0
-    scale = np.ones((pooled.shape[0], op.n_obs + 1))
-    scale[:, :-1] = np.where(ok, np.asarray(inputs.lr, np.float64) / np.where(ok, pooled, 1.0), 1.0)
+    scale = np.where(ok, np.asarray(inputs.lr, np.float64) / np.where(ok, pooled, 1.0), 1.0)
     return SlideGuide(inputs, prior, strength, scale)
 
 

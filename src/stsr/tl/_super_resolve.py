@@ -264,10 +264,12 @@ def super_resolve(
     )
 
     mean = _restrict(assemble(store.mean, plan), inputs.mask)
-    if prior is not None and not guided:  # a guided model's input already holds the prior
-        mean = prior.reweight(mean, prior_strength)
     if consistency or prior is not None:
         mean = _global_consistency(mean, inputs.observation, inputs.lr)
+    if prior is not None and not guided:  # a guided model's input already holds the prior
+        # reweight the consistent map and restore the spot sums; the gaps between spots follow their neighbours
+        reweighted = prior.reweight(mean, prior_strength)
+        mean = _global_consistency(reweighted, inputs.observation, inputs.lr, between_spots=True)
     elements = {key_added: _raster(mean, inputs)}
     if n_samples > 1:
         elements[f"{key_added}_std"] = _raster(_restrict(assemble(store.std, plan), inputs.mask), inputs)
@@ -391,12 +393,16 @@ def _restrict(arr: da.Array, mask: np.ndarray) -> da.Array:
     return arr.map_blocks(block, dtype=arr.dtype)
 
 
-def _global_consistency(mean: da.Array, op: ObservationModel, lr: np.ndarray) -> da.Array:
+def _global_consistency(
+    mean: da.Array, op: ObservationModel, lr: np.ndarray, between_spots: bool = False
+) -> da.Array:
     """Rescale each spot's pixels so that pooling the blended output reproduces the measured spot counts.
 
     Blending neighbouring tiles mixes predictions that were each consistent inside their own tile; this final,
     tile-independent pass restores exact consistency: one pass pools the output chunk by chunk, a second scales
-    each spot's pixels by ``measured / pooled`` (:meth:`ObservationModel.project`, multiplicative, per chunk).
+    each spot's pixels by ``measured / pooled`` (:meth:`ObservationModel.project`, multiplicative, per chunk). With
+    ``between_spots`` the pixels between spots are rescaled too, by the interpolated factors of the spots around
+    them (:meth:`ObservationModel.pixel_factors`; used after the prior's reweighting, which changes every pixel).
     """
 
     def pooled_block(block: np.ndarray, block_info=None) -> np.ndarray:
@@ -409,6 +415,14 @@ def _global_consistency(mean: da.Array, op: ObservationModel, lr: np.ndarray) ->
     pooled = parts.sum(axis=(1, 2)).compute()
     ok = pooled > 0
     ratio = np.where(ok, lr / np.where(ok, pooled, 1.0), 1.0)
+    if between_spots:
+
+        def scale_block(block: np.ndarray, block_info=None) -> np.ndarray:
+            (r0, r1), (c0, c1) = block_info[0]["array-location"][1:]
+            factors = op.pixel_factors(ratio, window=(r0, c0, r1 - r0, c1 - c0))
+            return (block * factors).astype(np.float32)
+
+        return mean.map_blocks(scale_block, dtype=np.float32)
     ratio = np.concatenate([ratio, np.ones((ratio.shape[0], 1))], axis=1).astype(np.float32)
     owner = op.owner_map()
 
