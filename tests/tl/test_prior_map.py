@@ -64,3 +64,18 @@ def test_prior_map_refuses_to_overwrite_and_bad_parameters(slide):
     with pytest.raises(ValueError, match="image_scale"):
         stsr.tl.prior_map(sdata, "he", GENES, key_added="other", image_scale=0, progress=False)
     assert "other" not in sdata
+    # a one-channel (bright-field) image is read as grey; two channels are refused with the fix
+    from spatialdata.models import Image2DModel
+
+    he = np.asarray(
+        sdata["he"]["scale0"]["image"].values if hasattr(sdata["he"], "keys") else sdata["he"].values
+    )
+    transform = get_transformation(sdata["he"], get_all=True)
+    sdata["grey"] = Image2DModel.parse(
+        he.mean(0, keepdims=True).astype(he.dtype), dims=("c", "y", "x"), transformations=transform
+    )
+    stsr.tl.prior_map(sdata, "grey", GENES[:1], key_added="from_grey", progress=False)
+    assert sdata["from_grey"].attrs["stsr"]["image_key"] == "grey"
+    sdata["two"] = Image2DModel.parse(he[:2], dims=("c", "y", "x"), transformations=transform)
+    with pytest.raises(ValueError, match="greyscale"):
+        stsr.tl.prior_map(sdata, "two", GENES[:1], key_added="other", progress=False)

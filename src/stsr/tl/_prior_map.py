@@ -10,6 +10,8 @@ import spatialdata as sd
 
 from .. import __version__
 from .._constants import KEY_PRIOR_MAP
+from .._validate import check_element
+from ..pp._transforms import raster_levels
 from . import _semantic_prior
 from ._image_tiles import ImageSource
 from ._inputs import prepare_inputs
@@ -46,7 +48,7 @@ def prior_map(
     sdata
         SpatialData with an image, spots (circles) and a table of spot counts annotating them.
     image_key
-        The image element holding the histology (RGB H&E, or a greyscale / fluorescence image read as grey).
+        The image element holding the histology: RGB (H&E) or one channel (bright field), read by the image teacher.
     genes
         Genes to map; default: 50 highly expressed genes of the table (as :func:`super_resolve`).
     table_key, pixel_size, coordinate_system
@@ -78,6 +80,12 @@ def prior_map(
             f"image_scale must be a positive integer (image pixels per HR pixel), got {image_scale!r}."
         )
     check_free_keys(sdata, [key_added], overwrite)
+    n_channels = raster_levels(check_element(sdata, image_key, "images"))[0].shape[0]
+    if n_channels not in (1, 3):
+        raise ValueError(
+            f"Image {image_key!r} has {n_channels} channels; the image teacher of the prior reads RGB (3) or "
+            "greyscale (1) images: pass an H&E or bright-field image, or turn fluorescence into a virtual H&E first."
+        )
     inputs = prepare_inputs(
         sdata,
         image_key,
@@ -85,7 +93,7 @@ def prior_map(
         table_key=table_key,
         pixel_size=pixel_size,
         coordinate_system=coordinate_system,
-        image_channels=3,
+        image_channels=n_channels,
     )
     source = ImageSource(inputs.image_levels, inputs.grid, image_scale)
     prior = slide_prior(inputs, source, progress=progress)
