@@ -129,10 +129,14 @@ def export_checkpoint(checkpoints: Path, out: Path, args: dict) -> None:
     history = meta["history"]
     recipe = {
         "script": "scripts/train_default.py",
-        "args": {k: str(v) for k, v in args.items()},
+        "export_args": {k: str(v) for k, v in args.items()},
+        "train_config": meta["train_config"],
         "stopped_at_step": meta["step"],
         "planned_steps": meta["train_config"]["steps"],
-        "train_pairs": [f"synthetic-{s}" for s in SYNTHETIC_TRAIN_SEEDS] + ["dbit"],
+        "train_pairs": meta.get(
+            "pairs"
+        )  # recorded by checkpoints since 2026-11-30; older ones held the default set
+        or [f"synthetic-{s}" for s in SYNTHETIC_TRAIN_SEEDS] + ["dbit"],
         "validation_pairs": [f"synthetic-{SYNTHETIC_VAL_SEED}"],
         "held_out": "HER2ST (all sections), Vizgen, Xenium",
         "history": history,

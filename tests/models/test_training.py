@@ -215,6 +215,7 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
     _small_run(tmp_path, 4, tmp_path / "b")
     meta = json.loads((tmp_path / "b" / CHECKPOINT_JSON).read_text())
     assert meta["step"] == 4
+    assert meta["pairs"] == [synthetic_pair(0).name, synthetic_pair(1).name]  # what the run trained on
     resumed = _small_run(tmp_path, 6, tmp_path / "b")
     steps = [h["step"] for h in resumed.metadata["training"]["history"]["loss"]]
     assert steps == [1, 2, 3, 4, 5, 6]

@@ -601,6 +601,7 @@ def save_checkpoint(directory: Path, state: dict[str, Any]) -> None:
         "model_config": state["model_config"].to_dict(),
         "train_config": state["train_config"].to_dict(),
         "history": state["history"],
+        "pairs": list(state.get("pairs", [])),
         "opt": opt_meta,
         "dopt": dopt_meta,
     }
@@ -792,6 +793,7 @@ def fit(
                     "model_config": mcfg,
                     "train_config": cfg,
                     "history": history,
+                    "pairs": [p.pair.name for p in prepared],
                 },
             )
 
