@@ -236,22 +236,33 @@ def test_output_mask_fills_the_gaps_between_spots_but_not_beyond(lattice):
     assert mask.mean() < 0.6
 
 
+def _whole_slide_prior(slide, image_scale: int):
+    """The slide's inputs and the array-level semantic prior from teacher features of the whole image (the
+    reference that the window-by-window computation of ``super_resolve`` must reproduce)."""
+    from stsr.models import semantic_prior, teacher_features
+    from stsr.tl._image_tiles import ImageSource
+
+    inputs = prepare_inputs(
+        slide, "he", GENES, table_key=None, pixel_size=None, coordinate_system=None, image_channels=3
+    )
+    h, w = inputs.grid.shape
+    image = ImageSource(inputs.image_levels, inputs.grid, image_scale).region(0, 0, h, w)
+    return inputs, semantic_prior(
+        teacher_features(image, (h, w)), inputs.lr, inputs.observation, mask=inputs.mask
+    )
+
+
 def test_semantic_prior_reweights_the_mean_and_keeps_the_spot_sums(slide, model, monkeypatch):
     """``semantic_prior=True`` is the array-level prior (whole-image teacher features, read-out fitted on the spots)
     applied to the plain result, whatever the teacher's windows; the spot sums are kept."""
-    from stsr.models import apply_prior, semantic_prior, teacher_features
+    from stsr.models import apply_prior
     from stsr.tl import _semantic_prior
-    from stsr.tl._image_tiles import ImageSource
 
     _, plain = _run(slide, model)
     monkeypatch.setattr(_semantic_prior, "PRIOR_WINDOW", 48)  # several windows with halos
     sdata, out = _run(slide, model, semantic_prior=True)
-    inputs = prepare_inputs(
-        slide, "he", GENES, table_key=None, pixel_size=None, coordinate_system=None, image_channels=3
-    )
-    op, h, w = inputs.observation, *inputs.grid.shape
-    image = ImageSource(inputs.image_levels, inputs.grid, model.config.image_scale).region(0, 0, h, w)
-    prior = semantic_prior(teacher_features(image, (h, w)), inputs.lr, op, mask=inputs.mask)
+    inputs, prior = _whole_slide_prior(slide, model.config.image_scale)
+    op = inputs.observation
     expected = apply_prior(plain, prior, inputs.lr, op) * inputs.mask
     assert not np.allclose(out, plain, rtol=0.05)  # the prior changes the map ...
     np.testing.assert_allclose(out, expected, rtol=2e-3, atol=1e-4 * plain.max())  # ... exactly as specified
@@ -273,9 +284,8 @@ def test_prior_guided_model_gets_the_guide_as_its_lr_input(slide, model, monkeyp
     :func:`stsr.models.prior_guide` instead of the interpolation, and the result is not reweighted a second time."""
     import copy
 
-    from stsr.models import prior_guide, semantic_prior, teacher_features
+    from stsr.models import prior_guide
     from stsr.tl import _semantic_prior
-    from stsr.tl._image_tiles import ImageSource
 
     guided = copy.deepcopy(model)
     guided.config = guided.config.replace(extra={"lr_input": "prior_guide", "prior_strength": 0.5})
@@ -290,17 +300,13 @@ def test_prior_guided_model_gets_the_guide_as_its_lr_input(slide, model, monkeyp
         return sample(image, lr_density, *args, **kwargs)
 
     monkeypatch.setattr(guided, "sample", spy)
-    monkeypatch.setattr(
-        _semantic_prior, "PRIOR_WINDOW", 48
-    )  # the guide's scales are fitted over several windows
+    # the guide's scales are fitted over several windows
+    monkeypatch.setattr(_semantic_prior, "PRIOR_WINDOW", 48)
     sdata, out = _run(slide, guided, semantic_prior=True)
-    inputs = prepare_inputs(
-        slide, "he", GENES, table_key=None, pixel_size=None, coordinate_system=None, image_channels=3
-    )
-    op, h, w = inputs.observation, *inputs.grid.shape
-    image = ImageSource(inputs.image_levels, inputs.grid, model.config.image_scale).region(0, 0, h, w)
-    prior = semantic_prior(teacher_features(image, (h, w)), inputs.lr, op, mask=inputs.mask)
+    inputs, prior = _whole_slide_prior(slide, model.config.image_scale)
+    op = inputs.observation
     expected = prior_guide(prior, inputs.lr, op)
+    h, w = op.shape
     n = 0
     for origins, dens in seen:
         for (r, c), d in zip(origins, dens, strict=True):
