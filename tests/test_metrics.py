@@ -323,3 +323,21 @@ def test_tesla_baseline_when_installed():
     pred = B.tesla(op.pool(const), op, image)
     assert pred.shape == (2, 12, 12)
     np.testing.assert_allclose(pred, 2.0, rtol=1e-5)  # a weighted average of equal densities
+
+
+def test_truth_readout_recovers_an_exact_log_linear_field():
+    """The read-out fitted on the truth (prior_readout.py's upper bound) recovers expression that is log-linear in the
+    features, only on the tissue pixels it is given; and it is no better than the truth allows on pure noise."""
+    import prior_readout as P
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(6, 20, 24))
+    coef = rng.normal(scale=0.2, size=(6, 3))
+    truth = np.expm1(4.0 + np.einsum("dg,dhw->ghw", coef, feats))
+    mask = np.ones((20, 24), bool)
+    fitted = P.truth_readout(feats, truth, mask, 6)
+    np.testing.assert_allclose(fitted, truth, rtol=0.02, atol=0.02)
+    # features unrelated to the expression: the fit explains (almost) nothing
+    noise = P.truth_readout(rng.normal(size=(6, 20, 24)), truth, mask, 6)
+    r = [np.corrcoef(noise[g].ravel(), truth[g].ravel())[0, 1] for g in range(3)]
+    assert max(r) < 0.3
