@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from spatialdata.transformations import get_transformation
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -118,23 +119,37 @@ def teacher_scale(hr_um: float) -> int:
     return int(2 ** max(0, round(np.log2(hr_um / stsr.models.TEACHER_UM_PER_PX))))
 
 
-def her2st_case(section: str, n_genes: int, k: int) -> Case:
+def native_teacher_scale(sdata: Any, image_key: str, hr_um: float) -> int:
+    """:func:`teacher_scale`, lowered so that the teacher's image is never finer than the image itself: image pixels
+    per HR pixel at full resolution, rounded, at most the teacher's (a variant that ``prior_readout.py`` scores)."""
+    element = sdata[image_key]
+    level = element["scale0"]["image"] if hasattr(element, "keys") else element
+    um_per_px = get_transformation(level, "global").to_affine_matrix(("y", "x"), ("y", "x"))[0, 0]
+    return min(teacher_scale(hr_um), max(1, round(hr_um / um_per_px)))
+
+
+def her2st_case(section: str, n_genes: int, k: int, teacher_native: bool = False) -> Case:
+    """A HER2ST section at factor 2; with ``teacher_native``, the teacher reads the H&E at no finer than its own
+    resolution (:func:`native_teacher_scale`; the A sections' H&E is at 3.2 µm per pixel)."""
     sdata = stsr.datasets.her2st(section)
     genes = stsr.pp.select_genes(sdata["table"], n_top=n_genes)
     kw = {"table_key": "table", "genes": genes, "factor": 2, "name": f"HER2ST {section}"}
     pair = stsr.tl.training_pair(sdata, "he", image_scale=k, **kw)
-    teacher = stsr.tl.training_pair(sdata, "he", image_scale=teacher_scale(200.0), **kw).image.numpy()
+    scale = native_teacher_scale(sdata, "he", 200.0) if teacher_native else teacher_scale(200.0)
+    teacher = stsr.tl.training_pair(sdata, "he", image_scale=scale, **kw).image.numpy()
     return Case(f"HER2ST {section} (x2)", pair, B.pair_lr(pair), teacher_image=teacher)
 
 
-def dbit_cases(factors: tuple[int, ...], n_genes: int, k: int) -> list[Case]:
+def dbit_cases(factors: tuple[int, ...], n_genes: int, k: int, teacher_native: bool = False) -> list[Case]:
+    """DBiT-seq at each factor; ``teacher_native`` as in :func:`her2st_case` (the image is at 3.5 µm per pixel)."""
     sdata = stsr.datasets.dbit_mouse_embryo()
+    scale = native_teacher_scale(sdata, "brightfield", 25.0) if teacher_native else teacher_scale(25.0)
     genes = stsr.pp.select_genes(sdata["table"], n_top=n_genes)
     out = []
     for f in factors:
         kw = {"table_key": "table", "genes": genes, "factor": f, "name": f"DBiT x{f}"}
         pair = stsr.tl.training_pair(sdata, "brightfield", image_scale=k, **kw)
-        teacher = stsr.tl.training_pair(sdata, "brightfield", image_scale=teacher_scale(25.0), **kw).image
+        teacher = stsr.tl.training_pair(sdata, "brightfield", image_scale=scale, **kw).image
         out.append(
             Case(
                 f"DBiT-seq (x{f})", pair, B.pair_lr(pair), seen_by_default=True, teacher_image=teacher.numpy()
