@@ -297,6 +297,18 @@ def test_harness_tables():
 def test_prior_rows_and_teacher_scale():
     assert A.teacher_scale(200.0) == 128 and A.teacher_scale(25.0) == 16 and A.teacher_scale(5.5) == 4
     assert A.teacher_scale(0.5) == 1
+    # the variant that never reads an image finer than it is: HER2ST A (3.2 µm/px) and C (0.69 µm/px) sections
+    import spatialdata as sd
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Scale
+
+    def slide(um_per_px: float) -> sd.SpatialData:
+        image = np.zeros((3, 8, 8), np.uint8)
+        scale = Scale([um_per_px, um_per_px], axes=("y", "x"))
+        return sd.SpatialData(images={"he": Image2DModel.parse(image, transformations={"global": scale})})
+
+    assert A.native_teacher_scale(slide(3.2), "he", 200.0) == 62
+    assert A.native_teacher_scale(slide(0.69), "he", 200.0) == 128
     pair = _pair()
     op = pair.observation
     bare = A.Case("toy", pair, B.pair_lr(pair))
@@ -341,3 +353,22 @@ def test_truth_readout_recovers_an_exact_log_linear_field():
     noise = P.truth_readout(rng.normal(size=(6, 20, 24)), truth, mask, 6)
     r = [np.corrcoef(noise[g].ravel(), truth[g].ravel())[0, 1] for g in range(3)]
     assert max(r) < 0.3
+
+
+def test_cross_fitted_readout_predicts_each_band_from_the_others():
+    """``prior_readout.cross_fitted`` recovers a log-linear field out of sample, and, on expression unrelated to the
+    regressors, scores no better than chance (it never sees the band it predicts) where the in-sample fit overfits."""
+    import prior_readout as P
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5, 20, 30))
+    truth = np.expm1(4.0 + np.einsum("dg,dhw->ghw", rng.normal(scale=0.2, size=(5, 2)), x))
+    mask = np.ones((20, 30), bool)
+    np.testing.assert_allclose(P.cross_fitted(x, truth, mask, "ridge"), truth, rtol=0.02, atol=0.02)
+    unrelated = rng.poisson(5.0, size=(2, 20, 30)).astype(float)
+    many = rng.normal(size=(40, 20, 30))
+    out = P.cross_fitted(many, unrelated, mask, "ridge")
+    inside = P.truth_readout(many, unrelated, mask, 40)
+    r_out = np.mean([np.corrcoef(out[g].ravel(), unrelated[g].ravel())[0, 1] for g in range(2)])
+    r_in = np.mean([np.corrcoef(inside[g].ravel(), unrelated[g].ravel())[0, 1] for g in range(2)])
+    assert r_out < 0.15 < r_in
