@@ -13,6 +13,8 @@ benchmark. Methods:
 - fine interpolation: the block densities interpolated onto the fine grid (``ObservationModel.interpolate``, the
   LR input the model sees) and projected onto the block sums; and the same x semantic prior (the teacher reads
   the image at about 1.25 µm per pixel, the read-out is fitted on the blocks);
+- the prior map of :func:`stsr.tl.prior_map`: the interpolation of counts per tissue pixel x semantic prior, on
+  the tissue only, at the map's default strength;
 - stsr at native resolution (``--model``, a shipped name or a weights directory; 1 sample, ``--cache-interval``),
   alone and x semantic prior; a prior-guided model (``lr_input == "prior_guide"``) is given the fine interpolation x
   semantic prior as its LR input instead.
@@ -44,6 +46,7 @@ import baselines as B  # noqa: E402
 
 import stsr  # noqa: E402
 from stsr.models import GeneNormalizer, gene_ids_from_names  # noqa: E402
+from stsr.models._prior import PRIOR_MAP_STRENGTH  # noqa: E402
 from stsr.observation import ObservationModel  # noqa: E402
 from stsr.tl._image_tiles import ImageSource  # noqa: E402
 from stsr.tl._inputs import prepare_inputs  # noqa: E402
@@ -136,6 +139,11 @@ def section_rows(section: str, args: argparse.Namespace, model) -> dict[str, tup
     guide = add(
         "fine interpolation × semantic prior, pooled",
         lambda: stsr.models.apply_prior(interp, prior, lr, blocks, strength=PRIOR_STRENGTH),
+        t_fine,
+    )
+    add(
+        "prior map (stsr.tl.prior_map: tissue-aware interpolation × semantic prior), pooled",
+        lambda: stsr.models.prior_guide(prior, lr, blocks, mask=inputs.mask, strength=PRIOR_MAP_STRENGTH),
         t_fine,
     )
     if model is not None:

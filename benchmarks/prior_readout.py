@@ -13,6 +13,8 @@ ridge fitted on the LR data of the slide itself. This script scores, on the real
   gradient-boosted trees on 40 components; a ridge on 20 components; a ridge on 20 components and the LR input of
   every gene (its interpolation and the structure it puts inside the blocks). They show what supervised training on
   HR truth of the same tissue could give;
+- the prior map of :func:`stsr.tl.prior_map` (the interpolation of counts per tissue pixel x the shipped read-out,
+  on the tissue only) at several strengths: its default strength was chosen on HER2ST C2 from these rows;
 - the shipped prior with the teacher's image never finer than the image itself: the teacher otherwise reads every
   case at about 1.5 µm per pixel, which upsamples the H&E of HER2ST A1 and A2 (3.2 µm per pixel) and the DBiT-seq
   image (3.5 µm per pixel) about twofold (so does :func:`stsr.tl.prior_map` on coarse images);
@@ -54,6 +56,8 @@ COMPONENTS = (5, 10, 20)
 STRENGTHS = (0.5, 1.0)
 ORACLE_COMPONENTS = 20
 NATIVE_LABEL = "prior as shipped, the teacher's image never finer than the image itself"
+MAP_STRENGTHS = (0.25, 0.5, 0.75, 1.0)
+MAP_LABEL = "prior map (stsr.tl.prior_map: tissue-aware interpolation × prior)"
 
 
 def truth_readout(feats: np.ndarray, truth: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
@@ -141,6 +145,12 @@ def case_rows(case: A.Case, native_teacher: np.ndarray | None = None) -> tuple[d
                 f"prior, {k} components, strength {s:g}{tag}",
                 stsr.models.apply_prior(base, prior, lr, op, strength=s),
             )
+    shipped = stsr.models.semantic_prior(feats, lr, op, mask=mask)
+    for s in MAP_STRENGTHS:  # the strength of stsr.tl.prior_map was chosen on C2 from these rows
+        score(
+            f"{MAP_LABEL}, strength {s:g}",
+            stsr.models.prior_guide(shipped, lr, op, mask=mask, strength=s),
+        )
     if native_teacher is not None and native_teacher.shape != case.teacher_image.shape:
         native = stsr.models.teacher_features(native_teacher, op.shape)
         prior = stsr.models.semantic_prior(native, lr, op, mask=mask)

@@ -86,7 +86,7 @@ def test_prior_map_into_a_copy_and_in_place(store, tmp_path):
     result = sd.read_zarr(out)
     assert list(result["stsr_prior"]["scale0"]["image"].coords["c"].values) == ["gene_000", "gene_001"]
     assert result.attrs["stsr"]["stsr_prior"]["method"] == "prior_map"
-    assert result.attrs["stsr"]["stsr_prior"]["strength"] == 0.5
+    assert result.attrs["stsr"]["stsr_prior"]["strength"] == 0.25  # the default of stsr.tl.prior_map
     assert "stsr_prior" not in sd.read_zarr(store).images  # the input store was copied, not modified
     assert main(argv) == 2  # --out exists
     in_place = ["prior-map", str(store), "--image-key", "he", "--genes", "gene_000", "--strength", "0"]

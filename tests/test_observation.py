@@ -110,6 +110,27 @@ def test_lift_and_interpolate(rng):
     assert np.all(np.diff(ramp[25, 10:41]) > 0)
 
 
+def test_interpolate_counts_per_tissue_pixel():
+    """``area=tissue_area(mask)``: a spot half off the tissue has the density of its tissue half, spots without
+    tissue are left out; the default spreads counts over the whole disk."""
+    disks = ObservationModel.disks(
+        (50, 50), [[10 + 15 * i, 10 + 15 * j] for i in range(3) for j in range(3)], 4.0
+    )
+    mask = np.zeros((50, 50), bool)
+    mask[:, :25] = True  # the middle column of spots is cut in half, the right one has no tissue
+    area = disks.tissue_area(mask)
+    np.testing.assert_allclose(area[[0, 3, 6]], disks.support_area[[0, 3, 6]])
+    np.testing.assert_allclose(area[[1, 4, 7]], disks.support_area[[1, 4, 7]] / 2, rtol=0.05)
+    np.testing.assert_array_equal(area[[2, 5, 8]], 0.0)
+    lr = disks.pool(np.where(mask, 2.5, 0.0)[None])  # counts of a constant density on the tissue
+    np.testing.assert_allclose(disks.interpolate(lr, area=area), 2.5)
+    assert disks.interpolate(lr)[0, 10, 25] < 2.0  # the half spot looks diluted without the tissue area
+    with pytest.raises(ValueError, match="one value per observation"):
+        disks.interpolate(lr, area=area[:-1])
+    with pytest.raises(ValueError, match="observation grid"):
+        disks.tissue_area(mask[:-1])
+
+
 def test_crop_keeps_whole_observations(rng):
     op = ObservationModel.blocks((16, 16), 4)
     sub, keep = op.crop(2, 4, 10, 12)  # whole blocks inside: block rows 1-2, block cols 1-3

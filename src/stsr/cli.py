@@ -76,7 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     pm.add_argument("--pixel-size", type=float, default=None, help="HR pixel size in coordinate-system units")
     pm.add_argument(
-        "--strength", type=float, default=0.5, help="exponent of the prior (0 = interpolation only)"
+        "--strength",
+        type=float,
+        default=None,
+        help="exponent of the prior (0 = interpolation only; default: stsr.tl.prior_map's, 0.25)",
     )
     pm.add_argument("--key-added", default="stsr_prior")
     pm.add_argument("--overwrite", action="store_true")
@@ -119,15 +122,16 @@ def _prior_map(args: argparse.Namespace) -> int:
     target = _target(args)
     if target is None:
         return 2
+    strength = {} if args.strength is None else {"strength": args.strength}
     prior_map(
         sd.read_zarr(target),
         args.image_key,
         args.genes or None,
         table_key=args.table_key,
         pixel_size=args.pixel_size,
-        strength=args.strength,
         key_added=args.key_added,
         overwrite=args.overwrite,
+        **strength,
     )
     print(f"stsr: wrote {args.key_added!r} to {target}")
     return 0

@@ -220,6 +220,13 @@ class ObservationModel:
         """Area of each observation in HR pixels (row sums of ``A``)."""
         return np.asarray(self.matrix.sum(axis=1)).ravel()
 
+    def tissue_area(self, mask: Any) -> np.ndarray:
+        """``(n_obs,)`` area of each observation on the pixels of ``mask`` (``(height, width)``, True on tissue)."""
+        m = np.asarray(mask)
+        if m.shape != self.shape:
+            raise ValueError(f"mask must be on the observation grid {self.shape}, got shape {m.shape}.")
+        return self.pool(m.astype(np.float64)[None])[0]
+
     @property
     def coverage(self) -> np.ndarray:
         """``(height, width)`` total weight of all observations on each HR pixel (1 inside a spot, 0 between)."""
@@ -384,7 +391,11 @@ class ObservationModel:
         return self._torch_cache["owner"]
 
     def interpolate(
-        self, lr: Any, sigma: float | None = None, window: tuple[int, int, int, int] | None = None
+        self,
+        lr: Any,
+        sigma: float | None = None,
+        window: tuple[int, int, int, int] | None = None,
+        area: np.ndarray | None = None,
     ) -> np.ndarray:
         """Smooth HR *density* map (counts per HR pixel) from LR observations, covering the gaps between spots.
 
@@ -401,10 +412,18 @@ class ObservationModel:
         window
             ``(row0, col0, height, width)``: compute only this window of the grid (identical to cropping the full
             result, up to observations further than ``6 sigma`` whose weight underflows).
+        area
+            ``(n_obs,)`` area each observation's count is spread over (default :attr:`support_area`). Pass
+            :meth:`tissue_area` to interpolate counts per *tissue* pixel: a spot half off the tissue then has the
+            density of its tissue half, and observations without tissue are left out.
         """
         lr = np.asarray(lr, dtype=np.float64)
         self._check_lr(lr)
-        area = self.support_area
+        area = self.support_area if area is None else np.asarray(area, np.float64)
+        if area.shape != (self.n_obs,):
+            raise ValueError(
+                f"area must be one value per observation ({self.n_obs},), got shape {area.shape}."
+            )
         valid = area > 0
         dens = np.where(valid, lr / np.where(valid, area, 1.0), 0.0)
         c = self.centres[valid]

@@ -305,7 +305,7 @@ def test_prior_guided_model_gets_the_guide_as_its_lr_input(slide, model, monkeyp
     sdata, out = _run(slide, guided, semantic_prior=True)
     inputs, prior = _whole_slide_prior(slide, model.config.image_scale)
     op = inputs.observation
-    expected = prior_guide(prior, inputs.lr, op)
+    expected = prior_guide(prior, inputs.lr, op, mask=inputs.mask)
     h, w = op.shape
     n = 0
     for origins, dens in seen:

@@ -15,6 +15,9 @@ import numpy as np
 
 from ..observation import ObservationModel
 
+#: Default exponent of the prior in :func:`stsr.tl.prior_map` (tissue-aware interpolation x prior), chosen on the
+#: HER2ST validation section C2 by within-block r and r (``benchmarks/prior_readout.py``; SSIM prefers 0.5).
+PRIOR_MAP_STRENGTH = 0.25
 #: Ridge penalties searched by generalised cross-validation (features are standardised principal components).
 RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-2, 4, 13))
 
@@ -218,8 +221,24 @@ def prior_weights(prior: np.ndarray, strength: float) -> np.ndarray:
     return (np.asarray(prior, np.float64) + 1e-3) ** strength
 
 
+def tissue_weights(mask: Any | None, observation: ObservationModel) -> np.ndarray | None:
+    """``(h, w)`` float 0/1 weights of the tissue ``mask`` on the observation grid (None stays None)."""
+    if mask is None:
+        return None
+    m = np.asarray(mask)
+    if m.shape != tuple(observation.shape):
+        raise ValueError(f"mask must be on the observation grid {observation.shape}, got shape {m.shape}.")
+    return m.astype(bool).astype(np.float64)
+
+
 def apply_prior(
-    base: Any, prior: np.ndarray, lr: Any, observation: ObservationModel, *, strength: float = 0.5
+    base: Any,
+    prior: np.ndarray,
+    lr: Any,
+    observation: ObservationModel,
+    *,
+    strength: float = 0.5,
+    mask: Any | None = None,
 ) -> np.ndarray:
     """Reweight an HR prediction by a prior and restore the LR sums: ``project(base * prior**strength)``.
 
@@ -234,6 +253,9 @@ def apply_prior(
     strength
         Exponent of the prior: 0 keeps ``base`` (made consistent), 1 multiplies by the full prior. The read-out's predictions are
         noisy, and a partial weight (0.5, chosen on the HER2ST validation section C2) scores best.
+    mask
+        ``(h, w)`` tissue pixels (default: all). Pixels off the tissue get nothing, so each observation's count goes
+        to its tissue pixels only (an observation without tissue keeps none of its count).
 
     Returns
     -------
@@ -244,11 +266,14 @@ def apply_prior(
     consistent.
     """
     check_strength(strength)
+    tissue = tissue_weights(mask, observation)
     raw = np.clip(np.asarray(base, np.float64), 0.0, None)
     base = np.clip(raw, 1e-9, None)  # zero-predicted spots can still be scaled up to their counts
     weights = prior_weights(prior, strength)
     if weights.shape != base.shape:
         raise ValueError(f"prior {weights.shape} and base {base.shape} must have the same shape.")
+    if tissue is not None:
+        raw, weights = raw * tissue, weights * tissue
     lr = np.asarray(lr, np.float64)
     reweighted = base * weights
     out = np.asarray(observation.project(reweighted, lr, mode="multiplicative"), np.float64)
@@ -259,17 +284,25 @@ def apply_prior(
         pooled = observation.pool(raw * weights)
         ratio = np.where(pooled > 0, lr / np.where(pooled > 0, pooled, 1.0), 1.0)
         out = np.where(gap, reweighted * observation.pixel_factors(ratio), out)
+    if tissue is not None:  # observations without tissue fell back to the additive correction: drop it
+        out = out * tissue
     return np.clip(out, 0.0, None)
 
 
 def prior_guide(
-    prior: np.ndarray, lr: Any, observation: ObservationModel, *, strength: float = 0.5
+    prior: np.ndarray,
+    lr: Any,
+    observation: ObservationModel,
+    *,
+    strength: float = 0.5,
+    mask: Any | None = None,
 ) -> np.ndarray:
     """The LR input of a prior-guided model: the interpolated LR reweighted by the semantic prior.
 
     ``apply_prior(observation.interpolate(lr), prior, lr, observation, strength=strength)``: a deterministic,
     LR-consistent HR estimate that a model trained on guided pairs (:class:`~stsr.models.TrainingPair` ``guide``,
-    ``STSRModel.lr_input == "prior_guide"``) refines.
+    ``STSRModel.lr_input == "prior_guide"``) refines. With a tissue ``mask``, the interpolated densities are counts
+    per tissue pixel and the counts go to tissue pixels only (:func:`stsr.tl.prior_map` does this).
 
     Parameters
     ----------
@@ -281,10 +314,14 @@ def prior_guide(
         The LR observation model on the ``(h, w)`` grid.
     strength
         Exponent of the prior (see :func:`apply_prior`).
+    mask
+        ``(h, w)`` tissue pixels (default: all pixels count as tissue).
 
     Returns
     -------
-    ``(G, h, w)`` float32 non-negative counts per HR pixel, pooling back to ``lr``.
+    ``(G, h, w)`` float32 non-negative counts per HR pixel, pooling back to ``lr`` (the observations with tissue,
+    where ``mask`` is given).
     """
-    base = observation.interpolate(np.asarray(lr, np.float64))
-    return apply_prior(base, prior, lr, observation, strength=strength).astype(np.float32)
+    area = None if mask is None else observation.tissue_area(mask)
+    base = observation.interpolate(np.asarray(lr, np.float64), area=area)
+    return apply_prior(base, prior, lr, observation, strength=strength, mask=mask).astype(np.float32)

@@ -74,9 +74,10 @@ class SlidePrior:
 class SlideGuide:
     """The LR input of a prior-guided model (:func:`stsr.models.prior_guide`), window by window.
 
-    ``interpolate(lr) * weights``, each observation's pixels rescaled so that they pool to its count and the pixels
-    between observations by the interpolated scales around them (``ObservationModel.pixel_factors``): the scale of
-    every observation is fitted once over the slide (:func:`slide_guide`), then any window is computed on demand.
+    ``interpolate(lr) * weights`` on the tissue (``inputs.mask``; the densities are counts per tissue pixel), each
+    observation's pixels rescaled so that they pool to its count and the pixels between observations by the
+    interpolated scales around them (``ObservationModel.pixel_factors``): the scale of every observation is fitted
+    once over the slide (:func:`slide_guide`), then any window is computed on demand.
     """
 
     inputs: SlideInputs
@@ -84,32 +85,45 @@ class SlideGuide:
     strength: float
     #: ``(G, n_obs)``: per observation, ``lr / pooled(interpolation x weights)``
     scale: np.ndarray
+    #: ``(n_obs,)`` tissue area of each observation (``ObservationModel.tissue_area``)
+    area: np.ndarray
+
+    def reweighted(self, r0: int, c0: int, h: int, w: int) -> np.ndarray:
+        """``(G, h, w)`` interpolation x prior weights on the tissue of a window, before the spot scales."""
+        op, mask = self.inputs.observation, self.inputs.mask
+        base = np.clip(op.interpolate(self.inputs.lr, window=(r0, c0, h, w), area=self.area), 1e-9, None)
+        tissue = np.zeros((h, w))
+        ra, ca = max(r0, 0), max(c0, 0)
+        rb, cb = min(r0 + h, mask.shape[0]), min(c0 + w, mask.shape[1])
+        if rb > ra and cb > ca:
+            tissue[ra - r0 : rb - r0, ca - c0 : cb - c0] = mask[ra:rb, ca:cb]
+        return base * self.prior.weights(r0, c0, h, w, self.strength) * tissue
 
     def window(self, r0: int, c0: int, h: int, w: int) -> np.ndarray:
         """``(G, h, w)`` guide of a window (which may reach beyond the grid, like the tiles)."""
-        op = self.inputs.observation
-        base = np.clip(op.interpolate(self.inputs.lr, window=(r0, c0, h, w)), 1e-9, None)
-        factors = op.pixel_factors(self.scale, window=(r0, c0, h, w))
-        return (base * self.prior.weights(r0, c0, h, w, self.strength) * factors).astype(np.float32)
+        factors = self.inputs.observation.pixel_factors(self.scale, window=(r0, c0, h, w))
+        return (self.reweighted(r0, c0, h, w) * factors).astype(np.float32)
 
 
 def slide_guide(inputs: SlideInputs, prior: SlidePrior, strength: float) -> SlideGuide:
     """Fit the per-observation scales of the guide in one pass over the grid, in windows of :data:`PRIOR_WINDOW`.
 
-    Equal to :func:`stsr.models.prior_guide` of the whole slide for disjoint observations (spot disks, blocks);
-    memory: one window of ``G`` maps plus ``G x n_obs`` sums.
+    Equal to :func:`stsr.models.prior_guide` of the whole slide with ``mask=inputs.mask`` for disjoint observations
+    (spot disks, blocks); memory: one window of ``G`` maps plus ``G x n_obs`` sums.
     """
     op = inputs.observation
     height, width = op.shape
+    guide = SlideGuide(
+        inputs, prior, strength, np.ones((len(inputs.genes), op.n_obs)), op.tissue_area(inputs.mask)
+    )
     pooled = np.zeros((len(inputs.genes), op.n_obs))
     for r0 in range(0, height, PRIOR_WINDOW):
         for c0 in range(0, width, PRIOR_WINDOW):
             h, w = min(PRIOR_WINDOW, height - r0), min(PRIOR_WINDOW, width - c0)
-            base = np.clip(op.interpolate(inputs.lr, window=(r0, c0, h, w)), 1e-9, None)
-            pooled += op.pool_window(base * prior.weights(r0, c0, h, w, strength), r0, c0)
+            pooled += op.pool_window(guide.reweighted(r0, c0, h, w), r0, c0)
     ok = pooled > 0
-    scale = np.where(ok, np.asarray(inputs.lr, np.float64) / np.where(ok, pooled, 1.0), 1.0)
-    return SlideGuide(inputs, prior, strength, scale)
+    guide.scale = np.where(ok, np.asarray(inputs.lr, np.float64) / np.where(ok, pooled, 1.0), 1.0)
+    return guide
 
 
 def _windows(mask: np.ndarray, size: int) -> list[tuple[int, int, int, int]]:
