@@ -92,6 +92,14 @@ def bicubic_mass(lr: np.ndarray, op: ObservationModel) -> np.ndarray:
     return np.clip(op.project(bicubic(lr, op), np.asarray(lr, np.float64), mode="multiplicative"), 0.0, None)
 
 
+def bicubic_mass_on_tissue(lr: np.ndarray, op: ObservationModel, mask: np.ndarray) -> np.ndarray:
+    """:func:`bicubic_mass` with each observation's count put on its tissue pixels (``mask``) only: a reference for
+    how much a method gains just by keeping counts off the background."""
+    m = np.asarray(mask, bool)
+    up = np.clip(bicubic(lr, op), 1e-9, None) * m
+    return np.clip(op.project(up, np.asarray(lr, np.float64), mode="multiplicative"), 0.0, None) * m
+
+
 def uniform_split(lr: np.ndarray, op: ObservationModel) -> np.ndarray:
     """Each observation's count spread uniformly over its pixels (:meth:`ObservationModel.lift`)."""
     return np.clip(op.lift(np.asarray(lr, np.float64)), 0.0, None)

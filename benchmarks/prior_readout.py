@@ -18,7 +18,7 @@ ridge fitted on the LR data of the slide itself. This script scores, on the real
 - the shipped prior with the teacher's image never finer than the image itself: the teacher otherwise reads every
   case at about 1.5 µm per pixel, which upsamples the H&E of HER2ST A1 and A2 (3.2 µm per pixel) and the DBiT-seq
   image (3.5 µm per pixel) about twofold (so does :func:`stsr.tl.prior_map` on coarse images);
-- bicubic + mass and the uniform split for reference.
+- bicubic + mass, the same with the counts on the tissue pixels only, and the uniform split for reference.
 
 Run::
 
@@ -50,7 +50,7 @@ import baselines as B  # noqa: E402
 
 import stsr  # noqa: E402
 from stsr import metrics as M  # noqa: E402
-from stsr.models._prior import RIDGE_ALPHAS, FeatureMoments, _ridge_gcv, pca_scores, readout  # noqa: E402
+from stsr.models._prior import RIDGE_ALPHAS, readout, ridge_gcv, tissue_components  # noqa: E402
 
 COMPONENTS = (5, 10, 20)
 STRENGTHS = (0.5, 1.0)
@@ -62,10 +62,10 @@ MAP_LABEL = "prior map (stsr.tl.prior_map: tissue-aware interpolation × prior)"
 
 def truth_readout(feats: np.ndarray, truth: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
     """The ridge read-out (``k`` components) fitted on the HR truth itself, per pixel, in sample: an upper bound."""
-    scores = components(feats, mask, k)
+    scores = tissue_components(feats, mask, k)
     x = scores.reshape(scores.shape[0], -1)[:, mask.ravel()].T
     y = np.log1p(truth.reshape(truth.shape[0], -1)[:, mask.ravel()]).T
-    coef, intercept, _ = _ridge_gcv(x, y, RIDGE_ALPHAS)
+    coef, intercept, _ = ridge_gcv(x, y, RIDGE_ALPHAS)
     return readout(scores, coef, intercept)
 
 
@@ -95,7 +95,7 @@ def cross_fitted(
     for f in range(folds):
         train, test = mask.ravel() & (band != f), band == f
         if method == "ridge":
-            coef, intercept, _ = _ridge_gcv(x[train], y[train], RIDGE_ALPHAS)
+            coef, intercept, _ = ridge_gcv(x[train], y[train], RIDGE_ALPHAS)
             pred[test] = x[test] @ coef + intercept
             continue
         for g in range(y.shape[1]):
@@ -109,13 +109,6 @@ def lr_regressors(interpolated: np.ndarray, uniform: np.ndarray) -> np.ndarray:
     uniform split (the structure the interpolation puts inside each block)."""
     log_interp = np.log1p(np.clip(interpolated, 0.0, None))
     return np.concatenate([log_interp, log_interp - np.log1p(np.clip(uniform, 0.0, None))])
-
-
-def components(feats: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
-    """The first ``k`` principal-component scores ``(k, h, w)`` of the standardised features of the tissue."""
-    moments = FeatureMoments(feats.shape[0])
-    moments.add(feats.reshape(feats.shape[0], -1)[:, mask.ravel()])
-    return pca_scores(feats, *moments.pca(k))
 
 
 def case_rows(case: A.Case, native_teacher: np.ndarray | None = None) -> tuple[dict[str, dict], dict, float]:
@@ -137,6 +130,7 @@ def case_rows(case: A.Case, native_teacher: np.ndarray | None = None) -> tuple[d
     base = B.bicubic_mass(lr, op)
     score("bicubic + mass", base)
     score("uniform split", B.uniform_split(lr, op))
+    score("bicubic + mass on the tissue", B.bicubic_mass_on_tissue(lr, op, mask))
     for k in COMPONENTS:
         prior = stsr.models.semantic_prior(feats, lr, op, mask=mask, n_components=k)
         for s in STRENGTHS:
@@ -157,14 +151,14 @@ def case_rows(case: A.Case, native_teacher: np.ndarray | None = None) -> tuple[d
     else:
         prior = stsr.models.semantic_prior(feats, lr, op, mask=mask)
     score(NATIVE_LABEL, stsr.models.apply_prior(base, prior, lr, op))
-    pcs = components(feats, mask, ORACLE_COMPONENTS)
+    pcs = tissue_components(feats, mask, ORACLE_COMPONENTS)
     fitted = {
         f"{ORACLE_COMPONENTS} comp.": truth_readout(feats, truth, mask, ORACLE_COMPONENTS),
         f"{ORACLE_COMPONENTS} comp. of the features and their 3 x 3 neighbourhood mean": truth_readout(
             np.concatenate([feats, neighbourhood_mean(feats, mask, 3)]), truth, mask, ORACLE_COMPONENTS
         ),
         "gradient boosting on 40 comp., cross-fitted": cross_fitted(
-            components(feats, mask, 40), truth, mask, "boosting"
+            tissue_components(feats, mask, 40), truth, mask, "boosting"
         ),
         f"{ORACLE_COMPONENTS} comp., cross-fitted": cross_fitted(pcs, truth, mask, "ridge"),
         f"{ORACLE_COMPONENTS} comp. and the LR input of every gene, cross-fitted": cross_fitted(

@@ -76,7 +76,15 @@ def pca_scores(x: np.ndarray, mean: np.ndarray, scale: np.ndarray, axes: np.ndar
     return (axes.T @ ((flat - mean[:, None]) / scale[:, None])).reshape(axes.shape[1], *x.shape[1:])
 
 
-def _ridge_gcv(
+def tissue_components(features: np.ndarray, mask: np.ndarray, n_components: int) -> np.ndarray:
+    """The first ``n_components`` principal-component scores ``(k, h, w)`` of features ``(D, h, w)``, the axes and
+    standardisation fitted on the pixels of ``mask`` (tissue)."""
+    moments = FeatureMoments(features.shape[0])
+    moments.add(features.reshape(features.shape[0], -1)[:, np.asarray(mask, bool).ravel()])
+    return pca_scores(features, *moments.pca(n_components))
+
+
+def ridge_gcv(
     x: np.ndarray, y: np.ndarray, alphas: tuple[float, ...]
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Ridge of ``y`` ``(n, G)`` on ``x`` ``(n, p)`` with intercept; one penalty for all genes, by GCV.
@@ -156,10 +164,7 @@ def semantic_prior(
         raise ValueError(f"n_components must be at least 1, got {n_components}.")
     weight = m.astype(np.float64)
     n_pix = observation.pool(weight[None])[0]
-    moments = FeatureMoments(feats.shape[0])
-    moments.add(feats.reshape(feats.shape[0], -1)[:, m.ravel()])
-    mean, scale, axes = moments.pca(usable_components(n_components, n_pix))
-    scores = pca_scores(feats, mean, scale, axes)  # (k, h, w)
+    scores = tissue_components(feats, m, usable_components(n_components, n_pix))  # (k, h, w)
     obs_scores = observation.pool(scores * weight) / np.where(n_pix > 0, n_pix, 1.0)
     coef, intercept = fit_readout(obs_scores, n_pix, lr, alphas)
     return readout(scores, coef, intercept)
@@ -196,7 +201,7 @@ def fit_readout(
         )
     ok = n_pix > 0.5
     y = np.log1p(np.clip(np.asarray(lr, np.float64)[:, ok], 0, None) / n_pix[ok])
-    coef, intercept, _ = _ridge_gcv(obs_scores[:, ok].T, y.T, alphas)
+    coef, intercept, _ = ridge_gcv(obs_scores[:, ok].T, y.T, alphas)
     return coef, intercept
 
 
