@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> str:
         "",
         f"Generated {_dt.datetime.now():%Y-%m-%d %H:%M} by `{cmd.strip()}` (stsr {stsr.__version__}, "
         f"{platform.machine()}, total {time.time() - t_start:.0f} s). {args.genes} genes per case, the accuracy "
-        "benchmark's truth and LR input; every prior row reweights bicubic + mass.",
+        "benchmark's truth and LR input; every prior row reweights bicubic + mass, except the prior map rows, "
+        "which reweight the interpolation of counts per tissue pixel (as stsr.tl.prior_map does).",
         "",
     ]
     for key, title in (("pearson", "r"), ("within_block", "within-block r"), ("ssim", "SSIM")):

@@ -26,6 +26,7 @@ KEEP = (
     "stsr + adaptation",
     "bicubic + mass × semantic prior",
     "stsr, mean of 4 × semantic prior",
+    "stsr prior map (stsr.tl.prior_map)",
 )
 
 
