@@ -22,6 +22,7 @@ Methods: bicubic, bicubic + mass (rescaled to the LR sums), uniform split, TESLA
 regression network with the stsr backbone, stsr (1 sample; mean of 4), stsr + per-slide adaptation (fine-tuned on
 the case's self-supervised pair: its LR input as HR, pooled once more as LR -- never the truth), and the ablations:
 short models trained from scratch with one module switched off each, next to the same short model with all modules.
+(``benchmarks/ablations.py`` repeats the ablations over several training seeds.)
 The semantic prior (:func:`stsr.models.semantic_prior`: features of a pretrained ImageNet DenseNet121 trunk, read
 out by a ridge fitted per slide on the LR data alone, the iStar principle) reweights bicubic + mass and stsr's mean
 of 4 (:func:`stsr.models.apply_prior`, strength 0.5); the teacher reads the same grid's image at about 1.5 µm per
@@ -53,6 +54,7 @@ import platform
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,6 +209,31 @@ def synthetic_case(size_um: float, n_genes: int, k: int, factor: int = 4) -> Cas
         notes=["truth: Poisson counts of the known field (seed 42)"],
         teacher_image=teacher.image.numpy(),
     )
+
+
+def build_cases(
+    kinds: set[str], sections: list[str], n_genes: int, k: int, synthetic_size: float = 600.0
+) -> list[Case]:
+    """The benchmark's cases of the given ``kinds`` (her2st, dbit, vizgen, synthetic), in the report's order."""
+    cases: list[Case] = []
+    if "her2st" in kinds:
+        cases += [her2st_case(s, n_genes, k) for s in sections]
+    if "dbit" in kinds:
+        cases += dbit_cases((2, 4), n_genes, k)
+    if "vizgen" in kinds:
+        cases += vizgen_cases(((10.0, 5), (5.0, 10)), n_genes, k)
+    if "synthetic" in kinds:
+        cases.append(synthetic_case(synthetic_size, n_genes, k))
+    return cases
+
+
+def progress_log(t_start: float) -> Callable[[str], None]:
+    """A logger printing ``[seconds since t_start] message`` to stderr."""
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t_start:6.0f} s] {msg}", file=sys.stderr, flush=True)
+
+    return log
 
 
 def synthetic_train_pairs(seeds: tuple[int, ...], size_um: float, k: int) -> list[TrainingPair]:
@@ -498,20 +525,8 @@ def main(argv: list[str] | None = None) -> str:
     t_start = time.time()
     base = ModelConfig()
     k = base.image_scale
-
-    def log(msg: str) -> None:
-        print(f"[{time.time() - t_start:6.0f} s] {msg}", file=sys.stderr, flush=True)
-
-    # ---- cases
-    cases: list[Case] = []
-    if "her2st" in cases_on:
-        cases += [her2st_case(s, n_genes, k) for s in sections]
-    if "dbit" in cases_on:
-        cases += dbit_cases((2, 4), n_genes, k)
-    if "vizgen" in cases_on:
-        cases += vizgen_cases(((10.0, 5), (5.0, 10)), n_genes, k)
-    if "synthetic" in cases_on:
-        cases.append(synthetic_case(400.0 if q else 600.0, n_genes, k))
+    log = progress_log(t_start)
+    cases = build_cases(cases_on, sections, n_genes, k, synthetic_size=400.0 if q else 600.0)
     log(f"built {len(cases)} cases")
 
     # ---- models

@@ -16,6 +16,7 @@ from stsr.observation import ObservationModel
 from stsr.tl._evaluate import evaluate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import ablations as AB  # noqa: E402
 import accuracy as A  # noqa: E402
 import baselines as B  # noqa: E402
 
@@ -298,6 +299,37 @@ def test_harness_tables():
     assert f"{expected:+.2f}" in text.split("| oracle |")[1].split("\n")[0]
     summary = A.summary_table([(case, rows, ceiling)])
     assert summary.count("\n") == 2 + 1 + len(rows)
+
+
+def test_ablation_harness_pairs_seeds_and_reports_spread():
+    (built,) = A.build_cases({"synthetic"}, [], 3, 4, synthetic_size=200.0)
+    assert built.name == "synthetic (x4)" and len(built.pair.genes) == 3 and built.lr.shape[0] == 3
+    configs = AB.variants(_tiny_config())
+    assert list(configs)[0] == AB.FULL and len(configs) == 1 + len(A.SWITCHES)
+    assert configs["- alignment"].use_alignment is False and configs["- alignment"].use_coexpression is True
+    pair = _pair(g=2)
+    real = A.Case("HER2ST toy (x2)", pair, B.pair_lr(pair))
+    synthetic = A.Case("synthetic (x4)", pair, B.pair_lr(pair))
+    torch.manual_seed(0)
+    model = STSRModel(_tiny_config())
+    got = AB.scores([real], {(AB.FULL, 0): model}, steps=2)[(AB.FULL, 0)]
+    pred = B.stsr_predict(model, pair.image, pair.observation, real.lr, pair.genes, steps=2)
+    want = A.score(real, pred)
+    np.testing.assert_allclose(got[0], [want[m][0] for m, _ in AB.METRICS])
+    # known per-seed scores: the effect is the paired difference over the real cases only
+    full = {0: np.array([[0.5, 0.2, 0.6], [0.9, 0.9, 0.9]]), 1: np.array([[0.6, 0.3, 0.7], [0.1, 0.1, 0.1]])}
+    result = {}
+    for s in (0, 1):
+        result[(AB.FULL, s)] = full[s]
+        result[("- alignment", s)] = full[s] + np.array([[-0.1, -0.2 - 0.1 * s, 0.05], [0.5, 0.5, 0.5]])
+    eff = AB.effects(result, [AB.FULL, "- alignment"], [0, 1], np.array([True, False]))
+    np.testing.assert_allclose(eff["- alignment"], [[-0.1, -0.2, 0.05], [-0.1, -0.3, 0.05]])
+    text = AB.report([real, synthetic], result, [AB.FULL, "- alignment"], [0, 1], ["# header", ""])
+    assert "| - alignment | -0.100 ± 0.000 (2/2) | -0.250 ± 0.071 (2/2) | +0.050 ± 0.000 (2/2) |" in text
+    assert (
+        "| all modules | 0.550 ± 0.071 / 0.250 ± 0.071 | 0.500 ± 0.566 / 0.500 ± 0.566 | 0.550 ± 0.071 / 0.250 ± 0.071 |"
+        in text
+    )
 
 
 def test_prior_rows_and_teacher_scale():

@@ -40,9 +40,10 @@ def prior_map(
     reweighted by the semantic prior, and rescaled so that every spot keeps its measured counts.
 
     This is :func:`stsr.models.prior_guide` of the whole slide with the tissue mask, computed window by window: the
-    densities are counts per tissue pixel and each spot's counts go to its tissue pixels only. On the benchmarks it
-    is the most accurate map stsr makes (``docs/benchmarks.md``: it beats bicubic + mass and TESLA on within-block
-    r, r and SSIM on every real case, and the shipped diffusion models score below it). It is deterministic and
+    densities are counts per tissue pixel and each spot's counts go to its tissue pixels only. On the benchmarks
+    (``docs/benchmarks.md``) it beats bicubic + mass and TESLA on within-block r, r and SSIM on every real case, and
+    it is the most accurate map stsr makes on HER2ST and DBiT-seq (on Vizgen, :func:`super_resolve` with
+    ``semantic_prior=True`` and 4 samples scores higher). It is deterministic and
     gives no uncertainty; use :func:`super_resolve` for posterior samples.
 
     Parameters
