@@ -80,3 +80,21 @@ def test_prior_map_refuses_to_overwrite_and_bad_parameters(slide):
     sdata["two"] = Image2DModel.parse(he[:2], dims=("c", "y", "x"), transformations=transform)
     with pytest.raises(ValueError, match="greyscale"):
         stsr.tl.prior_map(sdata, "two", GENES[:1], key_added="other", progress=False)
+
+
+@pytest.mark.slow
+def test_prior_map_on_a_distributed_cluster_gives_the_same_map(slide, monkeypatch):
+    from dask.distributed import Client, LocalCluster, get_task_stream
+
+    monkeypatch.setattr(_semantic_prior, "PRIOR_WINDOW", 48)  # several chunks for the workers
+    ref = sd.deepcopy(slide)
+    stsr.tl.prior_map(ref, "he", GENES, progress=False)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as client, get_task_stream(client) as tasks:
+            dist = sd.deepcopy(slide)
+            stsr.tl.prior_map(dist, "he", GENES, progress=False)
+            got = np.asarray(dist["stsr_prior"]["scale0"]["image"].values)
+    assert len(tasks.data) > 0  # the windows ran on the workers
+    want = np.asarray(ref["stsr_prior"]["scale0"]["image"].values)
+    assert want.max() > 0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
