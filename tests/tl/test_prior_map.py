@@ -98,3 +98,28 @@ def test_prior_map_on_a_distributed_cluster_gives_the_same_map(slide, monkeypatc
     want = np.asarray(ref["stsr_prior"]["scale0"]["image"].values)
     assert want.max() > 0
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_prior_map_writes_into_a_backed_store_and_a_failure_leaves_it_as_it_was(slide, tmp_path, monkeypatch):
+    path = tmp_path / "slide.zarr"
+    sd.deepcopy(slide).write(path)
+    before = sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+    sdata = sd.read_zarr(path)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("window failed")
+
+    with monkeypatch.context() as m:
+        m.setattr(_semantic_prior.SlideGuide, "window", broken)
+        with pytest.raises(RuntimeError, match="window failed"):
+            stsr.tl.prior_map(sdata, "he", GENES, progress=False)
+    assert "stsr_prior" not in sdata.images
+    assert sorted(str(p.relative_to(path)) for p in path.rglob("*")) == before  # the store as it was
+    stsr.tl.prior_map(sdata, "he", GENES, progress=False)
+    back = sd.read_zarr(path)
+    got = np.asarray(back["stsr_prior"]["scale0"]["image"].values)
+    ref = sd.deepcopy(slide)
+    stsr.tl.prior_map(ref, "he", GENES, progress=False)
+    np.testing.assert_allclose(got, np.asarray(ref["stsr_prior"]["scale0"]["image"].values), rtol=1e-6)
+    assert back.attrs["stsr"]["stsr_prior"]["method"] == "prior_map"
+    assert not (tmp_path / "slide.zarr.stsr-cache").exists()
