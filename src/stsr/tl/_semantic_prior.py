@@ -16,6 +16,7 @@ from ..models._prior import (
     readout,
     usable_components,
 )
+from ..observation import ObservationModel
 from ._image_tiles import ImageSource
 from ._inputs import SlideInputs
 
@@ -74,13 +75,17 @@ class SlidePrior:
 class SlideGuide:
     """The LR input of a prior-guided model (:func:`stsr.models.prior_guide`), window by window.
 
-    ``interpolate(lr) * weights`` on the tissue (``inputs.mask``; the densities are counts per tissue pixel), each
+    ``interpolate(lr) * weights`` on the tissue (``mask``; the densities are counts per tissue pixel), each
     observation's pixels rescaled so that they pool to its count and the pixels between observations by the
     interpolated scales around them (``ObservationModel.pixel_factors``): the scale of every observation is fitted
     once over the slide (:func:`slide_guide`), then any window is computed on demand.
     """
 
-    inputs: SlideInputs
+    #: the spots' operator on the HR grid, their ``(G, n_obs)`` counts and the ``(height, width)`` tissue mask (only
+    #: these, not the slide's inputs, so that a window task sent to a dask cluster carries no image or SpatialData)
+    observation: ObservationModel
+    lr: np.ndarray
+    mask: np.ndarray
     prior: SlidePrior
     strength: float
     #: ``(G, n_obs)``: per observation, ``lr / pooled(interpolation x weights)``
@@ -90,8 +95,8 @@ class SlideGuide:
 
     def reweighted(self, r0: int, c0: int, h: int, w: int) -> np.ndarray:
         """``(G, h, w)`` interpolation x prior weights on the tissue of a window, before the spot scales."""
-        op, mask = self.inputs.observation, self.inputs.mask
-        base = np.clip(op.interpolate(self.inputs.lr, window=(r0, c0, h, w), area=self.area), 1e-9, None)
+        op, mask = self.observation, self.mask
+        base = np.clip(op.interpolate(self.lr, window=(r0, c0, h, w), area=self.area), 1e-9, None)
         tissue = np.zeros((h, w))
         ra, ca = max(r0, 0), max(c0, 0)
         rb, cb = min(r0 + h, mask.shape[0]), min(c0 + w, mask.shape[1])
@@ -101,7 +106,7 @@ class SlideGuide:
 
     def window(self, r0: int, c0: int, h: int, w: int) -> np.ndarray:
         """``(G, h, w)`` guide of a window (which may reach beyond the grid, like the tiles)."""
-        factors = self.inputs.observation.pixel_factors(self.scale, window=(r0, c0, h, w))
+        factors = self.observation.pixel_factors(self.scale, window=(r0, c0, h, w))
         return (self.reweighted(r0, c0, h, w) * factors).astype(np.float32)
 
 
@@ -113,8 +118,15 @@ def slide_guide(inputs: SlideInputs, prior: SlidePrior, strength: float) -> Slid
     """
     op = inputs.observation
     height, width = op.shape
+    lr = np.asarray(inputs.lr, np.float64)
     guide = SlideGuide(
-        inputs, prior, strength, np.ones((len(inputs.genes), op.n_obs)), op.tissue_area(inputs.mask)
+        op,
+        lr,
+        inputs.mask,
+        prior,
+        strength,
+        np.ones((len(inputs.genes), op.n_obs)),
+        op.tissue_area(inputs.mask),
     )
     pooled = np.zeros((len(inputs.genes), op.n_obs))
     for r0 in range(0, height, PRIOR_WINDOW):
@@ -122,7 +134,7 @@ def slide_guide(inputs: SlideInputs, prior: SlidePrior, strength: float) -> Slid
             h, w = min(PRIOR_WINDOW, height - r0), min(PRIOR_WINDOW, width - c0)
             pooled += op.pool_window(guide.reweighted(r0, c0, h, w), r0, c0)
     ok = pooled > 0
-    guide.scale = np.where(ok, np.asarray(inputs.lr, np.float64) / np.where(ok, pooled, 1.0), 1.0)
+    guide.scale = np.where(ok, lr / np.where(ok, pooled, 1.0), 1.0)
     return guide
 
 
