@@ -207,6 +207,22 @@ def test_teacher_is_filled_from_the_pretrained_weights():
     assert torch.isfinite(f16).all() and f16.std() > 0
 
 
+def test_teacher_fast_forward_computes_the_reference_layers():
+    """The folded, channels-last forward is the Keras layer sequence (any size, batch and odd feature maps)."""
+    teacher = load_teacher()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    rng = np.random.default_rng(1)
+    for shape in [(1, 3, 128, 160), (2, 3, 120, 136), (1, 3, 48, 80)]:
+        img = torch.as_tensor(gaussian_filter(rng.random(shape), (0, 0, 2, 2)), dtype=torch.float32)
+        with torch.no_grad():
+            fast, ref = teacher(img), teacher.reference_forward(img)
+        for f, r in zip(fast, ref):
+            assert f.shape == r.shape
+            assert float((f - r).abs().max()) < 1e-4 * float(r.abs().max())
+    # the folding works on copies: the weights are untouched
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+
+
 def test_teacher_features_do_not_depend_on_the_tiling():
     rng = np.random.default_rng(0)
     img = (gaussian_filter(rng.random((3, 300, 340)), (0, 3, 3)) * 255).astype(np.uint8)

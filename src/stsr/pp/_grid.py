@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from .._elements import resolve_coordinate_system
 from .._validate import check_element
 from ..observation import Grid
 from ._transforms import (
@@ -15,7 +16,6 @@ from ._transforms import (
     all_transformations,
     isotropic_scale,
     parse_raster,
-    pick_coordinate_system,
     spatial_shape,
 )
 
@@ -48,7 +48,7 @@ def hr_grid(sdata: Any, image_key: str, pixel_size: float, coordinate_system: st
     image = check_element(sdata, image_key, "images")
     if not np.isfinite(pixel_size) or pixel_size <= 0:
         raise ValueError(f"pixel_size must be a positive number, got {pixel_size!r}.")
-    cs = pick_coordinate_system(image, image_key, coordinate_system)
+    cs = resolve_coordinate_system(image, image_key, coordinate_system)
     scale = isotropic_scale(
         affine_yx(all_transformations(image)[cs]), f"image {image_key!r} to coordinate system {cs!r}"
     )

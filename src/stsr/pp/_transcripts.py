@@ -11,11 +11,12 @@ import numpy as np
 import pandas as pd
 
 from .._constants import CS_GLOBAL, GENE_COLUMN, RASTER_HR_TRUTH
+from .._elements import resolve_coordinate_system
 from .._validate import check_element, check_genes, check_new_key, shared_coordinate_systems
 from ..observation import Grid
 from ._grid import hr_grid, raster_element
 from ._provenance import grid_to_dict, record
-from ._transforms import affine_yx, all_transformations, parse_raster, pick_coordinate_system
+from ._transforms import affine_yx, all_transformations, parse_raster
 
 __all__ = ["bin_transcripts"]
 
@@ -120,7 +121,7 @@ def bin_transcripts(
         )
         transformations = None
     else:
-        cs = pick_coordinate_system(points, points_key, coordinate_system)
+        cs = resolve_coordinate_system(points, points_key, coordinate_system)
         m = affine_yx(all_transformations(points)[cs])
         lo = points[["y", "x"]].min().compute().to_numpy(float)
         hi = points[["y", "x"]].max().compute().to_numpy(float)

