@@ -6,7 +6,8 @@ in the same process, and prints their ratio, the prior's time per megapixel of t
 resolution and its peak memory above the process's level before it, and the whole ``stsr.tl.prior_map`` (the prior,
 the guide's scales, the map and its write). Then it times the teacher on one full window
 (``PRIOR_WINDOW`` HR pixels plus the halo) and estimates the prior on a full Visium capture area (6.5 x 6.5 mm at
-5.5 um HR pixels, all tissue) as ``(PRIOR_PCA_WINDOWS + windows) x`` that time, every window counted as a full one.
+5.5 um HR pixels, all tissue) as ``(PRIOR_PCA_WINDOWS + windows - kept) x`` that time, every window counted as a
+full one (``kept``: the windows of the first pass whose features fit in ``PRIOR_FEATURE_CACHE_BYTES``).
 
     python benchmarks/semantic_prior_cost.py [--sizes 1500 2500] [--genes 50] [--steps 20] [--model fast]
         [--tile-size 248] [--overlap 12] [--batch-size 1] [--threads 2]
@@ -31,9 +32,16 @@ sys.path.insert(0, str(HERE))
 import baselines as B  # noqa: E402
 
 import stsr  # noqa: E402
+from stsr.models._teacher import TEACHER_CHANNELS  # noqa: E402
 from stsr.tl._image_tiles import ImageSource  # noqa: E402
 from stsr.tl._inputs import prepare_inputs  # noqa: E402
-from stsr.tl._semantic_prior import PRIOR_HALO, PRIOR_PCA_WINDOWS, PRIOR_WINDOW, slide_prior  # noqa: E402
+from stsr.tl._semantic_prior import (  # noqa: E402
+    PRIOR_FEATURE_CACHE_BYTES,
+    PRIOR_HALO,
+    PRIOR_PCA_WINDOWS,
+    PRIOR_WINDOW,
+    slide_prior,
+)
 
 CAPTURE_HR_PX = 6500 / 5.5
 
@@ -92,11 +100,14 @@ def main(argv: list[str] | None = None) -> None:  # noqa: D103
     with B.Timer() as t:
         stsr.models.teacher_features(image, hr, tile=whole)
     n_windows = int(np.ceil(CAPTURE_HR_PX / PRIOR_WINDOW)) ** 2
-    est = (min(PRIOR_PCA_WINDOWS, n_windows) + n_windows) * t.seconds
+    n_pca = min(PRIOR_PCA_WINDOWS, n_windows)
+    window_bytes = TEACHER_CHANNELS * PRIOR_WINDOW**2 * 4  # float32 features of one window
+    n_kept = min(n_pca, PRIOR_FEATURE_CACHE_BYTES // window_bytes)  # read once: kept from the first pass
+    est = (n_pca + n_windows - n_kept) * t.seconds
     print(
         f"\nOne window ({hr[0]} x {hr[1]} HR px, {tuple(image.shape[1:])} image px): {t.seconds:.1f} s. Full capture area "
-        f"({CAPTURE_HR_PX:.0f} x {CAPTURE_HR_PX:.0f} HR px, {n_windows} windows + {PRIOR_PCA_WINDOWS} for the axes): "
-        f"about {est / 60:.1f} min for the prior."
+        f"({CAPTURE_HR_PX:.0f} x {CAPTURE_HR_PX:.0f} HR px, {n_windows} windows + {n_pca} for the axes, {n_kept} of "
+        f"them kept from the first pass): about {est / 60:.1f} min for the prior."
     )
 
 

@@ -49,6 +49,57 @@ def test_prior_map_is_the_slide_guide_and_keeps_the_spot_counts(slide, monkeypat
     assert sdata.attrs["stsr"]["stsr_prior"]["unit"] == "counts per HR pixel"
 
 
+def test_slide_prior_reads_each_window_once_when_the_first_pass_fits_in_memory(slide, monkeypatch):
+    """The features of the windows read for the principal axes serve the second pass: the same prior, with one
+    teacher pass per window when they all fit (and a second pass only for the ones that do not)."""
+    monkeypatch.setattr(_semantic_prior, "PRIOR_WINDOW", 32)
+    monkeypatch.setattr(_semantic_prior, "PRIOR_PCA_WINDOWS", 100)  # every window is read for the axes
+    inputs = prepare_inputs(
+        slide, "he", GENES, table_key=None, pixel_size=None, coordinate_system=None, image_channels=3
+    )
+    source = ImageSource(inputs.image_levels, inputs.grid, 4)
+    n_windows = len(_semantic_prior._windows(inputs.mask, 32))
+    calls = []
+
+    def counted(image, *args, **kwargs):
+        calls.append(image.shape)
+        return teacher_features(image, *args, **kwargs)
+
+    monkeypatch.setattr(stsr.models, "teacher_features", counted)
+    kept = _semantic_prior.slide_prior(inputs, source)
+    assert n_windows > 4 and len(calls) == n_windows
+    calls.clear()
+    monkeypatch.setattr(_semantic_prior, "PRIOR_FEATURE_CACHE_BYTES", 0)
+    again = _semantic_prior.slide_prior(inputs, source)
+    assert len(calls) == 2 * n_windows
+    np.testing.assert_allclose(kept.scores, again.scores, rtol=0, atol=0)
+    np.testing.assert_allclose(kept.coef, again.coef, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(kept.intercept, again.intercept, rtol=1e-9, atol=1e-12)
+
+
+def test_slide_prior_in_a_store_is_read_window_by_window_and_pickles_small(slide, tmp_path, monkeypatch):
+    """With a store, the scores are a zarr array (the same values): a window task that reads the prior carries a
+    reference to it, not the slide's scores."""
+    import pickle
+
+    import zarr
+
+    monkeypatch.setattr(_semantic_prior, "PRIOR_WINDOW", 32)
+    inputs = prepare_inputs(
+        slide, "he", GENES, table_key=None, pixel_size=None, coordinate_system=None, image_channels=3
+    )
+    source = ImageSource(inputs.image_levels, inputs.grid, 4)
+    in_memory = _semantic_prior.slide_prior(inputs, source)
+    stored = _semantic_prior.slide_prior(inputs, source, store=tmp_path / "scores.zarr")
+    assert isinstance(stored.scores, zarr.Array) and stored.scores.chunks[1:] == (32, 32)
+    np.testing.assert_array_equal(stored.scores[:], in_memory.scores)
+    np.testing.assert_allclose(stored.coef, in_memory.coef, rtol=1e-9)
+    np.testing.assert_allclose(stored.weights(5, 7, 40, 30, 0.5), in_memory.weights(5, 7, 40, 30, 0.5))
+    assert len(pickle.dumps(stored)) < 0.05 * in_memory.scores.nbytes < len(pickle.dumps(in_memory))
+    guides = [_semantic_prior.slide_guide(inputs, p, 0.25) for p in (stored, in_memory)]
+    np.testing.assert_allclose(guides[0].window(0, 0, 50, 60), guides[1].window(0, 0, 50, 60), rtol=1e-6)
+
+
 def test_prior_map_refuses_to_overwrite_and_bad_parameters(slide):
     sdata = sd.deepcopy(slide)
     stsr.tl.prior_map(sdata, "he", GENES[:1], key_added="guide", progress=False)
@@ -115,6 +166,7 @@ def test_prior_map_writes_into_a_backed_store_and_a_failure_leaves_it_as_it_was(
             stsr.tl.prior_map(sdata, "he", GENES, progress=False)
     assert "stsr_prior" not in sdata.images
     assert sorted(str(p.relative_to(path)) for p in path.rglob("*")) == before  # the store as it was
+    assert not (tmp_path / "slide.zarr.stsr-cache").exists()  # and the prior's scores are gone with the cache
     stsr.tl.prior_map(sdata, "he", GENES, progress=False)
     back = sd.read_zarr(path)
     got = np.asarray(back["stsr_prior"]["scale0"]["image"].values)

@@ -279,6 +279,27 @@ def test_semantic_prior_reweights_the_mean_and_keeps_the_spot_sums(slide, model,
         _run(slide, model, semantic_prior=True, prior_strength=-1.0)
 
 
+def test_a_failed_semantic_prior_removes_its_scores_but_keeps_an_earlier_runs_tiles(
+    slide, model, tmp_path, monkeypatch
+):
+    """The prior's scores live in the cache; when the prior fails they go, and the cache folder with them unless it
+    still holds the tile store of an interrupted run (kept so that the next run resumes)."""
+    from stsr.tl import _semantic_prior
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("teacher failed")
+
+    monkeypatch.setattr(_semantic_prior, "pca_scores", broken)  # after the scores' store is created
+    with pytest.raises(RuntimeError, match="teacher failed"):
+        _run(slide, model, semantic_prior=True, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+    earlier = tmp_path / "cache" / "stsr" / "tiles.zarr"
+    earlier.mkdir(parents=True)
+    with pytest.raises(RuntimeError, match="teacher failed"):
+        _run(slide, model, semantic_prior=True, cache_dir=tmp_path / "cache")
+    assert sorted(p.name for p in (tmp_path / "cache" / "stsr").iterdir()) == ["tiles.zarr"]
+
+
 def test_prior_guided_model_gets_the_guide_as_its_lr_input(slide, model, monkeypatch):
     """A model trained on guided pairs (``lr_input == "prior_guide"``) is given, tile by tile, the slide's
     :func:`stsr.models.prior_guide` instead of the interpolation, and the result is not reweighted a second time."""

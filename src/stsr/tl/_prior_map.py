@@ -15,8 +15,8 @@ from ..models._prior import PRIOR_MAP_STRENGTH, check_strength
 from ..pp._transforms import raster_levels
 from . import _semantic_prior
 from ._image_tiles import ImageSource
-from ._inputs import prepare_inputs
-from ._semantic_prior import slide_guide, slide_prior
+from ._inputs import SlideInputs, prepare_inputs
+from ._semantic_prior import SlidePrior, slide_guide, slide_prior
 from ._super_resolve import _cache_dir, _cleanup, _raster, _restrict
 from ._write import add_elements, check_free_keys
 
@@ -97,7 +97,28 @@ def prior_map(
         image_channels=n_channels,
     )
     source = ImageSource(inputs.image_levels, inputs.grid, image_scale)
-    prior = slide_prior(inputs, source, progress=progress)
+    cache = _cache_dir(sdata, cache_dir, key_added)
+    try:
+        # the scores live in the cache, read window by window (no slide-sized array in memory or in the graph)
+        prior = slide_prior(inputs, source, progress=progress, store=cache / "prior_scores.zarr")
+        _write_map(sdata, inputs, prior, image_scale, strength, image_key, key_added, overwrite, cache)
+    finally:
+        _cleanup(cache)
+    return sdata
+
+
+def _write_map(
+    sdata: sd.SpatialData,
+    inputs: SlideInputs,
+    prior: SlidePrior,
+    image_scale: int,
+    strength: float,
+    image_key: str,
+    key_added: str,
+    overwrite: bool,
+    cache: Path,
+) -> None:
+    """Compute the map of ``prior`` window by window and add it to ``sdata`` (staged in ``cache``)."""
     guide = slide_guide(inputs, prior, strength)
 
     def block(b: np.ndarray, block_info=None) -> np.ndarray:
@@ -128,7 +149,4 @@ def prior_map(
         "unit": "counts per HR pixel",
         "stsr_version": __version__,
     }
-    cache = _cache_dir(sdata, cache_dir, key_added)
     add_elements(sdata, {key_added: _raster(mapped, inputs)}, provenance, cache / "staging", overwrite)
-    _cleanup(cache)
-    return sdata

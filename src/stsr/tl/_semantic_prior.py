@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import dask.array as da
 import numpy as np
+import zarr
 from tqdm.auto import tqdm
 
 from ..models._prior import (
@@ -27,6 +29,10 @@ PRIOR_HALO = 32
 #: The principal axes are fitted on at most this many windows, spread evenly over the tissue (all of them on small
 #: slides); the read-out itself is fitted on every spot.
 PRIOR_PCA_WINDOWS = 8
+#: Features of the windows read for the principal axes are kept for the second pass up to this many bytes (all of
+#: them on slides of a few windows, which then go through the teacher once; larger slides keep some and read the
+#: rest again).
+PRIOR_FEATURE_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -37,14 +43,15 @@ class SlidePrior:
     Attributes
     ----------
     scores
-        ``(k, height, width)`` float32 scores (zero outside the windows that hold tissue).
+        ``(k, height, width)`` float32 scores (zero outside the windows that hold tissue): in memory, or a zarr array
+        read window by window.
     coef, intercept
         ``(k, G)`` and ``(G,)`` read-out of ``log1p(count per pixel)``.
     teacher_hash
         SHA-256 of the teacher's weights file.
     """
 
-    scores: np.ndarray
+    scores: np.ndarray | zarr.Array
     coef: np.ndarray
     intercept: np.ndarray
     teacher_hash: str
@@ -149,7 +156,12 @@ def _windows(mask: np.ndarray, size: int) -> list[tuple[int, int, int, int]]:
 
 
 def slide_prior(
-    inputs: SlideInputs, source: ImageSource, *, n_components: int = 5, progress: bool = False
+    inputs: SlideInputs,
+    source: ImageSource,
+    *,
+    n_components: int = 5,
+    progress: bool = False,
+    store: str | Path | None = None,
 ) -> SlidePrior:
     """Fit the semantic prior of a slide (:func:`stsr.models.semantic_prior`, window by window).
 
@@ -157,8 +169,14 @@ def slide_prior(
     pixels with :data:`PRIOR_HALO` pixels of context. A first pass over at most :data:`PRIOR_PCA_WINDOWS` windows
     spread over the tissue (all of them on small slides) accumulates the feature moments of the tissue pixels
     (``inputs.mask``) for the principal axes; a second pass over every window stores the ``k`` scores per pixel and
-    sums them per spot; the ridge is fitted on the spots. Memory: one window through the teacher plus ``k`` floats
-    per HR pixel.
+    sums them per spot; the ridge is fitted on the spots. The features of the first pass are kept for the second up
+    to :data:`PRIOR_FEATURE_CACHE_BYTES`, so a slide of a few windows goes through the teacher once. Memory: one
+    window through the teacher, the kept features and, without ``store``, ``k`` floats per HR pixel.
+
+    With ``store`` (a path for a new zarr array, replaced if it exists), the scores are written there window by
+    window and read back window by window: nothing slide-sized stays in memory, and a task that reads the prior on a
+    dask cluster carries a reference to the array, not the array (the workers must see the path, as they see the
+    staging store the results are written to).
     """
     from ..models import load_teacher, teacher_features
 
@@ -183,20 +201,40 @@ def slide_prior(
     pca_windows = [
         windows[i] for i in np.unique(np.linspace(0, len(windows) - 1, PRIOR_PCA_WINDOWS).round().astype(int))
     ]
-    bar = tqdm(total=len(pca_windows) + len(windows), desc="semantic prior", disable=not progress)
+    kept: dict[tuple[int, int, int, int], np.ndarray] = {}
+    room = PRIOR_FEATURE_CACHE_BYTES
+    bar = tqdm(
+        total=len(pca_windows) + len(windows), desc="semantic prior", unit="window", disable=not progress
+    )
     moments: FeatureMoments | None = None
-    for r0, c0, h, w in pca_windows:
-        f = features(r0, c0, h, w)
+    for window in pca_windows:
+        r0, c0, h, w = window
+        f = features(*window)
         moments = FeatureMoments(f.shape[0]) if moments is None else moments
         moments.add(f[:, mask[r0 : r0 + h, c0 : c0 + w]])
+        if f.nbytes <= room:
+            kept[window], room = f, room - f.nbytes
         bar.update()
     n_pix = op.pool(mask.astype(np.float64)[None])[0]
     mean, scale, axes = moments.pca(usable_components(n_components, n_pix))
-    scores = np.zeros((axes.shape[1], height, width), np.float32)
+    shape = (axes.shape[1], height, width)
+    if store is None:
+        scores: np.ndarray | zarr.Array = np.zeros(shape, np.float32)
+    else:  # one chunk per window: the windows start on multiples of PRIOR_WINDOW
+        scores = zarr.create_array(
+            store=str(store),
+            shape=shape,
+            chunks=(shape[0], PRIOR_WINDOW, PRIOR_WINDOW),
+            dtype="float32",
+            fill_value=0.0,
+            overwrite=True,
+        )
     obs_sums = np.zeros((axes.shape[1], op.n_obs))
-    for r0, c0, h, w in windows:
-        z = pca_scores(features(r0, c0, h, w), mean, scale, axes)
-        scores[:, r0 : r0 + h, c0 : c0 + w] = z
+    for window in sorted(windows, key=lambda win: win not in kept):  # the kept ones first, to free them early
+        r0, c0, h, w = window
+        f = kept.pop(window) if window in kept else features(*window)
+        z = pca_scores(f, mean, scale, axes)
+        scores[:, r0 : r0 + h, c0 : c0 + w] = z.astype(np.float32)
         obs_sums += op.pool_window(z * mask[r0 : r0 + h, c0 : c0 + w], r0, c0)
         bar.update()
     bar.close()

@@ -224,11 +224,17 @@ def super_resolve(
         _batch_memory_mb(net, len(inputs.genes), tile_size, batch_size),
         batch_size,
     )
+    cache = _cache_dir(sdata, cache_dir, key_added)
     prior = None
     if semantic_prior:  # before the tiles, so that a missing extra or a bad slide fails fast
         from ._semantic_prior import slide_prior
 
-        prior = slide_prior(inputs, source, progress=progress)
+        scores = cache / "prior_scores.zarr"  # read window by window, removed with the cache
+        try:
+            prior = slide_prior(inputs, source, progress=progress, store=scores)
+        except BaseException:
+            _cleanup(cache, scores)  # a finished tile store of an interrupted run stays for the next one
+            raise
         params["teacher_sha256"] = prior.teacher_hash
     if guided:
         from ._semantic_prior import slide_guide
@@ -242,7 +248,6 @@ def super_resolve(
         def lr_input(r: int, c: int, t: int) -> np.ndarray:
             return inputs.observation.interpolate(inputs.lr, window=(r, c, t, t))
 
-    cache = _cache_dir(sdata, cache_dir, key_added)
     store = TileStore(cache / "tiles.zarr", plan.n_tiles, len(inputs.genes), tile_size, params, n_samples > 1)
     _run_tiles(
         net,
@@ -311,13 +316,14 @@ def _cache_dir(sdata: sd.SpatialData, cache_dir: str | Path | None, key: str) ->
     return path
 
 
-def _cleanup(cache: Path) -> None:
+def _cleanup(cache: Path, path: Path | None = None) -> None:
+    """Remove ``path`` (default: the whole ``cache``), then ``cache`` and its parent where that leaves them empty."""
     import shutil
 
-    shutil.rmtree(cache, ignore_errors=True)
-    parent = cache.parent
-    if parent.exists() and not any(parent.iterdir()):
-        parent.rmdir()
+    shutil.rmtree(cache if path is None else path, ignore_errors=True)
+    for folder in (cache, cache.parent):
+        if folder.exists() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _run_tiles(
