@@ -59,12 +59,13 @@ def teacher_scale(hr_um: float) -> int:
 
 
 def with_guide(pair: stsr.models.TrainingPair, teacher_image) -> stsr.models.TrainingPair:
-    """The pair with its semantic-prior guide (:func:`stsr.models.prior_guide`) as the network's LR input."""
+    """The pair with its semantic-prior guide (:func:`stsr.models.prior_guide`) as the network's LR input: the
+    interpolated densities on the pair's tissue, as ``super_resolve`` gives a guided model (``SlideGuide``)."""
     op = pair.observation
     lr = pair.lr if pair.lr is not None else op.pool(pair.hr.double().numpy())
     feats = stsr.models.teacher_features(teacher_image, pair.shape)
     mask = pair.mask.numpy() if pair.mask is not None else None
-    guide = stsr.models.prior_guide(stsr.models.semantic_prior(feats, lr, op, mask=mask), lr, op)
+    guide = stsr.models.prior_guide(stsr.models.semantic_prior(feats, lr, op, mask=mask), lr, op, mask=mask)
     return stsr.models.TrainingPair(
         image=pair.image,
         hr=pair.hr,

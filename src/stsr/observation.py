@@ -222,10 +222,14 @@ class ObservationModel:
 
     def tissue_area(self, mask: Any) -> np.ndarray:
         """``(n_obs,)`` area of each observation on the pixels of ``mask`` (``(height, width)``, True on tissue)."""
+        return self.pool(self.mask_weights(mask)[None])[0]
+
+    def mask_weights(self, mask: Any) -> np.ndarray:
+        """``(height, width)`` float 0/1 weights of a tissue ``mask``, checked to lie on this grid."""
         m = np.asarray(mask)
         if m.shape != self.shape:
             raise ValueError(f"mask must be on the observation grid {self.shape}, got shape {m.shape}.")
-        return self.pool(m.astype(np.float64)[None])[0]
+        return m.astype(bool).astype(np.float64)
 
     @property
     def coverage(self) -> np.ndarray:

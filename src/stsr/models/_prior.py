@@ -228,12 +228,7 @@ def prior_weights(prior: np.ndarray, strength: float) -> np.ndarray:
 
 def tissue_weights(mask: Any | None, observation: ObservationModel) -> np.ndarray | None:
     """``(h, w)`` float 0/1 weights of the tissue ``mask`` on the observation grid (None stays None)."""
-    if mask is None:
-        return None
-    m = np.asarray(mask)
-    if m.shape != tuple(observation.shape):
-        raise ValueError(f"mask must be on the observation grid {observation.shape}, got shape {m.shape}.")
-    return m.astype(bool).astype(np.float64)
+    return None if mask is None else observation.mask_weights(mask)
 
 
 def apply_prior(
