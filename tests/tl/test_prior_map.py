@@ -31,7 +31,9 @@ def test_prior_map_is_the_slide_guide_and_keeps_the_spot_counts(slide, monkeypat
     )
     op, h, w = inputs.observation, *inputs.grid.shape
     assert out.shape == (3, h, w) and out.dtype == np.float32 and out.min() >= 0
-    image = ImageSource(inputs.image_levels, inputs.grid, 4).region(0, 0, h, w)
+    image = ImageSource(inputs.image_levels, inputs.grid, _semantic_prior.PRIOR_IMAGE_SCALE).region(
+        0, 0, h, w
+    )
     prior = semantic_prior(teacher_features(image, (h, w)), inputs.lr, op, mask=inputs.mask)
     expected = prior_guide(prior, inputs.lr, op, mask=inputs.mask, strength=0.25)
     np.testing.assert_allclose(out, expected, rtol=5e-3, atol=1e-4 * expected.max())

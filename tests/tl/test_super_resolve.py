@@ -261,7 +261,7 @@ def test_semantic_prior_reweights_the_mean_and_keeps_the_spot_sums(slide, model,
     _, plain = _run(slide, model)
     monkeypatch.setattr(_semantic_prior, "PRIOR_WINDOW", 48)  # several windows with halos
     sdata, out = _run(slide, model, semantic_prior=True)
-    inputs, prior = _whole_slide_prior(slide, model.config.image_scale)
+    inputs, prior = _whole_slide_prior(slide, _semantic_prior.PRIOR_IMAGE_SCALE)
     op = inputs.observation
     expected = apply_prior(plain, prior, inputs.lr, op) * inputs.mask
     assert not np.allclose(out, plain, rtol=0.05)  # the prior changes the map ...
@@ -324,7 +324,7 @@ def test_prior_guided_model_gets_the_guide_as_its_lr_input(slide, model, monkeyp
     # the guide's scales are fitted over several windows
     monkeypatch.setattr(_semantic_prior, "PRIOR_WINDOW", 48)
     sdata, out = _run(slide, guided, semantic_prior=True)
-    inputs, prior = _whole_slide_prior(slide, model.config.image_scale)
+    inputs, prior = _whole_slide_prior(slide, _semantic_prior.PRIOR_IMAGE_SCALE)
     op = inputs.observation
     expected = prior_guide(prior, inputs.lr, op, mask=inputs.mask)
     h, w = op.shape

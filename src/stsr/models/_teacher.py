@@ -23,9 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: Image resolution (micrometres per pixel) the teacher works at: cells and nuclei are a few pixels wide, as in the
-#: ImageNet objects the filters were trained on, and a whole Visium capture area is about 20 megapixels.
-TEACHER_UM_PER_PX = 1.5
+#: Image resolution (micrometres per pixel) the teacher reads: nuclei are several pixels wide, as the parts of the
+#: ImageNet objects its filters were trained on. Chosen on the HER2ST validation section C2 among 1.5 and 0.75
+#: (``benchmarks/teacher_resolution.py``: the prior map's within-block r 0.457 at 1.5, 0.483 at 0.75); a whole
+#: Visium capture area is then about 75 megapixels.
+TEACHER_UM_PER_PX = 0.75
 #: Feature channels of :func:`teacher_features`: 128 (stride 8) + 256 (stride 16) + RGB mean and std.
 TEACHER_CHANNELS = 128 + 256 + 6
 

@@ -30,7 +30,7 @@ def prior_map(
     pixel_size: float | None = None,
     coordinate_system: str | None = None,
     strength: float = PRIOR_MAP_STRENGTH,
-    image_scale: int = 4,
+    image_scale: int = _semantic_prior.PRIOR_IMAGE_SCALE,
     key_added: str = KEY_PRIOR_MAP,
     overwrite: bool = False,
     cache_dir: str | Path | None = None,
@@ -59,8 +59,9 @@ def prior_map(
     strength
         Exponent of the prior (0 = the interpolation alone, 1 = the full read-out; 0.25 was chosen on HER2ST C2).
     image_scale
-        Image pixels per HR pixel read by the image teacher (the default, 4, reads about 1.4 µm per pixel at the
-        default 5.5 µm HR pixel of Visium; the teacher works best near 1.5 µm per pixel).
+        Image pixels per HR pixel read by the image teacher (the default, 8, reads about 0.69 µm per pixel at the
+        default 5.5 µm HR pixel of Visium, near :data:`stsr.models.TEACHER_UM_PER_PX`; with the 10 µm HR pixels of
+        legacy ST, 16 reads 0.63 µm per pixel). An image coarser than that is upsampled.
     key_added
         Key of the new raster element.
     overwrite

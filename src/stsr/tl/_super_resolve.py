@@ -228,11 +228,12 @@ def super_resolve(
     cache = _cache_dir(sdata, cache_dir, key_added)
     prior = None
     if semantic_prior:  # before the tiles, so that a missing extra or a bad slide fails fast
-        from ._semantic_prior import slide_prior
+        from ._semantic_prior import PRIOR_IMAGE_SCALE, slide_prior
 
         scores = cache / "prior_scores.zarr"  # read window by window, removed with the cache
+        teacher_source = ImageSource(inputs.image_levels, inputs.grid, PRIOR_IMAGE_SCALE)
         try:
-            prior = slide_prior(inputs, source, progress=progress, store=scores)
+            prior = slide_prior(inputs, teacher_source, progress=progress, store=scores)
         except BaseException:
             _cleanup(cache, scores)  # a finished tile store of an interrupted run stays for the next one
             raise
