@@ -227,6 +227,22 @@ def build_cases(
     return cases
 
 
+def add_teacher_option(parser: argparse.ArgumentParser) -> None:
+    """``--teacher-um``: the µm per pixel the image teacher reads (default ``stsr.models.TEACHER_UM_PER_PX``)."""
+    parser.add_argument(
+        "--teacher-um",
+        type=float,
+        default=None,
+        help="µm per pixel the image teacher reads (default stsr.models.TEACHER_UM_PER_PX)",
+    )
+
+
+def use_teacher_option(args: argparse.Namespace) -> None:
+    """Apply ``--teacher-um`` (the case builders read ``stsr.models.TEACHER_UM_PER_PX`` when they run)."""
+    if args.teacher_um is not None:
+        stsr.models.TEACHER_UM_PER_PX = args.teacher_um
+
+
 def progress_log(t_start: float) -> Callable[[str], None]:
     """A logger printing ``[seconds since t_start] message`` to stderr."""
 
@@ -510,15 +526,9 @@ def main(argv: list[str] | None = None) -> str:
         help="skip the regression net and the short models (e.g. to score other --model weights next to a full run)",
     )
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument(
-        "--teacher-um",
-        type=float,
-        default=None,
-        help="µm per pixel the image teacher reads (default stsr.models.TEACHER_UM_PER_PX)",
-    )
+    add_teacher_option(p)
     args = p.parse_args(argv)
-    if args.teacher_um is not None:
-        stsr.models.TEACHER_UM_PER_PX = args.teacher_um
+    use_teacher_option(args)
     q = args.quick
     sections = args.sections or (["C2", "C3"] if q else list(HER2ST_SECTIONS))
     cases_on = set(args.cases or (["her2st"] if q else ["her2st", "dbit", "vizgen", "synthetic"]))

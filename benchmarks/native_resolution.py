@@ -191,7 +191,9 @@ def main(argv: list[str] | None = None) -> str:  # noqa: D103
     p.add_argument("--cache-interval", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
+    A.add_teacher_option(p)
     args = p.parse_args(argv)
+    A.use_teacher_option(args)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     model = None if args.no_model else stsr.models.load(args.model)  # a shipped name or a weights directory

@@ -16,13 +16,13 @@ ridge fitted on the LR data of the slide itself. This script scores, on the real
 - the prior map of :func:`stsr.tl.prior_map` (the interpolation of counts per tissue pixel x the shipped read-out,
   on the tissue only) at several strengths: its default strength was chosen on HER2ST C2 from these rows;
 - the shipped prior with the teacher's image never finer than the image itself: the teacher otherwise reads every
-  case at about 1.5 µm per pixel, which upsamples the H&E of HER2ST A1 and A2 (3.2 µm per pixel) and the DBiT-seq
+  case at about ``stsr.models.TEACHER_UM_PER_PX`` (1.5 µm per pixel when the committed results were made), which upsamples the H&E of HER2ST A1 and A2 (3.2 µm per pixel) and the DBiT-seq
   image (3.5 µm per pixel) about twofold (so does :func:`stsr.tl.prior_map` on coarse images);
 - bicubic + mass, the same with the counts on the tissue pixels only, and the uniform split for reference.
 
 Run::
 
-    python benchmarks/prior_readout.py [--cases her2st dbit vizgen] [--genes 20]
+    python benchmarks/prior_readout.py [--cases her2st dbit vizgen] [--genes 20] [--teacher-um 1.5]
         [--out benchmarks/results/prior_readout.md]
 
 Features are computed once per case (about 30 s for a HER2ST section on 2 CPU cores). The noise ceiling and TESLA
@@ -115,7 +115,7 @@ def case_rows(case: A.Case, native_teacher: np.ndarray | None = None) -> tuple[d
     """Method label -> summarized metrics; the noise ceiling; feature seconds.
 
     ``native_teacher``: the case's image for the teacher at no finer than the image's own resolution, where that
-    differs from ``case.teacher_image`` (which is upsampled to about 1.5 µm per pixel).
+    differs from ``case.teacher_image`` (which is upsampled to about ``TEACHER_UM_PER_PX``).
     """
     lr, op, mask = case.lr, case.pair.observation, case.mask
     truth = case.pair.hr.double().numpy()
@@ -262,7 +262,9 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--cases", nargs="+", default=["her2st", "dbit", "vizgen"])
     p.add_argument("--genes", type=int, default=20)
     p.add_argument("--out", type=Path, default=None)
+    A.add_teacher_option(p)
     args = p.parse_args(argv)
+    A.use_teacher_option(args)
     warnings.filterwarnings("ignore")
     t_start = time.time()
     results = []
@@ -281,7 +283,8 @@ def main(argv: list[str] | None = None) -> str:
         "# Semantic prior: read-out variants and the read-out fitted on the truth",
         "",
         f"Generated {_dt.datetime.now():%Y-%m-%d %H:%M} by `{cmd.strip()}` (stsr {stsr.__version__}, "
-        f"{platform.machine()}, total {time.time() - t_start:.0f} s). {args.genes} genes per case, the accuracy "
+        f"{platform.machine()}, total {time.time() - t_start:.0f} s; image teacher at "
+        f"{stsr.models.TEACHER_UM_PER_PX:g} µm per pixel). {args.genes} genes per case, the accuracy "
         "benchmark's truth and LR input; every prior row reweights bicubic + mass, except the prior map rows, "
         "which reweight the interpolation of counts per tissue pixel (as stsr.tl.prior_map does).",
         "",

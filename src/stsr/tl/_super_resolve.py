@@ -114,8 +114,8 @@ def super_resolve(
         on this slide's spots alone (:func:`stsr.models.semantic_prior`); the spot sums are restored afterwards.
         On the HER2ST benchmark it raises within-spot-block structure markedly (``docs/benchmarks/accuracy.md``,
         rows "× semantic prior"). The teacher reads every window of the tissue once (the up to 8 windows of
-        the principal axes a second time where their features do not fit in 256 MiB): under a minute for a full
-        Visium capture area on 2 CPU cores, 1.0-1.2 GB of memory whatever the slide size
+        the principal axes a second time where their features do not fit in 256 MiB): about 3 min for a full
+        Visium capture area on 2 CPU cores, 1.0-1.3 GB of memory whatever the slide size
         (``benchmarks/semantic_prior_cost.py``). The ``_std`` layer stays that of the
         samples. A prior-guided model (``model.lr_input == "prior_guide"``) needs it: it is given the prior map
         (:func:`prior_map`, tile by tile) as its LR input instead of the interpolation, and its output is not
