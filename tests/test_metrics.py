@@ -332,9 +332,23 @@ def test_ablation_harness_pairs_seeds_and_reports_spread():
     )
 
 
-def test_prior_rows_and_teacher_scale():
-    assert A.teacher_scale(200.0) == 128 and A.teacher_scale(25.0) == 16 and A.teacher_scale(5.5) == 4
+def test_prior_rows_and_teacher_scale(monkeypatch):
+    import argparse
+
+    import stsr
+
+    assert stsr.models.TEACHER_UM_PER_PX == 0.75
+    assert A.teacher_scale(200.0) == 256 and A.teacher_scale(25.0) == 32 and A.teacher_scale(5.5) == 8
     assert A.teacher_scale(0.5) == 1
+    # --teacher-um: the reports made with the teacher at 1.5 µm per pixel
+    monkeypatch.setattr(
+        stsr.models, "TEACHER_UM_PER_PX", stsr.models.TEACHER_UM_PER_PX
+    )  # restored afterwards
+    parser = argparse.ArgumentParser()
+    A.add_teacher_option(parser)
+    A.use_teacher_option(parser.parse_args(["--teacher-um", "1.5"]))
+    assert A.teacher_scale(200.0) == 128 and A.teacher_scale(25.0) == 16 and A.teacher_scale(5.5) == 4
+    monkeypatch.undo()
     # the variant that never reads an image finer than it is: HER2ST A (3.2 µm/px) and C (0.69 µm/px) sections
     import spatialdata as sd
     from spatialdata.models import Image2DModel
@@ -346,7 +360,7 @@ def test_prior_rows_and_teacher_scale():
         return sd.SpatialData(images={"he": Image2DModel.parse(image, transformations={"global": scale})})
 
     assert A.native_teacher_scale(slide(3.2), "he", 200.0) == 62
-    assert A.native_teacher_scale(slide(0.69), "he", 200.0) == 128
+    assert A.native_teacher_scale(slide(0.69), "he", 200.0) == 256
     pair = _pair()
     op = pair.observation
     bare = A.Case("toy", pair, B.pair_lr(pair))

@@ -244,7 +244,7 @@ def test_teacher_features_do_not_depend_on_the_tiling():
 def test_semantic_prior_adds_structure_inside_the_spots_on_her2st(her2st_c2):
     """Real data (HER2ST C2, the validation section): measured 100 µm spots as truth, 2 x 2 spots as input."""
     genes = stsr.pp.select_genes(her2st_c2["table"], n_top=12)
-    k = 2 ** round(np.log2(200.0 / TEACHER_UM_PER_PX))  # 200 µm lattice pixels at ~1.5 µm per image pixel
+    k = 2 ** round(np.log2(200.0 / TEACHER_UM_PER_PX))  # 200 µm lattice pixels at the teacher's resolution
     pair = stsr.tl.training_pair(her2st_c2, "he", table_key="table", genes=genes, factor=2, image_scale=k)
     op, hr, mask = pair.observation, pair.hr.double().numpy(), pair.mask.numpy()
     lr = op.pool(hr)
