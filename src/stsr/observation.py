@@ -452,7 +452,7 @@ class ObservationModel:
         # sum_i w_i(y, x) v_i with separable Gaussian weights: einsum over observations
         # sum_i wy[y, i] wx[x, i] v_i as one (H, n) @ (n, W) product per gene
         lead = dens.shape[:-1]
-        flat = dens.reshape(-1, dens.shape[-1])
+        flat = dens.reshape(int(np.prod(lead)), dens.shape[-1])  # explicit: no observation near is a valid window
         num = np.stack([(wy * v) @ wx.T for v in flat]).reshape(*lead, len(rr), len(cc))
         den = wy @ wx.T
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)

@@ -156,8 +156,9 @@ def test_bad_inputs_raise_clear_errors_and_change_nothing(slide, model):
         stsr.tl.super_resolve(sdata, "hee", GENES, model=model)
     with pytest.raises((KeyError, ValueError), match="gene_01"):
         stsr.tl.super_resolve(sdata, "he", ["gene_01x"], model=model)
-    with pytest.raises(ValueError, match="smaller tile_size"):
-        stsr.tl.super_resolve(sdata, "he", GENES, model=model, tile_size=512)
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="batch_size"):
+            stsr.tl.super_resolve(sdata, "he", GENES, model=model, batch_size=bad)
     fluo = STSRModel(ModelConfig(image_channels=2, width=8, hist_width=8, groups=4))
     with pytest.raises(ValueError, match="channel"):
         stsr.tl.super_resolve(sdata, "he", GENES, model=fluo)
@@ -293,11 +294,14 @@ def test_a_failed_semantic_prior_removes_its_scores_but_keeps_an_earlier_runs_ti
     with pytest.raises(RuntimeError, match="teacher failed"):
         _run(slide, model, semantic_prior=True, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
+    from stsr.tl._cache import MARKER
+
     earlier = tmp_path / "cache" / "stsr" / "tiles.zarr"
     earlier.mkdir(parents=True)
+    (earlier.parent / MARKER).touch()  # an interrupted run's folder
     with pytest.raises(RuntimeError, match="teacher failed"):
         _run(slide, model, semantic_prior=True, cache_dir=tmp_path / "cache")
-    assert sorted(p.name for p in (tmp_path / "cache" / "stsr").iterdir()) == ["tiles.zarr"]
+    assert sorted(p.name for p in (tmp_path / "cache" / "stsr").iterdir()) == [MARKER, "tiles.zarr"]
 
 
 def test_prior_guided_model_gets_the_guide_as_its_lr_input(slide, model, monkeypatch):

@@ -113,7 +113,7 @@ def test_failed_overwrite_restores_the_store(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(sd.SpatialData, "write_element", boom)
+    monkeypatch.setattr(sd.SpatialData, "write_consolidated_metadata", boom)  # after the swap: rolled back
     with pytest.raises(OSError, match="disk full"):
         add_elements(sdata, {"new": _raster(values * 7)}, {}, tmp_path / "staging", overwrite=True)
     monkeypatch.undo()

@@ -76,6 +76,11 @@ class STSRModel(nn.Module):
         return str(self.config.extra.get("lr_input", "interpolation"))
 
     @property
+    def tile_multiple(self) -> int:
+        """HR tile sides must be multiples of this (the histology encoder's two stride-2 levels)."""
+        return 4
+
+    @property
     def device(self) -> torch.device:
         """Device of the denoiser's parameters."""
         for p in self.denoiser.parameters():

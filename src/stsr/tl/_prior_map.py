@@ -14,11 +14,12 @@ from .._validate import check_element
 from ..models._prior import PRIOR_MAP_STRENGTH, check_strength
 from ..pp._transforms import raster_levels
 from . import _semantic_prior
+from ._cache import RunCache
 from ._image_tiles import ImageSource
 from ._inputs import SlideInputs, prepare_inputs
 from ._semantic_prior import SlidePrior, slide_guide, slide_prior
-from ._super_resolve import _cache_dir, _cleanup, _raster, _restrict
-from ._write import add_elements, check_free_keys
+from ._super_resolve import _raster, _restrict
+from ._write import add_elements, check_new_keys
 
 
 def prior_map(
@@ -76,12 +77,12 @@ def prior_map(
     ``sdata``, with ``sdata[key_added]``: an image element (c = genes, y, x; float32 counts per HR pixel) overlaying
     the image, provenance in its attrs and in ``sdata.attrs["stsr"][key_added]``.
     """
+    check_new_keys(sdata, [key_added], overwrite, inputs=(image_key, table_key))  # before any path or work
     check_strength(strength, "strength")
     if isinstance(image_scale, bool) or not isinstance(image_scale, int) or image_scale < 1:
         raise ValueError(
             f"image_scale must be a positive integer (image pixels per HR pixel), got {image_scale!r}."
         )
-    check_free_keys(sdata, [key_added], overwrite)
     n_channels = raster_levels(check_element(sdata, image_key, "images"))[0].shape[0]
     if n_channels not in (1, 3):
         raise ValueError(
@@ -97,14 +98,15 @@ def prior_map(
         coordinate_system=coordinate_system,
         image_channels=n_channels,
     )
+    check_new_keys(sdata, [key_added], overwrite, inputs=(image_key, inputs.table_key, inputs.spots_key))
     source = ImageSource(inputs.image_levels, inputs.grid, image_scale)
-    cache = _cache_dir(sdata, cache_dir, key_added)
+    cache = RunCache(sdata, cache_dir, key_added)
     try:
         # the scores live in the cache, read window by window (no slide-sized array in memory or in the graph)
         prior = slide_prior(inputs, source, progress=progress, store=cache / "prior_scores.zarr")
         _write_map(sdata, inputs, prior, image_scale, strength, image_key, key_added, overwrite, cache)
     finally:
-        _cleanup(cache)
+        cache.remove()
     return sdata
 
 
@@ -117,7 +119,7 @@ def _write_map(
     image_key: str,
     key_added: str,
     overwrite: bool,
-    cache: Path,
+    cache: RunCache,
 ) -> None:
     """Compute the map of ``prior`` window by window and add it to ``sdata`` (staged in ``cache``)."""
     guide = slide_guide(inputs, prior, strength)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,30 @@ from typing import Any
 import numpy as np
 import zarr
 
-__all__ = ["TileStore"]
+__all__ = ["TileStore", "input_fingerprint"]
+
+log = logging.getLogger("stsr")
+
+
+def input_fingerprint(inputs: Any) -> str:
+    """SHA-256 of everything a tile depends on besides the call's parameters: the measured counts, the spots'
+    geometry on the grid, the area predicted, the grid, and the image's identity (the shape and type of every
+    level and the pixels of the coarsest, read chunk by chunk)."""
+    h = hashlib.sha256()
+    for arr in (inputs.lr, inputs.observation.centres, inputs.observation.support_area, inputs.mask):
+        a = np.ascontiguousarray(arr)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    grid = inputs.grid
+    h.update(json.dumps([list(grid.shape), grid.pixel_size, list(grid.origin), list(inputs.genes)]).encode())
+    for level in inputs.image_levels:
+        h.update(f"{level.dtype}{tuple(level.shape)}".encode())
+    coarse = inputs.image_levels[-1].data
+    blocks = coarse.to_delayed().ravel() if hasattr(coarse, "to_delayed") else [coarse]
+    for block in blocks:
+        values = np.ascontiguousarray(block.compute() if hasattr(block, "compute") else block)
+        h.update(values.tobytes())
+    return h.hexdigest()
 
 
 class TileStore:
@@ -46,6 +70,11 @@ class TileStore:
                 root = zarr.open_group(str(self.path), mode="r+")
                 if root.attrs.get("fingerprint") != fingerprint or tuple(root["mean"].shape) != shape:
                     root = None
+                    log.warning(
+                        "The tile store in %s was made from other inputs or parameters (%s); starting afresh.",
+                        self.path,
+                        _changed(root_params(self.path), params),
+                    )
             except Exception:  # an unreadable or partial store is rebuilt
                 root = None
             if root is None:
@@ -90,3 +119,17 @@ class TileStore:
     def remove(self) -> None:
         """Delete the store from disk."""
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def root_params(path: Path) -> dict[str, Any]:
+    """The parameters a tile store was made for (empty when unreadable)."""
+    try:
+        return dict(zarr.open_group(str(path), mode="r").attrs.get("params", {}))
+    except Exception:
+        return {}
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> str:
+    new = json.loads(json.dumps(new, default=str))
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "changed: " + ", ".join(keys) if keys else "changed shape"

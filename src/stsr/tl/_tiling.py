@@ -7,13 +7,16 @@ cluster) assembles the same result.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import dask.array as da
 import numpy as np
 
-__all__ = ["TilePlan", "plan_tiles", "blend_weights", "assemble"]
+__all__ = ["TilePlan", "fit_tiles", "plan_tiles", "blend_weights", "assemble"]
+
+log = logging.getLogger("stsr")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,43 @@ def _starts(length: int, tile: int, stride: int) -> np.ndarray:
         return np.array([0])
     starts = list(range(0, length - tile, stride)) + [length - tile]
     return np.unique(np.asarray(starts))
+
+
+def fit_tiles(
+    grid_shape: tuple[int, int], tile_size: int, overlap: int, multiple: int = 4
+) -> tuple[int, int]:
+    """Adapt a requested tile side and overlap to the grid and to the model's tile multiple.
+
+    The tile shrinks to the grid's shorter side when the grid is smaller than one tile, and rounds down to a
+    multiple of ``multiple`` (the model's tile sides are multiples of 4 HR pixels); an overlap that no longer fits
+    becomes a quarter of the tile. Changes are logged.
+
+    Returns
+    -------
+    ``(tile_size, overlap)`` to plan with.
+    """
+    h, w = int(grid_shape[0]), int(grid_shape[1])
+    smallest = max(8, multiple)
+    tile = min(int(tile_size), h, w)
+    tile -= tile % multiple
+    if tile < smallest:
+        raise ValueError(
+            f"The HR grid ({h} x {w} pixels) is too small: the model needs at least {smallest} x {smallest} HR "
+            "pixels. Pass a smaller pixel_size, or a larger region of the slide."
+        )
+    ov = int(overlap) if overlap < tile else tile // 4
+    if (tile, ov) != (tile_size, overlap):
+        log.info(
+            "tiles of %d HR px with overlap %d (asked %d / %d) to fit the %d x %d grid and the model's multiple of %d",
+            tile,
+            ov,
+            tile_size,
+            overlap,
+            h,
+            w,
+            multiple,
+        )
+    return tile, ov
 
 
 def plan_tiles(
