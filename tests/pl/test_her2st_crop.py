@@ -118,3 +118,61 @@ def test_real_crop_table_aggregate_and_plots(crop_sdata, tmp_path):
     np.testing.assert_allclose(hr[0, r, c], dens[inside], rtol=0.02)
     assert coll.get_clim() == fig.axes[1].images[-1].get_clim()
     assert (tmp_path / "panels.png").stat().st_size > 10_000
+
+
+def test_real_crop_overlay_pixels(crop_sdata):
+    """On the real H&E: between the spots (the map is 0 in every gene there) the rendered overlay is the H&E
+    unchanged; on a spot it is the colour map's colour blended at alpha over the H&E."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import Normalize
+
+    from stsr.pl._draw import draw_image
+
+    sdata, _, centre, inside, counts, xy = crop_sdata
+    crop = (centre[0] - 150, centre[1] - 150, centre[0] + 150, centre[1] + 150)
+    figsize, dpi, position = (5, 5), 100, [0.0, 0.0, 1.0, 1.0]
+
+    def render(fig):
+        fig.canvas.draw()
+        return np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(float)
+
+    fig = plt.figure(figsize=figsize, dpi=dpi)
+    ax = fig.add_axes(position)
+    alpha = 0.6
+    stsr.pl.overlay(sdata, "stsr", "ERBB2", crop=crop, vmin=0.0, colorbar=False, alpha=alpha, ax=ax)
+    buf = render(fig)
+    ref_fig = plt.figure(figsize=figsize, dpi=dpi)
+    ref_ax = ref_fig.add_axes(position)
+    draw_image(ref_ax, sdata, "he", "global", crop)
+    ref_ax.set_xlim(crop[0], crop[2])
+    ref_ax.set_ylim(crop[3], crop[1])
+    ref_ax.set_aspect("equal")
+    ref = render(ref_fig)
+    assert buf.shape == ref.shape
+
+    def block(arr, axes, x, y, half_um):
+        (x0, y0), (x1, y1) = axes.transData.transform(
+            [(x - half_um, y - half_um), (x + half_um, y + half_um)]
+        )
+        h = arr.shape[0]
+        return arr[int(h - y0) : int(h - y1), int(x0) : int(x1)].reshape(-1, 3)
+
+    # the point of the crop farthest from every spot centre (> 50 µm + one HR pixel): no value there
+    gx, gy = np.meshgrid(
+        np.linspace(crop[0] + 20, crop[2] - 20, 61), np.linspace(crop[1] + 20, crop[3] - 20, 61)
+    )
+    pts = np.c_[gx.ravel(), gy.ravel()]
+    dist = np.min(np.linalg.norm(pts[:, None] - xy[None], axis=2), axis=1)
+    far = pts[np.argmax(dist)]
+    assert dist.max() > 50 + HR_UM * np.sqrt(2) + 10
+    gap = block(buf, ax, *far, 10.0)
+    assert gap.shape[0] > 100 and np.ptp(block(ref, ax, *far, 10.0)) > 0  # real H&E texture
+    np.testing.assert_array_equal(gap, block(ref, ax, *far, 10.0))
+    # the middle spot: uniform density counts / area; drawn blended over the H&E (inner 30 µm of the 100 µm disk)
+    gene_map = ax.images[-1]
+    norm = Normalize(*gene_map.get_clim())
+    value = counts[np.argmin(np.linalg.norm(xy - centre, axis=1)), 0] / (np.pi * 50.0**2 / HR_UM**2)
+    rgb = np.round(np.asarray(plt.get_cmap("magma")(norm(value)))[:3] * 255)
+    np.testing.assert_allclose(
+        block(buf, ax, *centre, 15.0), alpha * rgb + (1 - alpha) * block(ref, ax, *centre, 15.0), atol=3
+    )

@@ -67,8 +67,11 @@ def test_other_coordinate_system_and_no_image(sdata):
     ax = stsr.pl.overlay(sdata, "stsr", "ERBB2", coordinate_system="pixels", colorbar=False)
     np.testing.assert_allclose(ax.images[0].get_extent(), [0, IMG_SHAPE[1], IMG_SHAPE[0], 0])
     np.testing.assert_allclose(ax.images[1].get_extent(), [0, 120, 80, 0])
+    # the unit of a coordinate system other than stsr's "global" (µm) is unknown
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("x (pixels units)", "y (pixels units)")
     ax = stsr.pl.overlay(sdata, "stsr", "ERBB2", show_image=False, colorbar=False)
-    assert len(ax.images) == 1 and ax.get_xlabel() == "x (global)"
+    assert len(ax.images) == 1
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("x (µm, global)", "y (µm, global)")
 
 
 def test_errors(sdata):

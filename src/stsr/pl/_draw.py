@@ -25,6 +25,11 @@ from .._validate import element_type
 MAX_DISPLAY_PIXELS = 2048
 #: Default unit of HR rasters.
 DEFAULT_UNIT = "counts per HR pixel"
+#: Units of the coordinate systems whose unit is known. SpatialData does not record units; every stsr loader (and
+#: :func:`stsr.datasets.synthetic`) places its elements in :data:`~stsr._constants.CS_GLOBAL` in micrometres.
+COORDINATE_UNITS = {CS_GLOBAL: "µm"}
+#: Fully transparent: the colour of map pixels without a value.
+TRANSPARENT = (0.0, 0.0, 0.0, 0.0)
 
 Bbox = tuple[float, float, float, float]
 
@@ -128,19 +133,68 @@ def draw_image(ax: Any, sdata: Any, image_key: str, cs: str, crop_box: Bbox | No
 
 def raster_window(
     sdata: Any, key: str, gene: str | None, cs: str, crop_box: Bbox | None, level: int | None
-) -> tuple[np.ndarray, tuple[float, float, float, float], np.ndarray]:
+) -> tuple[np.ma.MaskedArray, tuple[float, float, float, float], np.ndarray]:
     """Values of one channel (``gene``; ``None`` for single-channel/labels) of raster ``key`` in the view.
 
-    Returns ``(values (y, x) float, imshow extent, affine of the window's pixels)``.
+    Pixels without a value are masked: NaN in ``gene``, or zero (or NaN) in every channel, which is how the maps
+    stsr writes mark the pixels outside the tissue mask. A zero of ``gene`` where another channel is non-zero is a
+    measured zero and stays unmasked; a single-channel raster's zeros are masked.
+
+    Returns ``(values (y, x) float masked array, imshow extent, affine of the window's pixels)``.
     """
+    import dask
+
     element = sdata[key]
     lvl = pick_level(element, cs, crop_box, MAX_DISPLAY_PIXELS, key) if level is None else level
     win = _window(element, cs, crop_box, lvl, key, "raster")
     data = win.data
     if "c" in data.dims:
-        data = data.sel(c=gene) if gene is not None else data.isel(c=0)
-    values = np.asarray(data.values, dtype=np.float32)
-    return values, win.extent(f"raster {key!r}"), win.matrix
+        channel = data.sel(c=gene) if gene is not None else data.isel(c=0)
+        measured = ((data != 0) & data.notnull()).any("c")
+    else:
+        channel = data
+        measured = (data != 0) & data.notnull()
+    # one pass over the chunks for both (the channel is read again from the same chunks otherwise)
+    values, measured = dask.compute(channel.data, measured.data)
+    values = np.asarray(values, dtype=np.float32)
+    has_value = np.asarray(measured, dtype=bool) & np.isfinite(values)
+    return np.ma.masked_array(values, mask=~has_value), win.extent(f"raster {key!r}"), win.matrix
+
+
+def draw_map(
+    ax: Any,
+    values: np.ndarray,
+    extent: tuple[float, float, float, float],
+    cmap: Any,
+    norm: Any,
+    alpha: float,
+) -> Any:
+    """Draw a value map (``(y, x)``, masked where there is no value) with ``imshow``; masked and NaN pixels are
+    fully transparent, so whatever lies underneath shows unchanged there. Returns the ``AxesImage``."""
+    return ax.imshow(
+        values,
+        extent=extent,
+        origin="upper",
+        cmap=transparent_bad(cmap),
+        norm=norm,
+        alpha=alpha,
+        interpolation="nearest",
+    )
+
+
+def opaque(mappable: Any) -> Any:
+    """An opaque ``ScalarMappable`` for a colour bar of ``mappable``: same colour map and the same ``Normalize``
+    object (so it follows ``set_clim``), without the layer's ``alpha``; the bar shows ``cmap(norm(value))``."""
+    from matplotlib.cm import ScalarMappable
+
+    return ScalarMappable(norm=mappable.norm, cmap=mappable.get_cmap())
+
+
+def transparent_bad(cmap: Any) -> Any:
+    """``cmap`` (a name or a ``Colormap``) with masked / NaN values drawn fully transparent."""
+    import matplotlib
+
+    return matplotlib.colormaps.get_cmap(cmap).with_extremes(bad=TRANSPARENT)
 
 
 def _window(element: Any, cs: str, crop_box: Bbox | None, level: int, key: str, what: str) -> Any:
@@ -154,11 +208,13 @@ def _window(element: Any, cs: str, crop_box: Bbox | None, level: int, key: str, 
 def color_limits(
     values: list[np.ndarray], vmin: float | None, vmax: float | None, percentile: tuple[float, float]
 ) -> tuple[float, float]:
-    """``(vmin, vmax)``: given values, else percentiles of the finite values pooled over ``values``."""
+    """``(vmin, vmax)``: given values, else percentiles of the finite, unmasked values pooled over ``values``."""
     if len(percentile) != 2 or not 0 <= percentile[0] < percentile[1] <= 100:
         raise ValueError(f"percentile must be (low, high) with 0 <= low < high <= 100, got {percentile!r}.")
     pooled = (
-        np.concatenate([np.ravel(np.asarray(v, dtype=np.float64)) for v in values]) if values else np.empty(0)
+        np.concatenate([np.ravel(np.ma.filled(np.ma.asarray(v, dtype=np.float64), np.nan)) for v in values])
+        if values
+        else np.empty(0)
     )
     pooled = pooled[np.isfinite(pooled)]
     lo = vmin if vmin is not None else (float(np.percentile(pooled, percentile[0])) if pooled.size else 0.0)
@@ -173,10 +229,17 @@ def unit_of(sdata: Any, key: str) -> str:
     return str(provenance(sdata, key).get("unit", DEFAULT_UNIT))
 
 
+def axis_label(axis: str, cs: str) -> str:
+    """Axis label naming the coordinate system and its unit when known: ``"x (µm, global)"``, else
+    ``"x (<cs> units)"``."""
+    unit = COORDINATE_UNITS.get(cs)
+    return f"{axis} ({unit}, {cs})" if unit else f"{axis} ({cs} units)"
+
+
 def finish_axes(
     ax: Any, cs: str, extent: tuple[float, float, float, float] | None, crop_box: Bbox | None
 ) -> None:
-    """Equal aspect, ``y`` downwards, limits on the crop (or ``extent``), axis labels naming ``cs``."""
+    """Equal aspect, ``y`` downwards, limits on the crop (or ``extent``), axis labels naming ``cs`` and its unit."""
     if crop_box is not None:
         ax.set_xlim(crop_box[0], crop_box[2])
         ax.set_ylim(crop_box[3], crop_box[1])
@@ -184,8 +247,8 @@ def finish_axes(
         ax.set_xlim(extent[0], extent[1])
         ax.set_ylim(extent[2], extent[3])
     ax.set_aspect("equal")
-    ax.set_xlabel(f"x ({cs})")
-    ax.set_ylabel(f"y ({cs})")
+    ax.set_xlabel(axis_label("x", cs))
+    ax.set_ylabel(axis_label("y", cs))
 
 
 def save_figure(fig: Any, save: str | Path | None) -> None:

@@ -11,7 +11,9 @@ from ._draw import (
     color_limits,
     default_image,
     draw_image,
+    draw_map,
     finish_axes,
+    opaque,
     raster_window,
     save_figure,
     shared_cs,
@@ -47,6 +49,11 @@ def overlay(
     in coordinate-system units), so the map lands exactly where the tissue is. The transformations must be
     axis-aligned scales plus translations in that coordinate system; otherwise a :class:`ValueError` says so.
 
+    Pixels of the map without a value are fully transparent, so the image shows unchanged there: NaN, and pixels
+    that are zero in every channel of ``key`` (the maps stsr writes are zero outside the tissue mask). A zero of
+    ``gene`` where another gene is non-zero is a measured zero and is drawn. Everywhere else the map is drawn at
+    opacity ``alpha`` over the image.
+
     Parameters
     ----------
     sdata
@@ -63,11 +70,13 @@ def overlay(
     coordinate_system
         Default: ``"global"`` if the raster and the image share it, else their first shared one.
     alpha
-        Opacity of the gene map.
+        Opacity of the gene map over the image. Without an image the map is opaque, so its colours are exactly the
+        colour bar's.
     cmap
         Colour map of the gene map.
     vmin, vmax
-        Colour limits; each defaults to the given ``percentile`` of the values in view.
+        Colour limits; each defaults to the given ``percentile`` of the values in view (pixels without a value
+        excluded).
     percentile
         ``(low, high)`` percentiles used for missing ``vmin`` / ``vmax``.
     crop
@@ -86,9 +95,11 @@ def overlay(
 
     Returns
     -------
-    The :class:`~matplotlib.axes.Axes`; ``ax.images`` holds the image (first, when drawn) and the gene map (last).
+    The :class:`~matplotlib.axes.Axes`; ``ax.images`` holds the image (first, when drawn) and the gene map (last;
+    its array is masked where there is no value).
     """
     import matplotlib.pyplot as plt
+    from matplotlib.colors import Normalize
 
     element = get_raster(sdata, key)
     gene = check_gene(element, gene, key)
@@ -111,22 +122,11 @@ def overlay(
     if image_key is not None:
         art = draw_image(ax, sdata, image_key, cs, crop_box)
         image_extent = art.get_extent()
-    mappable = ax.imshow(
-        values,
-        extent=extent,
-        origin="upper",
-        cmap=cmap,
-        vmin=lo,
-        vmax=hi,
-        alpha=alpha,
-        interpolation="nearest",
-    )
+    mappable = draw_map(ax, values, extent, cmap, Normalize(lo, hi), alpha if image_key is not None else 1.0)
     mappable.set_label(f"{key}:{gene}")
     finish_axes(ax, cs, image_extent if image_extent is not None else extent, crop_box)
     if colorbar:
-        cb = ax.figure.colorbar(mappable, ax=ax, fraction=0.046, pad=0.04)
-        if cb.solids is not None:
-            cb.solids.set_alpha(1)
+        cb = ax.figure.colorbar(opaque(mappable), ax=ax, fraction=0.046, pad=0.04)
         cb.set_label(f"{gene} ({unit_of(sdata, key)})")
     ax.set_title(gene if title is None else title)
     save_figure(ax.figure, save)

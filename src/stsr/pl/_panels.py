@@ -16,10 +16,13 @@ from ._draw import (
     color_limits,
     default_image,
     draw_image,
+    draw_map,
     finish_axes,
+    opaque,
     raster_window,
     save_figure,
     shared_cs,
+    transparent_bad,
     unit_of,
 )
 
@@ -44,7 +47,7 @@ def panels(
     vmin: float | None = None,
     vmax: float | None = None,
     percentile: tuple[float, float] = (0.0, 99.5),
-    alpha: float = 0.85,
+    alpha: float = 0.6,
     panel_size: float = 4.0,
     save: str | Path | None = None,
 ) -> Any:
@@ -56,6 +59,10 @@ def panels(
     e.g. a 55 µm Visium spot over 2 µm HR pixels covers ~594 HR pixels); an LR raster's values, and a ground-truth
     raster's on another grid, are scaled by ``HR pixel area / their pixel area``. The uncertainty panel has its own
     colour scale.
+
+    Every panel is drawn over the histology as :func:`stsr.pl.overlay` draws it: raster pixels without a value (NaN,
+    or zero in every channel, as outside the tissue mask of the maps stsr writes) and spots without counts are fully
+    transparent, so the image shows unchanged there; the rest is drawn at opacity ``alpha``.
 
     Parameters
     ----------
@@ -85,9 +92,11 @@ def panels(
     cmap, std_cmap
         Colour maps of the expression panels and of the uncertainty panel.
     vmin, vmax, percentile
-        Shared colour limits of the expression panels (percentiles of the pooled values in view when not given).
+        Shared colour limits of the expression panels (percentiles of the pooled values in view, pixels without a
+        value excluded, when not given).
     alpha
-        Opacity of the expression layers over the image.
+        Opacity of the expression layers over the image. Without an image they are opaque, so their colours are
+        exactly the colour bars'.
     panel_size
         Size (inches) of one panel.
     save
@@ -97,7 +106,7 @@ def panels(
     -------
     The :class:`~matplotlib.figure.Figure`; its first axes are the panels, in the order LR, HR, uncertainty, truth
     (those present). Each panel's expression artist (``AxesImage`` or ``PatchCollection``) carries the colour
-    limits (``get_clim()``).
+    limits (``get_clim()``); a raster's array is masked where there is no value.
     """
     import matplotlib.pyplot as plt
     from matplotlib.colors import Normalize
@@ -105,6 +114,8 @@ def panels(
     hr_el = get_raster(sdata, hr)
     gene = check_gene(hr_el, gene, hr)
     crop_box = check_crop(crop)
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be between 0 and 1, got {alpha}.")
     lr = _default_lr(sdata, hr) if lr is None else (None if lr is False else lr)
     std = (
         (f"{hr}_std" if f"{hr}_std" in sdata.images else None)
@@ -166,6 +177,7 @@ def panels(
     std_layer = raster_window(sdata, std, gene, cs, crop_box, None)[:2] if std is not None else None
     lo, hi = color_limits(shared_values, vmin, vmax, percentile)
     norm = Normalize(lo, hi)
+    layer_alpha = alpha if image_key is not None else 1.0
 
     # --- figure
     names = (
@@ -210,65 +222,34 @@ def panels(
                     for part in poly_parts:
                         patches.append(MplPolygon(part, closed=True))
                         vals.append(v)
-                coll = PatchCollection(patches, cmap=cmap, norm=norm, alpha=alpha, edgecolor="none")
+                coll = PatchCollection(
+                    patches, cmap=transparent_bad(cmap), norm=norm, alpha=layer_alpha, edgecolor="none"
+                )
                 coll.set_array(np.asarray(vals, dtype=float))
                 ax.add_collection(coll)
                 mappable = coll
             else:
-                mappable = ax.imshow(
-                    lr_layer["values"],
-                    extent=lr_layer["extent"],
-                    origin="upper",
-                    cmap=cmap,
-                    norm=norm,
-                    alpha=alpha,
-                    interpolation="nearest",
-                )
+                mappable = draw_map(ax, lr_layer["values"], lr_layer["extent"], cmap, norm, layer_alpha)
             ax.set_title(f"LR {lr} (density)")
             shared_mappable = shared_mappable or mappable
         elif name == "hr":
-            mappable = ax.imshow(
-                hr_vals,
-                extent=hr_ext,
-                origin="upper",
-                cmap=cmap,
-                norm=norm,
-                alpha=alpha,
-                interpolation="nearest",
-            )
+            mappable = draw_map(ax, hr_vals, hr_ext, cmap, norm, layer_alpha)
             ax.set_title(f"HR {hr}")
             shared_mappable = mappable
         elif name == "std":
             assert std_layer is not None
             s_lo, s_hi = color_limits([std_layer[0]], None, None, percentile)
-            mappable = ax.imshow(
-                std_layer[0],
-                extent=std_layer[1],
-                origin="upper",
-                cmap=std_cmap,
-                vmin=s_lo,
-                vmax=s_hi,
-                alpha=alpha,
-                interpolation="nearest",
-            )
+            mappable = draw_map(ax, std_layer[0], std_layer[1], std_cmap, Normalize(s_lo, s_hi), layer_alpha)
             ax.set_title(f"uncertainty {std}")
-            cb = fig.colorbar(mappable, ax=ax, shrink=0.8)
+            cb = fig.colorbar(opaque(mappable), ax=ax, shrink=0.8)
             cb.set_label(f"{gene} std ({unit})")
         else:
             assert truth_layer is not None
-            mappable = ax.imshow(
-                truth_layer[0],
-                extent=truth_layer[1],
-                origin="upper",
-                cmap=cmap,
-                norm=norm,
-                alpha=alpha,
-                interpolation="nearest",
-            )
+            mappable = draw_map(ax, truth_layer[0], truth_layer[1], cmap, norm, layer_alpha)
             ax.set_title(f"truth {truth}")
         finish_axes(ax, cs, view_extent, crop_box)
     shared_axes = [ax for ax, n in zip(axes, names) if n != "std"]
-    cb = fig.colorbar(shared_mappable, ax=shared_axes, shrink=0.8)
+    cb = fig.colorbar(opaque(shared_mappable), ax=shared_axes, shrink=0.8)
     cb.set_label(f"{gene} ({unit})")
     fig.suptitle(gene)
     save_figure(fig, save)
