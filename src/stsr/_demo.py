@@ -6,6 +6,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -15,7 +16,7 @@ DEMO_GENES = 6
 
 
 def run_demo(
-    out: Path, steps: int = 20, device: str = "auto", size_um: float = 1000.0, model: str | None = None
+    out: Path, steps: int = 20, device: str = "auto", size_um: float = 1000.0, model: Any = None
 ) -> dict[str, float]:
     """Run the main job on the embedded default slide.
 

@@ -5,46 +5,456 @@ Examples
 ``stsr super-resolve slide.zarr --image-key he --genes ERBB2 CD74 --out slide_sr.zarr``
 ``stsr prior-map slide.zarr --image-key he --genes ERBB2 CD74``
 ``stsr demo --out demo_out``
+
+Errors
+------
+A *user error* prints one line, ``stsr: error: <message>``, to stderr and exits with status 2. A user error is
+
+- a bad command line (unknown option, a count below its minimum, a bad element name, ...), found by the parser or
+  by the checks this module makes before it touches any file; or
+- a :class:`ValueError`, :class:`KeyError`, :class:`FileNotFoundError`, :class:`FileExistsError`,
+  :class:`NotADirectoryError` or :class:`ImportError` (subclasses included, e.g.
+  :class:`stsr.models.WeightsError`) raised by a ``raise`` statement in stsr's own code: these are the checks of
+  stsr's input validation, whose messages name the problem and the fix.
+
+Anything else is a bug and stays visible: a traceback, exit status 1. That includes the exception types above when
+they come from another library (numpy, torch, zarr, ...) or from an expression in stsr that is not a ``raise``
+statement (``a, b = xs``, ``d[key]``, ...). ``--verbose`` prints the traceback of user errors too. An interrupt
+(Ctrl-C) exits with status 130.
+
+On any failure, whatever this call created is removed: the ``--out`` copy (and the folders made for it) and a
+cache folder that did not exist before. Nothing that existed before the call is touched. The one exception is an
+interrupt of ``super-resolve``: its cache of finished tiles is kept, so that rerunning the same command resumes.
+
+Logging
+-------
+Messages of stsr (the ``"stsr"`` logger) go to stderr: INFO and above by default, WARNING and above with
+``--quiet`` (which also hides the progress bars), everything with ``--verbose``. Other libraries' loggers are left
+as they are, so their INFO messages are not shown.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import linecache
 import logging
+import math
 import shutil
 import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, NoReturn
+
+from . import __version__
 
 __all__ = ["main"]
 
+log = logging.getLogger("stsr")
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="stsr", description="Super-resolution of spot-based spatial transcriptomics."
-    )
-    sub = p.add_subparsers(dest="command", required=True)
+#: Exception types that are user errors when stsr raises them itself (see the module docstring).
+USER_ERROR_TYPES: tuple[type[BaseException], ...] = (
+    ValueError,
+    KeyError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    ImportError,
+)
 
-    sr = sub.add_parser("super-resolve", help="super-resolve a SpatialData zarr store")
-    sr.add_argument("input", type=Path, help="SpatialData zarr store (read with spatialdata.read_zarr)")
-    sr.add_argument("--image-key", required=True, help="image element holding the H&E")
-    sr.add_argument(
-        "--genes", nargs="*", default=None, help="genes to super-resolve (default: highly expressed)"
+#: Exit status of a user error (as argparse uses for a bad command line) and of an interrupt; a bug exits with 1.
+EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
+
+#: Sub-groups of a SpatialData zarr store (at least one is present in any store spatialdata writes).
+_SPATIALDATA_GROUPS = ("images", "labels", "points", "shapes", "tables")
+
+
+class _UserError(Exception):
+    """A user error found by the CLI itself (message printed as is, exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``stsr: error: <message>``."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UserError(f"{message} (see '{self.prog} --help')")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show ``(default: ...)`` after every option whose help does not state its default in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default:" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
+# ---------------------------------------------------------------------------------------------------------- checks
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _check_element_name(name: str, option: str) -> None:
+    """Refuse an element name before any path is built (the rule of :func:`stsr.tl._write.check_key`)."""
+    from .tl._write import check_key
+
+    try:
+        check_key(name, option)
+    except (TypeError, ValueError) as err:
+        raise _UserError(str(err)) from None
+
+
+def _zarr_attrs(path: Path) -> dict[str, Any] | None:
+    """The attributes of the zarr group at ``path``, or ``None`` when ``path`` is not a zarr group."""
+    try:
+        if (path / "zarr.json").is_file():  # zarr v3
+            meta = json.loads((path / "zarr.json").read_text())
+            return meta.get("attributes", {}) if meta.get("node_type") == "group" else None
+        if (path / ".zgroup").is_file():  # zarr v2
+            attrs = path / ".zattrs"
+            return json.loads(attrs.read_text()) if attrs.is_file() else {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None
+
+
+def _check_store(path: Path) -> None:
+    """Refuse an input that is not a SpatialData zarr store."""
+    if not path.exists():
+        raise _UserError(f"input store {str(path)!r} does not exist.")
+    if not path.is_dir():
+        raise _UserError(
+            f"input {str(path)!r} is a file, not a SpatialData zarr store (a folder); write your data with "
+            "spatialdata's SpatialData.write() first."
+        )
+    attrs = _zarr_attrs(path)
+    if attrs is None:
+        raise _UserError(
+            f"input {str(path)!r} is not a zarr store (no zarr.json or .zgroup); pass the folder written by "
+            "SpatialData.write()."
+        )
+    if "spatialdata_attrs" not in attrs and not any((path / g).is_dir() for g in _SPATIALDATA_GROUPS):
+        raise _UserError(
+            f"input {str(path)!r} is a zarr group but not a SpatialData store (no spatialdata attributes and no "
+            f"{'/'.join(_SPATIALDATA_GROUPS)} groups); pass the root folder written by SpatialData.write()."
+        )
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    if args.out is None:
+        return
+    if args.out.exists() or args.out.is_symlink():
+        raise _UserError(f"--out {str(args.out)!r} exists; choose another --out or remove it.")
+    source, out = args.input.resolve(), args.out.resolve()
+    if out == source or source in out.parents:
+        raise _UserError(f"--out {str(args.out)!r} is inside the input store; choose a path outside it.")
+
+
+def _check_slide_args(args: argparse.Namespace) -> None:
+    """The checks of ``super-resolve`` and ``prior-map`` that need no reading of the store: before any file is made."""
+    _check_store(args.input)
+    _check_element_name(args.key_added, "--key-added")
+    _check_out(args)
+
+
+def _check_device(device: str) -> None:
+    """Refuse a device torch does not know or that is not available, before any work."""
+    import torch
+
+    from .tl import resolve_device
+
+    try:
+        dev = resolve_device(device)
+    except RuntimeError as err:  # torch's message for an unknown device string
+        raise _UserError(
+            f"--device {device!r} is not a device torch knows ({err}); use 'auto', 'cpu' or 'cuda'."
+        ) from None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise _UserError(
+            f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); use 'cuda' or "
+            "'auto'."
+        )
+
+
+def _load_model(name: str | None) -> Any:
+    """The model named by ``--model``, loaded before any file is written (a bad name fails first)."""
+    from . import models
+
+    return models.load(name)
+
+
+# ------------------------------------------------------------------------------------------------ files of a call
+def _missing_root(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (``path`` included) that does not exist yet, or ``None``."""
+    path = path.absolute()
+    if path.exists() or path.is_symlink():
+        return None
+    root = path
+    while not root.parent.exists() and root.parent != root:
+        root = root.parent
+    return root
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def _target_store(args: argparse.Namespace) -> Iterator[Path]:
+    """The store to add to: a fresh copy of the input at ``--out``, or the input itself.
+
+    Call :func:`_check_slide_args` first. On failure, the ``--out`` copy and the cache folder (``--cache-dir``,
+    or the default beside the store) are removed where this call created them; the cache is kept on an interrupt.
+    """
+    target = args.input if args.out is None else args.out
+    created = [c for c in [_missing_root(args.out)] if c is not None] if args.out is not None else []
+    # created: removed on any failure; caches: too, except on an interrupt (stsr.tl resumes from its tiles).
+    # Without --cache-dir, stsr.tl keeps its cache beside the store.
+    cache = (
+        args.cache_dir
+        if args.cache_dir is not None
+        else Path(str(target.absolute()).rstrip("/") + ".stsr-cache")
     )
-    sr.add_argument(
+    caches = [c for c in [_missing_root(cache)] if c is not None]
+    try:
+        if args.out is not None:
+            try:
+                shutil.copytree(args.input, args.out)
+            except OSError as err:
+                raise _UserError(
+                    f"could not copy {str(args.input)!r} to --out {str(args.out)!r}: {err}"
+                ) from err
+        yield target
+    except KeyboardInterrupt:
+        for path in created:
+            _remove(path)
+        kept = [str(c) for c in caches if c.exists()]
+        if kept and args.command == "super-resolve":
+            print(
+                f"stsr: finished tiles are kept in {kept[0]}; rerun the same command to resume.",
+                file=sys.stderr,
+            )
+        raise
+    except BaseException:
+        for path in created + caches:
+            _remove(path)
+        raise
+
+
+def _report(target: Path, key: str, sdata: Any) -> None:
+    """Print what was written, with the HR pixel size in units of its coordinate system."""
+    record = sdata.attrs.get("stsr", {}).get(key, {})
+    text = f"stsr: wrote {key!r} to {target}"
+    if record.get("pixel_size") is not None and record.get("grid_shape") is not None:
+        height, width = record["grid_shape"]
+        text += (
+            f": {len(record.get('genes', []))} gene(s) on a {height} x {width} grid, HR pixel size "
+            f"{record['pixel_size']:.4g} units of {record.get('coordinate_system')}"
+        )
+    print(text)
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+def _prior_map(args: argparse.Namespace) -> int:
+    _check_slide_args(args)
+    with _target_store(args) as target:
+        import spatialdata as sd
+
+        from .tl import prior_map
+
+        options = {} if args.strength is None else {"strength": args.strength}
+        if args.image_scale is not None:
+            options["image_scale"] = args.image_scale
+        sdata = prior_map(
+            sd.read_zarr(target),
+            args.image_key,
+            args.genes or None,
+            table_key=args.table_key,
+            pixel_size=args.pixel_size,
+            coordinate_system=args.coordinate_system,
+            key_added=args.key_added,
+            overwrite=args.overwrite,
+            cache_dir=args.cache_dir,
+            progress=not args.quiet,
+            **options,
+        )
+    _report(target, args.key_added, sdata)
+    return 0
+
+
+def _super_resolve(args: argparse.Namespace) -> int:
+    _check_slide_args(args)
+    _check_device(args.device)
+    model = _load_model(args.model)
+    with _target_store(args) as target:
+        import spatialdata as sd
+
+        from .tl import super_resolve
+
+        sdata = super_resolve(
+            sd.read_zarr(target),
+            args.image_key,
+            args.genes or None,
+            table_key=args.table_key,
+            model=model,
+            pixel_size=args.pixel_size,
+            coordinate_system=args.coordinate_system,
+            steps=args.steps,
+            cache_interval=args.cache_interval,
+            n_samples=args.n_samples,
+            consistency=not args.no_consistency,
+            semantic_prior=args.semantic_prior,
+            tile_size=args.tile_size,
+            overlap=args.overlap,
+            batch_size=args.batch_size,
+            device=args.device,
+            seed=args.seed,
+            key_added=args.key_added,
+            overwrite=args.overwrite,
+            cache_dir=args.cache_dir,
+            progress=not args.quiet,
+        )
+    _report(target, args.key_added, sdata)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.out.is_dir():
+        raise _UserError(
+            f"--out {str(args.out)!r} is a file; the demo writes a folder: choose another --out."
+        )
+    _check_device(args.device)
+    model = _load_model(args.model)
+    created = _missing_root(args.out)
+    try:
+        from ._demo import run_demo
+
+        run_demo(args.out, steps=args.steps, device=args.device, size_um=args.size_um, model=model)
+    except BaseException:
+        if created is not None:
+            _remove(created)
+        raise
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------- parser
+def _common(p: argparse.ArgumentParser, progress: bool = True) -> None:
+    """Options of every command (``progress``: whether ``--quiet`` also hides progress bars)."""
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="show only warnings and errors of stsr" + ("; no progress bars" if progress else ""),
+    )
+    loud.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show stsr's debug messages, and the traceback of any error",
+    )
+
+
+def _slide_options(p: argparse.ArgumentParser, key_added: str, verb: str) -> None:
+    """Options shared by ``super-resolve`` and ``prior-map`` (``verb``: what the command does to genes)."""
+    p.add_argument("input", type=Path, help="SpatialData zarr store (read with spatialdata.read_zarr)")
+    p.add_argument("--image-key", required=True, help="image element holding the H&E (required)")
+    p.add_argument(
+        "--genes",
+        nargs="*",
+        default=None,
+        metavar="GENE",
+        help=f"genes to {verb} (default: 50 highly expressed genes)",
+    )
+    p.add_argument(
         "--table-key", default=None, help="table holding the spot counts (default: found automatically)"
     )
-    sr.add_argument(
-        "--model", default=None, help="name or path of the model weights (default: shipped default)"
+    p.add_argument(
+        "--pixel-size",
+        type=_positive_float,
+        default=None,
+        help="HR pixel size in units of the coordinate system (default: a tenth of the spot diameter)",
     )
-    sr.add_argument("--pixel-size", type=float, default=None, help="HR pixel size in coordinate-system units")
-    sr.add_argument("--steps", type=int, default=20)
+    p.add_argument(
+        "--coordinate-system",
+        default=None,
+        help="coordinate system of --pixel-size (default: one shared by image and spots, 'global' when present)",
+    )
+    p.add_argument("--key-added", default=key_added, help="name of the new image element")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing element named --key-added")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write into a new copy of INPUT at this path (default: add to INPUT in place)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="folder for intermediate results (default: INPUT.stsr-cache, or OUT.stsr-cache with --out)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="stsr",
+        description="Super-resolution of spot-based spatial transcriptomics.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("--version", action="version", version=f"stsr {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sr = sub.add_parser(
+        "super-resolve",
+        help="super-resolve a SpatialData zarr store",
+        description="Super-resolve the spot counts of a SpatialData zarr store with stsr's diffusion model.",
+        formatter_class=_Formatter,
+    )
+    _slide_options(sr, "stsr", "super-resolve")
+    sr.add_argument(
+        "--model",
+        default=None,
+        help="name ('default', 'fast') or folder of the model weights (default: the shipped 'default')",
+    )
+    sr.add_argument("--steps", type=_int_at_least(1), default=20, help="denoising steps")
     sr.add_argument(
         "--cache-interval",
-        type=int,
+        type=_int_at_least(1),
         default=1,
         help="steps per full network evaluation; 2 reuses deep features every other step (faster, approximate)",
     )
-    sr.add_argument("--n-samples", type=int, default=1)
+    sr.add_argument(
+        "--n-samples",
+        type=_int_at_least(1),
+        default=1,
+        help="posterior samples; with more than one, their mean is written and KEY_ADDED_std their std",
+    )
     sr.add_argument(
         "--no-consistency", action="store_true", help="do not project outputs onto the spot counts"
     )
@@ -53,136 +463,145 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="reweight by the histology prior of a pretrained image model (needs the extra stsr[prior])",
     )
-    sr.add_argument("--tile-size", type=int, default=64)
-    sr.add_argument("--overlap", type=int, default=16)
-    sr.add_argument("--batch-size", type=int, default=8)
-    sr.add_argument("--device", default="auto")
-    sr.add_argument("--seed", type=int, default=0)
-    sr.add_argument("--key-added", default="stsr")
-    sr.add_argument("--overwrite", action="store_true")
+    sr.add_argument("--tile-size", type=_int_at_least(1), default=64, help="tile side in HR pixels")
     sr.add_argument(
-        "--out", type=Path, default=None, help="write a copy here instead of adding to INPUT in place"
+        "--overlap",
+        type=_int_at_least(0),
+        default=16,
+        help="tile overlap in HR pixels (keep >= a spot diameter)",
     )
+    sr.add_argument("--batch-size", type=_int_at_least(1), default=8, help="tiles per model batch")
+    sr.add_argument(
+        "--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', ..."
+    )
+    sr.add_argument("--seed", type=int, default=0, help="seed of the noise field")
+    _common(sr)
 
     pm = sub.add_parser(
         "prior-map",
         help="the deterministic histology-guided map (interpolation x semantic prior; needs the extra stsr[prior])",
+        description="The deterministic histology-guided map of a SpatialData zarr store: the spot counts "
+        "interpolated and reweighted by the semantic prior (needs the extra stsr[prior]).",
+        formatter_class=_Formatter,
     )
-    pm.add_argument("input", type=Path, help="SpatialData zarr store (read with spatialdata.read_zarr)")
-    pm.add_argument("--image-key", required=True, help="image element holding the H&E")
-    pm.add_argument("--genes", nargs="*", default=None, help="genes to map (default: highly expressed)")
-    pm.add_argument(
-        "--table-key", default=None, help="table holding the spot counts (default: found automatically)"
-    )
-    pm.add_argument("--pixel-size", type=float, default=None, help="HR pixel size in coordinate-system units")
+    _slide_options(pm, "stsr_prior", "map")
     pm.add_argument(
         "--strength",
         type=float,
         default=None,
-        help="exponent of the prior (0 = interpolation only; default: stsr.tl.prior_map's, 0.25)",
+        help="exponent of the prior, 0 = interpolation only (default: stsr.tl.prior_map's, 0.25)",
     )
-    pm.add_argument("--key-added", default="stsr_prior")
-    pm.add_argument("--overwrite", action="store_true")
     pm.add_argument(
-        "--out", type=Path, default=None, help="write a copy here instead of adding to INPUT in place"
+        "--image-scale",
+        type=_int_at_least(1),
+        default=None,
+        help="image pixels per HR pixel read by the image teacher (default: stsr.tl.prior_map's, 8)",
     )
+    _common(pm)
 
     demo = sub.add_parser(
-        "demo", help="super-resolve the embedded synthetic slide; writes a zarr store and a PNG"
+        "demo",
+        help="super-resolve the embedded synthetic slide; writes a zarr store and a PNG",
+        description="Super-resolve a synthetic slide with known truth; writes OUT/demo.zarr and OUT/overlay.png.",
+        formatter_class=_Formatter,
     )
-    demo.add_argument("--out", type=Path, default=Path("stsr_demo"), help="output directory")
-    demo.add_argument("--steps", type=int, default=20)
-    demo.add_argument("--device", default="auto")
-    demo.add_argument("--model", default=None, help="name or path of the model weights, e.g. 'fast'")
+    demo.add_argument("--out", type=Path, default=Path("stsr_demo"), help="output folder")
+    demo.add_argument("--steps", type=_int_at_least(1), default=20, help="denoising steps")
     demo.add_argument(
-        "--size-um", type=float, default=1000.0, help="side of the synthetic slide in micrometres"
+        "--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', ..."
     )
+    demo.add_argument(
+        "--model",
+        default=None,
+        help="name ('default', 'fast') or folder of the model weights (default: the shipped 'default')",
+    )
+    demo.add_argument(
+        "--size-um", type=_positive_float, default=1000.0, help="side of the synthetic slide in micrometres"
+    )
+    _common(demo, progress=False)
     return p
 
 
-def _target(args: argparse.Namespace) -> Path | None:
-    """The store to add to: ``--out`` (a copy of the input) or the input itself; ``None`` after printing an error."""
-    if not args.input.exists():
-        print(f"stsr: input store {args.input} does not exist.", file=sys.stderr)
-        return None
-    if args.out is None:
-        return args.input
-    if args.out.exists():
-        print(f"stsr: {args.out} exists; choose another --out or remove it.", file=sys.stderr)
-        return None
-    shutil.copytree(args.input, args.out)
-    return args.out
+# ---------------------------------------------------------------------------------------------------- errors
+def _is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is a user error: see the module docstring."""
+    if isinstance(err, _UserError):
+        return True
+    if not isinstance(err, USER_ERROR_TYPES) or err.__traceback__ is None:
+        return False
+    tb = err.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = str(tb.tb_frame.f_globals.get("__name__", ""))
+    if module != "stsr" and not module.startswith("stsr."):
+        return False
+    line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno, tb.tb_frame.f_globals)
+    return line.lstrip().startswith("raise")
 
 
-def _prior_map(args: argparse.Namespace) -> int:
-    import spatialdata as sd
-
-    from .tl import prior_map
-
-    target = _target(args)
-    if target is None:
-        return 2
-    strength = {} if args.strength is None else {"strength": args.strength}
-    prior_map(
-        sd.read_zarr(target),
-        args.image_key,
-        args.genes or None,
-        table_key=args.table_key,
-        pixel_size=args.pixel_size,
-        key_added=args.key_added,
-        overwrite=args.overwrite,
-        **strength,
-    )
-    print(f"stsr: wrote {args.key_added!r} to {target}")
-    return 0
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
+        text = err.args[0]  # str(KeyError) adds quotes
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
 
 
-def _super_resolve(args: argparse.Namespace) -> int:
-    import spatialdata as sd
+@contextmanager
+def _stsr_logging(level: int) -> Iterator[None]:
+    """Show the ``stsr`` logger's records at ``level`` and above on stderr, for the duration of the command.
 
-    from .tl import super_resolve
-
-    target = _target(args)
-    if target is None:
-        return 2
-    sdata = sd.read_zarr(target)
-    super_resolve(
-        sdata,
-        args.image_key,
-        args.genes or None,
-        table_key=args.table_key,
-        model=args.model,
-        pixel_size=args.pixel_size,
-        steps=args.steps,
-        cache_interval=args.cache_interval,
-        n_samples=args.n_samples,
-        consistency=not args.no_consistency,
-        semantic_prior=args.semantic_prior,
-        tile_size=args.tile_size,
-        overlap=args.overlap,
-        batch_size=args.batch_size,
-        device=args.device,
-        seed=args.seed,
-        key_added=args.key_added,
-        overwrite=args.overwrite,
-    )
-    print(f"stsr: wrote {args.key_added!r} to {target}")
-    return 0
+    Only the ``stsr`` logger is configured: other libraries' loggers and the root logger are left alone, so their
+    INFO messages are not shown.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    old_level, old_propagate = log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False  # shown once, here, even when the root logger has a handler
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+        log.propagate = old_propagate
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``stsr`` command."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = _parser().parse_args(argv)
-    if args.command == "super-resolve":
-        return _super_resolve(args)
-    if args.command == "prior-map":
-        return _prior_map(args)
-    from ._demo import run_demo
+    """Entry point of the ``stsr`` command.
 
-    run_demo(args.out, steps=args.steps, device=args.device, size_um=args.size_um, model=args.model)
-    return 0
+    Parameters
+    ----------
+    argv
+        The arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    The exit status: 0 on success, 2 on a user error (one line on stderr), 130 on an interrupt. A bug raises.
+    """
+    verbose = False
+    try:
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit as done:  # --help, --version
+            return int(done.code or 0)
+        verbose = args.verbose
+        level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+        command = {"super-resolve": _super_resolve, "prior-map": _prior_map, "demo": _demo}[args.command]
+        with _stsr_logging(level):
+            return command(args)
+    except KeyboardInterrupt:
+        print("stsr: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if not _is_user_error(err):
+            raise  # a bug: the traceback, exit status 1
+        if verbose:
+            traceback.print_exception(err, file=sys.stderr)
+        print(f"stsr: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -28,6 +28,7 @@ import numpy as np
 import spatialdata as sd
 
 from .._constants import PROVENANCE_ATTR
+from ..pp._provenance import record
 
 __all__ = ["add_elements", "check_new_keys", "check_free_keys", "check_key"]
 
@@ -40,7 +41,7 @@ def check_key(key: Any, what: str = "key_added") -> None:
     """Raise a clear error unless ``key`` is a valid name for a new element (and a safe folder name).
 
     The rules of :func:`spatialdata` element names (letters, digits, ``_``, ``-``, ``.``; not empty, not ``.``
-    or ``..``, not starting with ``__``), and not starting with ``.`` (spatialdata skips hidden folders when it
+    or ``..``, not starting with ``__``), ASCII only, and not starting with ``.`` (spatialdata skips hidden folders when it
     reads a store, so such an element would vanish on reload).
     """
     from spatialdata._core.validation import check_valid_name
@@ -217,10 +218,9 @@ def _tag(staged_path: Path, keys: list[str], record: dict[str, Any]) -> None:
         group.attrs[PROVENANCE_ATTR] = record
 
 
-def _record(sdata: sd.SpatialData, keys: list[str], record: dict[str, Any]) -> None:
-    attrs = dict(sdata.attrs.get(PROVENANCE_ATTR, {}))
-    attrs.update({key: record for key in keys})
-    sdata.attrs[PROVENANCE_ATTR] = attrs
+def _record(sdata: sd.SpatialData, keys: list[str], info: dict[str, Any]) -> None:
+    for key in keys:
+        record(sdata, key, info)
 
 
 def _add_to_store(sdata: sd.SpatialData, staged_path: Path, keys: list[str], record: dict[str, Any]) -> None:
