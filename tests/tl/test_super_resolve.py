@@ -89,14 +89,47 @@ def test_cache_interval_is_recorded_checked_and_keeps_the_spot_sums(slide, model
 
 
 @pytest.mark.slow
-def test_distributed_cluster_gives_the_same_result(slide, model):
-    from dask.distributed import Client, LocalCluster
+def test_distributed_cluster_runs_the_tiles_on_the_workers_with_the_same_result(slide, model, tmp_path):
+    """With an active client the diffusion core runs on the workers (the cluster's task log shows the tile
+    batches) and the map equals the in-process one bit for bit; a worker killed mid-run costs only a retry."""
+    from dask.distributed import Client, LocalCluster, get_task_stream
 
     _, ref = _run(slide, model)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        with Client(cluster):
-            _, dist = _run(slide, model)
-    np.testing.assert_allclose(dist, ref, rtol=1e-5, atol=1e-6)
+        with Client(cluster) as client:
+            with get_task_stream(client) as stream:
+                _, dist = _run(slide, model)
+            batches = [t for t in stream.data if "run_tile_batch" in str(t["key"])]
+            on_workers = {t["worker"] for t in batches}
+            assert len(batches) >= 2
+            assert on_workers <= set(client.scheduler_info()["workers"]) and on_workers
+            # a worker process dies in its first batch: the batch is rerun elsewhere, the map is unchanged
+            marker = tmp_path / "died"
+            client.run(_die_in_first_batch, str(marker))
+            _, again = _run(slide, model)
+            assert marker.exists()
+    np.testing.assert_array_equal(dist, ref)
+    np.testing.assert_array_equal(again, ref)
+
+
+def _die_in_first_batch(marker: str) -> None:
+    """On a worker: make the next tile batch of the first worker to get one kill its process (once)."""
+    import os
+    import signal
+
+    from stsr.tl import _tile_job
+
+    original = _tile_job.run_tile_batch
+
+    def dying(job, index):
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL)  # only the first worker to get here dies
+        except FileExistsError:
+            return original(job, index)
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    _tile_job.run_tile_batch = dying
 
 
 def test_seed_changes_samples_and_n_samples_gives_std(slide, model):

@@ -75,7 +75,8 @@ def prior_map(
     Returns
     -------
     ``sdata``, with ``sdata[key_added]``: an image element (c = genes, y, x; float32 counts per HR pixel) overlaying
-    the image, provenance in its attrs and in ``sdata.attrs["stsr"][key_added]``.
+    the image, provenance in its attrs (in memory) and in ``sdata.attrs["stsr"][key_added]`` (kept in
+    the store: read it there after :func:`spatialdata.read_zarr`).
     """
     check_new_keys(sdata, [key_added], overwrite, inputs=(image_key, table_key))  # before any path or work
     check_strength(strength, "strength")

@@ -106,15 +106,31 @@ class TileStore:
         """Boolean ``(n_tiles,)`` flags of finished tiles."""
         return np.asarray(self.root["done"][:])
 
-    def write(self, index: np.ndarray, mean: np.ndarray, std: np.ndarray | None) -> None:
-        """Write finished tiles, then flag them done (so a crash never flags an unwritten tile)."""
+    @classmethod
+    def open(cls, path: str | Path) -> TileStore:
+        """Open an existing store for writing tiles (as a worker does; no fingerprint check)."""
+        store = cls.__new__(cls)
+        store.path = Path(path)
+        store.root = zarr.open_group(str(path), mode="r+")
+        return store
+
+    def write_tiles(self, index: np.ndarray, mean: np.ndarray, std: np.ndarray | None) -> None:
+        """Write finished tiles (one chunk each, so concurrent writers of other tiles never collide)."""
         for j, i in enumerate(index):
             self.mean[int(i)] = mean[j]
             if std is not None and self.std is not None:
                 self.std[int(i)] = std[j]
+
+    def flag_done(self, index: np.ndarray) -> None:
+        """Flag written tiles done (by the one process that runs the loop, after their data is written)."""
         flags = self.done()
         flags[np.asarray(index, int)] = True
         self.root["done"][:] = flags
+
+    def write(self, index: np.ndarray, mean: np.ndarray, std: np.ndarray | None) -> None:
+        """Write finished tiles, then flag them done (so a crash never flags an unwritten tile)."""
+        self.write_tiles(index, mean, std)
+        self.flag_done(index)
 
     def remove(self) -> None:
         """Delete the store from disk."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,17 +10,16 @@ import dask.array as da
 import numpy as np
 import spatialdata as sd
 import torch
-from tqdm.auto import tqdm
 
 from .. import __version__
 from .._constants import KEY_SUPER_RESOLVE
 from ..models import FeatureCache, gene_ids_from_names
-from ..models._allocator import reuse_freed_memory
 from ..observation import ObservationModel
 from ._cache import RunCache
 from ._image_tiles import ImageSource
 from ._inputs import SlideInputs, prepare_inputs
 from ._store import TileStore, input_fingerprint
+from ._tile_job import TileJob, compute_tiles
 from ._tiling import TilePlan, assemble, fit_tiles, plan_tiles
 from ._write import add_elements, check_new_keys
 
@@ -152,8 +150,8 @@ def super_resolve(
     Returns
     -------
     ``sdata``, with ``sdata[key_added]``: an image element (c = genes, y, x; float32 counts per HR pixel; chunked;
-    multiscale) overlaying the image in all its coordinate systems, provenance in its attrs and in
-    ``sdata.attrs["stsr"][key_added]``. When ``sdata`` is backed by a zarr store the new elements are written to it
+    multiscale) overlaying the image in all its coordinate systems, provenance in its attrs (in memory) and in
+    ``sdata.attrs["stsr"][key_added]`` (kept in the store: read it there after :func:`spatialdata.read_zarr`). When ``sdata`` is backed by a zarr store the new elements are written to it
     and nothing else in the store is touched.
     """
     out_keys = [key_added] + ([f"{key_added}_std"] if n_samples > 1 else [])
@@ -189,9 +187,6 @@ def super_resolve(
     check_new_keys(sdata, out_keys, overwrite, inputs=(image_key, inputs.table_key, inputs.spots_key))
     tile_size, overlap = fit_tiles(inputs.grid.shape, tile_size, overlap, getattr(net, "tile_multiple", 4))
     plan = plan_tiles(inputs.grid.shape, tile_size, overlap, inputs.mask)
-    source = ImageSource(inputs.image_levels, inputs.grid, net.config.image_scale)
-    gene_ids = gene_ids_from_names(inputs.genes)
-    normalizer = _normalizer(inputs)
     params = {
         "model": getattr(net, "name", None),
         "weights_sha256": getattr(net, "weights_hash", None),
@@ -234,59 +229,32 @@ def super_resolve(
         batch_size,
     )
     cache = RunCache(sdata, cache_dir, key_added)
-    prior = None
-    if semantic_prior:  # before the tiles, so that a missing extra or a bad slide fails fast
-        from ._semantic_prior import PRIOR_IMAGE_SCALE, slide_prior
-
-        scores = cache / "prior_scores.zarr"  # read window by window, removed with the cache
-        teacher_source = ImageSource(inputs.image_levels, inputs.grid, PRIOR_IMAGE_SCALE)
-        try:
-            prior = slide_prior(inputs, teacher_source, progress=progress, store=scores)
-        except BaseException:
-            cache.remove(scores)  # a finished tile store of an interrupted run stays for the next one
-            raise
+    prior = _fit_prior(inputs, cache, progress) if semantic_prior else None
+    if prior is not None:
         params["teacher_sha256"] = prior.teacher_hash
-    if guided:
-        from ._semantic_prior import slide_guide
-
-        guide = slide_guide(inputs, prior, prior_strength)
-
-        def lr_input(r: int, c: int, t: int) -> np.ndarray:
-            return guide.window(r, c, t, t)
-    else:
-
-        def lr_input(r: int, c: int, t: int) -> np.ndarray:
-            return inputs.observation.interpolate(inputs.lr, window=(r, c, t, t))
-
     store = TileStore(
         cache / "tiles.zarr", plan.n_tiles, len(inputs.genes), tile_size, fingerprint, n_samples > 1
     )
-    _run_tiles(
-        net,
-        store,
-        plan,
-        source,
-        inputs,
-        lr_input,
-        normalizer,
-        gene_ids,
-        dev,
-        steps,
-        cache_interval,
-        n_samples,
-        consistency,
-        seed,
-        batch_size,
-        progress,
+    job = TileJob(
+        model=net,
+        source=ImageSource(inputs.image_levels, inputs.grid, net.config.image_scale),
+        observation=inputs.observation,
+        lr=inputs.lr,
+        guide=_guide(inputs, prior, prior_strength) if guided else None,
+        normalizer=_normalizer(inputs),
+        gene_ids=gene_ids_from_names(inputs.genes),
+        origins=plan.origins,
+        tile_size=tile_size,
+        store_path=str(store.path),
+        device=str(dev),
+        steps=steps,
+        cache_interval=cache_interval,
+        n_samples=n_samples,
+        consistency=consistency,
+        seed=seed,
     )
-
-    mean = _restrict(assemble(store.mean, plan), inputs.mask)
-    if consistency or prior is not None:
-        mean = _global_consistency(mean, inputs.observation, inputs.lr)
-    if prior is not None and not guided:  # a guided model's input already holds the prior
-        # reweight the consistent map and restore the spot sums; the gaps between spots follow their neighbours
-        reweighted = prior.reweight(mean, prior_strength)
-        mean = _global_consistency(reweighted, inputs.observation, inputs.lr, between_spots=True)
+    compute_tiles(job, store, batch_size, progress)
+    mean = _final_map(store, plan, inputs, prior, prior_strength, consistency, guided)
     elements = {key_added: _raster(mean, inputs)}
     if n_samples > 1:
         elements[f"{key_added}_std"] = _raster(_restrict(assemble(store.std, plan), inputs.mask), inputs)
@@ -321,67 +289,48 @@ def _check_int(value: Any, name: str, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer of at least {minimum}, got {value!r}.")
 
 
-def _run_tiles(
-    net: Any,
+def _fit_prior(inputs: SlideInputs, cache: RunCache, progress: bool) -> Any:
+    """The slide's semantic prior, its scores kept in the run folder (before the tiles: a missing extra or a bad
+    slide fails fast)."""
+    from ._semantic_prior import PRIOR_IMAGE_SCALE, slide_prior
+
+    scores = cache / "prior_scores.zarr"  # read window by window, removed with the run folder
+    try:
+        return slide_prior(
+            inputs,
+            ImageSource(inputs.image_levels, inputs.grid, PRIOR_IMAGE_SCALE),
+            progress=progress,
+            store=scores,
+        )
+    except BaseException:
+        cache.remove(scores)  # a finished tile store of an interrupted run stays for the next one
+        raise
+
+
+def _guide(inputs: SlideInputs, prior: Any, strength: float) -> Any:
+    from ._semantic_prior import slide_guide
+
+    return slide_guide(inputs, prior, strength)
+
+
+def _final_map(
     store: TileStore,
     plan: TilePlan,
-    source: ImageSource,
     inputs: SlideInputs,
-    lr_input: Callable[[int, int, int], np.ndarray],
-    normalizer: Any,
-    gene_ids: torch.Tensor,
-    dev: torch.device,
-    steps: int,
-    cache_interval: int,
-    n_samples: int,
+    prior: Any,
+    strength: float,
     consistency: bool,
-    seed: int,
-    batch_size: int,
-    progress: bool,
-) -> None:
-    todo = np.flatnonzero(~store.done())
-    if len(todo) < plan.n_tiles:
-        log.info(
-            "super_resolve: resuming, %d of %d tiles already finished", plan.n_tiles - len(todo), plan.n_tiles
-        )
-    t = plan.tile_size
-    bar = tqdm(
-        total=plan.n_tiles,
-        initial=plan.n_tiles - len(todo),
-        desc="stsr tiles",
-        unit="tile",
-        disable=not progress,
-    )
-    # one reuse context for the whole run: memory freed by one batch serves the next (sample() nests in it)
-    with reuse_freed_memory(dev.type == "cpu"):
-        for start in range(0, len(todo), batch_size):
-            index = todo[start : start + batch_size]
-            origins = plan.origins[index]
-            image = source.tiles(origins, t)
-            lr_density = np.stack([lr_input(int(r), int(c), t) for r, c in origins])
-            observations = None
-            if consistency:
-                observations = []
-                for r, c in origins:
-                    sub, keep = inputs.observation.crop(int(r), int(c), t, t)
-                    observations.append((sub, inputs.lr[:, keep]))
-            mean, std = net.sample(
-                image,
-                torch.as_tensor(lr_density, dtype=torch.float32),
-                normalizer,
-                observations=observations,
-                origins=torch.as_tensor(origins, dtype=torch.int64),
-                gene_ids=gene_ids,
-                seed=seed,
-                steps=steps,
-                cache_interval=cache_interval,
-                n_samples=n_samples,
-                consistency=consistency,
-                device=dev,
-            )
-            store.write(index, mean.float().cpu().numpy(), None if std is None else std.float().cpu().numpy())
-            bar.update(len(index))
-    bar.close()
+    guided: bool,
+) -> da.Array:
+    """Blend the tiles into the slide's map (lazy), restore the spot sums and apply the prior's reweighting."""
+    mean = _restrict(assemble(store.mean, plan), inputs.mask)
+    if consistency or prior is not None:
+        mean = _global_consistency(mean, inputs.observation, inputs.lr)
+    if prior is not None and not guided:  # a guided model's input already holds the prior
+        # reweight the consistent map and restore the spot sums; the gaps between spots follow their neighbours
+        reweighted = prior.reweight(mean, strength)
+        mean = _global_consistency(reweighted, inputs.observation, inputs.lr, between_spots=True)
+    return mean
 
 
 def _restrict(arr: da.Array, mask: np.ndarray) -> da.Array:
