@@ -72,7 +72,7 @@ import baselines as B  # noqa: E402
 import stsr  # noqa: E402
 from stsr import metrics as M  # noqa: E402
 from stsr.models import ModelConfig, STSRModel, TrainingPair  # noqa: E402
-from stsr.models._prior import PRIOR_MAP_STRENGTH  # noqa: E402
+from stsr.models.prior import PRIOR_MAP_STRENGTH  # noqa: E402
 
 HER2ST_SECTIONS = ("A1", "A2", "B4", "C2", "C3", "C4", "C5", "C6")
 SWITCHES = (

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from scipy.ndimage import zoom
 
-from stsr.models import Denoiser, GeneNormalizer, ModelConfig, STSRModel, TrainingPair, gene_ids_from_names
+from stsr.models import GeneNormalizer, ModelConfig, STSRModel, TrainingPair, gene_ids_from_names
+from stsr.models.network import Denoiser
 from stsr.observation import ObservationModel
 
 __all__ = [
@@ -312,13 +313,14 @@ def train_regression(
 ) -> Denoiser:
     """Train the stsr denoiser as a deterministic regressor (``x_t = 0``, ``t = 1``, target = normalised x0).
 
-    Uses the stsr trainer's batches (:func:`stsr.models._train._draw_batch`: random crops of area-weighted pairs,
+    Uses the stsr trainer's batches (:func:`stsr.models.training.draw_batch`: random crops of area-weighted pairs,
     random gene subsets, flips/rotations, slide-level normalisation), stain jitter, AdamW with warm-up and cosine
     decay, gradient clipping and an EMA of the weights (returned). Losses: masked MSE of the prediction, plus the
     distillation and disentangling terms with the trainer's default weights when those modules are on.
     """
-    from stsr.models._diffusion import diffusion_loss
-    from stsr.models._train import TrainConfig, _draw_batch, _ema_update, _lr_at, _Prepared, stain_jitter
+    from stsr.models import TrainConfig
+    from stsr.models.network import diffusion_loss
+    from stsr.models.training import PreparedPair, draw_batch, ema_update, learning_rate_at, stain_jitter
 
     cfg = TrainConfig(
         steps=steps,
@@ -334,21 +336,21 @@ def train_regression(
         torch.manual_seed(seed)
         den = Denoiser(config.replace(use_adversarial=False)).train()
         ema = copy.deepcopy(den).eval()
-        prepared = [_Prepared(p) for p in pairs]
+        prepared = [PreparedPair(p) for p in pairs]
         gen = torch.Generator().manual_seed(seed)
         opt = torch.optim.AdamW(
             den.parameters(), lr=learning_rate, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
         w = cfg.loss_weights
         for step in range(steps):
-            batch = _draw_batch(prepared, cfg, config.image_scale, gen)
+            batch = draw_batch(prepared, cfg, config.image_scale, gen)
             norm = batch["normalizer"]
             img = stain_jitter(batch["image"], cfg.stain_jitter, gen)
             x0 = norm.normalize(batch["hr"])
             lr_z = norm.normalize(batch["density"])
             mask = batch["mask"]
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, cfg)
+                g["lr"] = learning_rate_at(step, cfg)
             feats = den.encode_histology(img)
             t = torch.ones(x0.shape[0])
             pred, aux = den.forward_train(torch.zeros_like(x0), lr_z, t, feats)
@@ -361,7 +363,7 @@ def train_regression(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(den.parameters(), cfg.grad_clip)
             opt.step()
-            _ema_update(ema, den, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            ema_update(ema, den, min(cfg.ema_decay, (1 + step) / (10 + step)))
     return ema
 
 

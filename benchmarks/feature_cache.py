@@ -2,7 +2,7 @@
 
 With ``cache_interval=k`` every k-th DDIM step evaluates the whole denoiser and caches the output of its deep levels
 (1/2 and 1/4 resolution); the steps in between recompute only the full-resolution level
-(:class:`stsr.models.FeatureCache`). This script measures, in one process:
+(:class:`stsr.models.network.FeatureCache`). This script measures, in one process:
 
 1. **speed** -- the time of one full step and of one cached step per model (a ``--tile`` HR tile x ``--genes`` genes,
    batch 1, with freed-memory reuse as ``super_resolve`` runs), and the resulting time of a ``--steps``-step run
@@ -41,8 +41,7 @@ import accuracy as A  # noqa: E402  (sets STSR_DATA_DIR like the accuracy benchm
 import baselines as B  # noqa: E402
 
 import stsr  # noqa: E402
-from stsr.models import FeatureCache  # noqa: E402
-from stsr.models._allocator import reuse_freed_memory  # noqa: E402
+from stsr.models.network import FeatureCache, reuse_freed_memory  # noqa: E402
 
 N_SAMPLES = 4
 

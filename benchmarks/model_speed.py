@@ -1,7 +1,7 @@
 """Speed and size benchmark of the stsr denoiser network on CPU (or a GPU with ``--device cuda``).
 
 Prints a markdown report: first, on CPU, the time of one step per model with glibc's default allocator settings and
-with freed memory kept for reuse (``stsr.models._allocator``, as ``STSRModel.sample`` runs) for several tile layouts;
+with freed memory kept for reuse (``stsr.models.network.reuse_freed_memory``, as ``STSRModel.sample`` runs) for several tile layouts;
 then parameters per module, time per tile split into the histology encoder (once per tile) and the gene stream (once
 per denoising step) for several gene counts, the full 20-step estimate, throughput, achieved GFLOP/s (counted with
 ``torch.utils.flop_counter.FlopCounterMode``), and the cost of each ablation.
@@ -29,10 +29,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import stsr.models
-from stsr.models._allocator import reuse_freed_memory, reuse_freed_memory_available
-from stsr.models._denoiser import Denoiser
-from stsr.models._discriminator import ChannelDiscriminator
-from stsr.models._layers import count_parameters
+from stsr.models.network import (
+    ChannelDiscriminator,
+    Denoiser,
+    count_parameters,
+    reuse_freed_memory,
+    reuse_freed_memory_available,
+)
 
 SWITCHES = ("use_distillation", "use_cross_attention", "use_disentangle", "use_alignment", "use_coexpression")
 
@@ -100,7 +103,7 @@ def main() -> None:  # noqa: D103
         choices=["reuse", "system"],
         default="reuse",
         help="'reuse': keep freed memory in the heap during the timings, as STSRModel.sample does on CPU "
-        "(stsr.models._allocator); 'system': glibc's defaults",
+        "(stsr.models.network.reuse_freed_memory); 'system': glibc's defaults",
     )
     args = parser.parse_args()
     global DEVICE

@@ -46,7 +46,7 @@ import baselines as B  # noqa: E402
 
 import stsr  # noqa: E402
 from stsr.models import GeneNormalizer, gene_ids_from_names  # noqa: E402
-from stsr.models._prior import PRIOR_MAP_STRENGTH  # noqa: E402
+from stsr.models.prior import PRIOR_MAP_STRENGTH  # noqa: E402
 from stsr.observation import ObservationModel  # noqa: E402
 from stsr.tl._image_tiles import ImageSource  # noqa: E402
 from stsr.tl._inputs import prepare_inputs  # noqa: E402

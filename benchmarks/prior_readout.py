@@ -50,7 +50,7 @@ import baselines as B  # noqa: E402
 
 import stsr  # noqa: E402
 from stsr import metrics as M  # noqa: E402
-from stsr.models._prior import RIDGE_ALPHAS, readout, ridge_gcv, tissue_components  # noqa: E402
+from stsr.models.prior import RIDGE_ALPHAS, readout, ridge_gcv, tissue_components  # noqa: E402
 
 COMPONENTS = (5, 10, 20)
 STRENGTHS = (0.5, 1.0)

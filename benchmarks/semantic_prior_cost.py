@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE))
 import baselines as B  # noqa: E402
 
 import stsr  # noqa: E402
-from stsr.models._teacher import TEACHER_CHANNELS  # noqa: E402
+from stsr.models.prior import TEACHER_CHANNELS  # noqa: E402
 from stsr.tl._image_tiles import ImageSource  # noqa: E402
 from stsr.tl._inputs import prepare_inputs  # noqa: E402
 from stsr.tl._semantic_prior import (  # noqa: E402

@@ -32,7 +32,7 @@ import accuracy as A  # noqa: E402  (sets STSR_DATA_DIR like the accuracy benchm
 
 import stsr  # noqa: E402
 from stsr import metrics as M  # noqa: E402
-from stsr.models._prior import PRIOR_MAP_STRENGTH  # noqa: E402
+from stsr.models.prior import PRIOR_MAP_STRENGTH  # noqa: E402
 
 
 def real_cases(n_genes: int) -> list[A.Case]:

@@ -26,7 +26,7 @@ import torch
 
 import stsr
 from stsr.models import load_teacher, teacher_features
-from stsr.models._teacher import DenseNetTrunk
+from stsr.models.prior import DenseNetTrunk
 from stsr.tl._semantic_prior import PRIOR_HALO, PRIOR_WINDOW
 
 

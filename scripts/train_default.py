@@ -120,13 +120,9 @@ def copy_matching(src: torch.nn.Module, dst: torch.nn.Module, prefixes: tuple[st
 
 def export_checkpoint(checkpoints: Path, out: Path, args: dict) -> None:
     """Save the EMA weights of the latest training checkpoint as the shipped model (training stopped early)."""
-    from stsr.models import STSRModel
-    from stsr.models._train import _module_state, load_checkpoint
+    from stsr.models.training import checkpoint_model
 
-    meta, tensors = load_checkpoint(checkpoints)
-    config = ModelConfig.from_dict(meta["model_config"])
-    model = STSRModel(config)
-    model.denoiser.load_state_dict(_module_state("ema", tensors))
+    model, meta = checkpoint_model(checkpoints)
     history = meta["history"]
     recipe = {
         "script": "scripts/train_default.py",

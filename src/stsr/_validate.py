@@ -19,7 +19,10 @@ __all__ = [
     "check_element",
     "check_genes",
     "check_counts",
+    "check_integer_counts",
     "check_new_key",
+    "image_value_scale",
+    "available_memory",
     "shared_coordinate_systems",
     "element_type",
 ]
@@ -162,6 +165,147 @@ def check_counts(
                 f"observation {obs!r}. Raw counts must be finite and non-negative; clean the table (or pass the "
                 "layer holding raw counts) before calling this function."
             )
+
+
+def check_integer_counts(
+    x: Any,
+    genes: Sequence[str] | None = None,
+    obs_names: Sequence[str] | None = None,
+    what: str = "counts",
+    fix: str = "",
+    rtol: float = 1e-6,
+) -> None:
+    """Check that a ``(n_obs, n_genes)`` matrix (dense or sparse) holds integer values (raw counts).
+
+    Values within ``rtol`` (relative, at least ``rtol`` absolute) of an integer count as integers, so counts stored
+    as ``float32`` pass. Call :func:`check_counts` first for NaN and negative values.
+
+    Raises
+    ------
+    ValueError
+        Saying how many values are not integers, with an example (gene, observation) and the largest value, followed
+        by ``fix``.
+    """
+    if sparse.issparse(x):
+        coo = sparse.coo_matrix(x)
+        vals, rows, cols = np.asarray(coo.data, np.float64), coo.row, coo.col
+    else:
+        arr = np.asarray(x, np.float64)
+        arr = arr.reshape(arr.shape[0], -1) if arr.ndim > 1 else arr.reshape(1, -1)
+        rows, cols = np.nonzero(arr)
+        vals = arr[rows, cols]
+    if vals.size == 0:
+        return
+    bad = np.abs(vals - np.rint(vals)) > rtol * np.maximum(np.abs(vals), 1.0)
+    if not bad.any():
+        return
+    i = int(np.flatnonzero(bad)[0])
+    r, c = int(rows[i]), int(cols[i])
+    gene = genes[c] if genes is not None else f"column {c}"
+    obs = obs_names[r] if obs_names is not None else f"row {r}"
+    raise ValueError(
+        f"{what} are not raw counts: {int(bad.sum())} of {vals.size} nonzero values are not integers, e.g. "
+        f"{vals[i]:.6g} for gene {gene!r} in observation {obs!r} (largest value {vals.max():.6g}), as after "
+        f"normalisation or log1p.{(' ' + fix) if fix else ''}"
+    )
+
+
+def image_value_scale(levels: Sequence[Any], key: str = "image") -> float:
+    """The number that divides the values of an image to bring them to ``[0, 1]``.
+
+    This is the one rule by which stsr reads image values, for the model's tiles (:class:`stsr.tl._image_tiles.
+    ImageSource`) and for the tissue mask (:func:`stsr.pp.tissue_mask`). It depends on the data type and, for types
+    that do not fix the scale, on the range of the coarsest pyramid level (read cheaply; at most about 4 M pixels):
+
+    - ``uint8``: 255;
+    - other integer types (e.g. ``uint16`` fluorescence, often 12-bit data in a 16-bit type): the 99.9th percentile
+      of the coarsest level (at least 1), so that dim stains are not read as black;
+    - floats: a maximum of at most 1 means ``[0, 1]`` (scale 1), at most 255 means 8-bit values stored as floats
+      (scale 255);
+    - anything else (larger or negative values, NaN) is refused: its scale cannot be told.
+
+    A float image in ``[0, 255]`` whose coarsest level is entirely at most 1 (an almost black image) would be read
+    as ``[0, 1]``.
+
+    Parameters
+    ----------
+    levels
+        Pyramid levels of the image (``DataArray``, numpy or dask arrays), finest first.
+    key
+        Name of the image in messages.
+
+    Raises
+    ------
+    ValueError
+        For images of unknown scale, saying how to rescale them.
+    """
+    import dask
+
+    coarse = levels[-1]
+    data = (
+        coarse.data if hasattr(coarse, "dims") else coarse
+    )  # a DataArray's array (numpy's .data is a buffer)
+    dtype = np.dtype(data.dtype)
+    if dtype == np.uint8:
+        return 255.0
+    if dtype == np.bool_:
+        return 1.0
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise ValueError(
+            f"Image {key!r} has values of type {dtype}; stsr reads uint8, uint16 and float images. Convert it, e.g. "
+            "to uint8."
+        )
+    step = max(1, int(np.ceil(np.sqrt(np.prod(data.shape[-2:]) / 4e6))))
+    sample = data[..., ::step, ::step]
+    lo, hi = (float(v) for v in dask.compute(sample.min(), sample.max()))
+    advice = (
+        "stsr reads uint8 (0-255) and uint16 (0-65535) images, and float images as values in [0, 1] (or 8-bit "
+        "values in [0, 255]); rescale the image to [0, 1] (e.g. divide by its maximum, clip) or store it as uint8 "
+        "or uint16."
+    )
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError(f"Image {key!r} contains NaN or infinite values. {advice}")
+    if lo < 0:
+        raise ValueError(
+            f"Image {key!r} holds negative values (down to {lo:.4g} on its coarsest pyramid level). {advice}"
+        )
+    if np.issubdtype(dtype, np.integer):
+        return float(max(np.percentile(np.asarray(dask.compute(sample)[0]), 99.9), 1.0))
+    if hi <= 1.0:
+        return 1.0
+    if hi <= 255.0:
+        return 255.0
+    raise ValueError(
+        f"Image {key!r} holds float values up to {hi:.6g} (coarsest pyramid level), more than 255, so their scale "
+        f"is unknown. {advice}"
+    )
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations now, or ``None`` when it cannot be told.
+
+    ``psutil.virtual_memory().available`` when psutil is installed, else ``MemAvailable`` of ``/proc/meminfo``,
+    else the free pages of ``os.sysconf``.
+    """
+    import os
+
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except (ImportError, OSError, AttributeError):  # psutil missing, or unsupported here
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def check_new_key(sdata: Any, key: str, overwrite: bool = False) -> None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stsr.models._config import ModelConfig
-from stsr.models._train import TrainingPair
+from stsr.models import ModelConfig, TrainingPair
 from stsr.observation import ObservationModel
 
 _COLOURS = np.array([[0.30, 0.15, 0.50], [0.85, 0.30, 0.45], [0.35, 0.70, 0.85]])

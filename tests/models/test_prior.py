@@ -11,14 +11,13 @@ import stsr
 from stsr import metrics as M
 from stsr.models import (
     TEACHER_UM_PER_PX,
-    DenseNetTrunk,
     apply_prior,
     load_teacher,
     prior_guide,
     semantic_prior,
     teacher_features,
 )
-from stsr.models._teacher import TEACHER_CHANNELS
+from stsr.models.prior import TEACHER_CHANNELS, DenseNetTrunk
 from stsr.observation import ObservationModel
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import stsr
-from stsr.models._train import _Prepared, _ValSet, evaluate_pairs
 from stsr.models._weights import SHIPPED_DIR, WEIGHTS_FILE
+from stsr.models.training import PreparedPair, ValidationSet, evaluate_pairs
 
 SHIPPED = stsr.models.available_weights()
 VALIDATION_SEED = 99  # the training recipe's held-out synthetic slide (scripts/train_default.py)
@@ -18,7 +18,7 @@ def heldout():
     """Validation tiles of the held-out synthetic slide, pooled over Visium-like spots as in training."""
     sdata = stsr.datasets.synthetic(size_um=(600, 600), n_genes=30, seed=VALIDATION_SEED)
     pair = stsr.tl.training_pair(sdata, "he", hr_key="hr_truth", spots_key="spots", image_scale=4)
-    return _ValSet(_Prepared(pair), 48, 4, 12, 0.25, 4)
+    return ValidationSet(PreparedPair(pair), 48, 4, 12, 0.25, 4)
 
 
 def test_default_is_shipped():

@@ -11,19 +11,18 @@ import torch.nn.functional as F
 from models_testing import synthetic_pair, tiny_config
 
 import stsr
-from stsr.models._model import STSRModel
-from stsr.models._normalize import GeneNormalizer
-from stsr.models._train import (
-    CHECKPOINT_JSON,
+from stsr.models import (
+    GeneNormalizer,
+    STSRModel,
     TrainConfig,
     TrainingPair,
-    _draw_batch,
-    _Prepared,
-    _ValSet,
+    WeightsError,
+    available_weights,
     fit,
-    stain_jitter,
+    load,
 )
-from stsr.models._weights import WeightsError, available_weights, load
+from stsr.models._checkpoint import CHECKPOINT_JSON
+from stsr.models.training import PreparedPair, ValidationSet, checkpoint_model, draw_batch, stain_jitter
 from stsr.observation import ObservationModel
 
 TILE = 32
@@ -56,7 +55,7 @@ def trained():
 
 
 def _heldout_tiles(pair: TrainingPair):
-    vs = _ValSet(_Prepared(pair), TILE, 4, 64, 0.2, 4)
+    vs = ValidationSet(PreparedPair(pair), TILE, 4, 64, 0.2, 4)
     tiles = vs.tiles
     return vs, tiles
 
@@ -239,6 +238,19 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
         )
 
 
+def test_checkpoint_model_holds_the_ema_weights(tmp_path):
+    trained = _small_run(tmp_path, 3, tmp_path / "c")  # fit returns the EMA weights
+    model, meta = checkpoint_model(tmp_path / "c")
+    assert meta["step"] == 3 and meta["model_config"] == trained.config.to_dict()
+    assert model.config == trained.config
+    sa, sb = trained.denoiser.state_dict(), model.denoiser.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    with pytest.raises(ValueError, match="holds no training checkpoint"):
+        checkpoint_model(tmp_path / "empty")
+
+
 def test_batches_are_augmented_consistently():
     # HR truth = block mean of the image's first channel, so every augmented crop must keep hr == pool(image)
     rng = np.random.default_rng(0)
@@ -247,8 +259,8 @@ def test_batches_are_augmented_consistently():
     hr = np.stack([hr, 2 * hr])
     pair = TrainingPair(img, hr, ObservationModel.blocks((40, 40), 4), ["a", "b"])
     cfg = TrainConfig(batch_size=16, tile_size=16, genes_per_batch=2, progress=False)
-    prep = _Prepared(pair)
-    batch = _draw_batch([prep], cfg, 4, torch.Generator().manual_seed(0))
+    prep = PreparedPair(pair)
+    batch = draw_batch([prep], cfg, 4, torch.Generator().manual_seed(0))
     pooled = F.avg_pool2d(batch["image"][:, :1], 4)[:, 0]
     assert torch.allclose(batch["hr"][:, 0], pooled, atol=1e-6)
     assert torch.allclose(batch["hr"][:, 1], 2 * pooled, atol=1e-6)
@@ -263,7 +275,7 @@ def test_batches_are_augmented_consistently():
     assert abs(float(batch["density"].mean()) - float(batch["hr"].mean())) < 0.1 * float(batch["hr"].mean())
     # a guided pair gives its guide as the LR input, cropped and augmented exactly like the truth
     guided = TrainingPair(img, hr, pair.observation, ["a", "b"], guide=3 * hr)
-    batch = _draw_batch([_Prepared(guided)], cfg, 4, torch.Generator().manual_seed(0))
+    batch = draw_batch([PreparedPair(guided)], cfg, 4, torch.Generator().manual_seed(0))
     assert torch.allclose(batch["density"], 3 * batch["hr"], atol=1e-5)
 
 

@@ -11,7 +11,7 @@ import stsr
 from stsr.models import prior_guide, semantic_prior, teacher_features
 from stsr.tl import _semantic_prior
 from stsr.tl._image_tiles import ImageSource
-from stsr.tl._inputs import prepare_inputs
+from stsr.tl._inputs import prepare_inputs, teacher_image_scale
 
 GENES = ["gene_000", "gene_001", "gene_002"]
 
@@ -31,9 +31,9 @@ def test_prior_map_is_the_slide_guide_and_keeps_the_spot_counts(slide, monkeypat
     )
     op, h, w = inputs.observation, *inputs.grid.shape
     assert out.shape == (3, h, w) and out.dtype == np.float32 and out.min() >= 0
-    image = ImageSource(inputs.image_levels, inputs.grid, _semantic_prior.PRIOR_IMAGE_SCALE).region(
-        0, 0, h, w
-    )
+    # the teacher reads about 0.75 um per pixel: 7 image pixels per 5.5 um HR pixel of this 1 um/px image
+    assert teacher_image_scale(inputs) == 7 == sdata["stsr_prior"].attrs["stsr"]["image_scale"]
+    image = ImageSource(inputs.image_levels, inputs.grid, teacher_image_scale(inputs)).region(0, 0, h, w)
     prior = semantic_prior(teacher_features(image, (h, w)), inputs.lr, op, mask=inputs.mask)
     expected = prior_guide(prior, inputs.lr, op, mask=inputs.mask, strength=0.25)
     np.testing.assert_allclose(out, expected, rtol=5e-3, atol=1e-4 * expected.max())

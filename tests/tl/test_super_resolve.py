@@ -11,7 +11,7 @@ from spatialdata.transformations import get_transformation
 import stsr
 from stsr.models import ModelConfig, STSRModel
 from stsr.pp import spots_observation_model
-from stsr.tl._inputs import prepare_inputs
+from stsr.tl._inputs import prepare_inputs, teacher_image_scale
 from stsr.tl._tiling import plan_tiles
 
 GENES = ["gene_000", "gene_001", "gene_002"]
@@ -270,7 +270,7 @@ def test_output_mask_fills_the_gaps_between_spots_but_not_beyond(lattice):
     assert mask.mean() < 0.6
 
 
-def _whole_slide_prior(slide, image_scale: int):
+def _whole_slide_prior(slide):
     """The slide's inputs and the array-level semantic prior from teacher features of the whole image (the
     reference that the window-by-window computation of ``super_resolve`` must reproduce)."""
     from stsr.models import semantic_prior, teacher_features
@@ -280,7 +280,7 @@ def _whole_slide_prior(slide, image_scale: int):
         slide, "he", GENES, table_key=None, pixel_size=None, coordinate_system=None, image_channels=3
     )
     h, w = inputs.grid.shape
-    image = ImageSource(inputs.image_levels, inputs.grid, image_scale).region(0, 0, h, w)
+    image = ImageSource(inputs.image_levels, inputs.grid, teacher_image_scale(inputs)).region(0, 0, h, w)
     return inputs, semantic_prior(
         teacher_features(image, (h, w)), inputs.lr, inputs.observation, mask=inputs.mask
     )
@@ -295,7 +295,7 @@ def test_semantic_prior_reweights_the_mean_and_keeps_the_spot_sums(slide, model,
     _, plain = _run(slide, model)
     monkeypatch.setattr(_semantic_prior, "PRIOR_WINDOW", 48)  # several windows with halos
     sdata, out = _run(slide, model, semantic_prior=True)
-    inputs, prior = _whole_slide_prior(slide, _semantic_prior.PRIOR_IMAGE_SCALE)
+    inputs, prior = _whole_slide_prior(slide)
     op = inputs.observation
     expected = apply_prior(plain, prior, inputs.lr, op) * inputs.mask
     assert not np.allclose(out, plain, rtol=0.05)  # the prior changes the map ...
@@ -361,7 +361,7 @@ def test_prior_guided_model_gets_the_guide_as_its_lr_input(slide, model, monkeyp
     # the guide's scales are fitted over several windows
     monkeypatch.setattr(_semantic_prior, "PRIOR_WINDOW", 48)
     sdata, out = _run(slide, guided, semantic_prior=True)
-    inputs, prior = _whole_slide_prior(slide, _semantic_prior.PRIOR_IMAGE_SCALE)
+    inputs, prior = _whole_slide_prior(slide)
     op = inputs.observation
     expected = prior_guide(prior, inputs.lr, op, mask=inputs.mask)
     h, w = op.shape

@@ -13,7 +13,8 @@ _PREDICTIONS = ("v", "eps", "x0")
 
 @dataclass
 class ModelConfig:
-    """Hyper-parameters of :class:`~stsr.models.Denoiser` and :class:`~stsr.models.ChannelDiscriminator`.
+    """Hyper-parameters of the network (:class:`~stsr.models.network.Denoiser`, and the
+    :class:`~stsr.models.network.ChannelDiscriminator` of adversarial training).
 
     The network is panel-agnostic: no field depends on the number or the identity of the genes.
 

@@ -36,9 +36,9 @@ class STSRModel(nn.Module):
     config
         The model configuration.
     denoiser
-        The denoiser network; default a freshly initialised :class:`~stsr.models.Denoiser` of ``config``.
+        The denoiser network; default a freshly initialised :class:`~stsr.models.network.Denoiser` of ``config``.
     discriminator
-        Optional :class:`~stsr.models.ChannelDiscriminator` (training only; never saved with the weights).
+        Optional :class:`~stsr.models.network.ChannelDiscriminator` (training only; never saved with the weights).
     name
         Name of the weights (e.g. the shipped name they were loaded from).
     metadata
@@ -126,9 +126,9 @@ class STSRModel(nn.Module):
         -------
         The directory.
         """
-        from ._weights import save_model
+        from ._weights import save
 
-        return save_model(self, path, name=name, training=training)
+        return save(self, path, name=name, training=training)
 
     @classmethod
     def load(
@@ -175,7 +175,8 @@ class STSRModel(nn.Module):
             ``consistency`` is on.
         origins
             ``(B, 2)`` global HR-grid ``(row, col)`` of each tile's top-left pixel; the initial noise is a crop of one
-            slide-wide field (:func:`~stsr.models.gaussian_field`), so results do not depend on tiling or batching.
+            slide-wide field (:func:`~stsr.models.network.gaussian_field`), so results do not depend on tiling or
+            batching.
         gene_ids
             ``(G,)`` stable int64 gene identifiers (:func:`~stsr.models.gene_ids_from_names`).
         seed
@@ -192,8 +193,8 @@ class STSRModel(nn.Module):
             (``ObservationModel.project(..., mode="multiplicative")``, in counts) and continue from the projection;
             the final output is projected too, so pooling it reproduces the measurements.
         cache_interval
-            Steps per full network evaluation (:class:`~stsr.models.FeatureCache`): with ``2`` every other step
-            recomputes only the full-resolution level and reuses the deep features of the step before: 1.55x
+            Steps per full network evaluation (:class:`~stsr.models.network.FeatureCache`): with ``2`` every other
+            step recomputes only the full-resolution level and reuses the deep features of the step before: 1.55x
             faster, with r within -0.002 to +0.007 of the exact run on the benchmark cases
             (``docs/benchmarks/feature_cache.md``); ``1`` (default) evaluates the whole network at every step.
         start

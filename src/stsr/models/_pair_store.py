@@ -16,7 +16,7 @@ import torch
 from scipy import sparse
 
 from ..observation import ObservationModel
-from ._train import TrainingPair
+from ._training_pair import TrainingPair
 
 __all__ = ["save_pairs", "load_pairs"]
 

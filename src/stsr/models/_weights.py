@@ -42,7 +42,7 @@ __all__ = [
     "WeightsError",
     "available_weights",
     "load",
-    "save_model",
+    "save",
     "reseal",
     "config_digest",
     "check_network_size",
@@ -139,10 +139,13 @@ def _write_config(directory: Path, meta: dict[str, Any]) -> None:
     _write_atomic(directory / CONFIG_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
 
 
-def save_model(
+def save(
     model: Any, path: str | Path, *, name: str | None = None, training: dict[str, Any] | None = None
 ) -> Path:
-    """Write ``model``'s inference weights and config to the directory ``path``.
+    """Write ``model``'s inference weights and config to the directory ``path``; :func:`load` reads them back.
+
+    The weights go to ``model.safetensors``, the config to ``config.json`` with the SHA-256 of both (the same as
+    :meth:`STSRModel.save <stsr.models.STSRModel.save>`).
 
     Parameters
     ----------
@@ -219,7 +222,7 @@ def _fix_hint(cfg_path: Path) -> str:
     return (
         f"Pass the original weights directory (re-download it), or, to change saved weights, load the original, "
         f"change the model and re-save it with model.save(directory) (STSRModel.save), which records new hashes. "
-        f"Only if you trust {cfg_path} as it is: stsr.models._weights.reseal({str(cfg_path.parent)!r})."
+        f"Only if you trust {cfg_path} as it is: stsr.models.reseal({str(cfg_path.parent)!r})."
     )
 
 

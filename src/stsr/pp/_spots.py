@@ -24,6 +24,7 @@ __all__ = [
     "spot_footprint",
     "footprint_operator",
     "table_region",
+    "check_unique_instances",
 ]
 
 #: Above this many genes, :func:`rasterize_spots` asks for an explicit gene list.
@@ -193,6 +194,41 @@ def table_region(sdata: Any, table_key: str, spots_key: str | None = None) -> tu
     return table, spots_key, region_key, instance_key
 
 
+def check_unique_instances(
+    table: Any, table_key: str, spots_key: str, instance_key: str, rows: np.ndarray, spots_index: Any = None
+) -> None:
+    """Refuse a table in which two rows annotate the same spot, or a spots element with a duplicated index.
+
+    ``rows`` are the table rows of region ``spots_key``. Two rows for one spot would make two identical observations
+    (a singular system for the consistency projection), and would count the spot twice.
+
+    Raises
+    ------
+    ValueError
+        Naming the duplicated ids and how to fix the table.
+    """
+    import pandas as pd
+
+    ids = pd.Series(table.obs[instance_key].to_numpy()[rows])
+    dup = ids[ids.duplicated(keep=False)]
+    if len(dup):
+        counts = dup.value_counts()
+        shown = ", ".join(f"{k!r} ({n} rows)" for k, n in counts.head(5).items())
+        more = f" and {len(counts) - 5} more" if len(counts) > 5 else ""
+        raise ValueError(
+            f"Table {table_key!r} has several rows for the same spot of {spots_key!r}: "
+            f"table.obs[{instance_key!r}] repeats {shown}{more}. Each spot must have exactly one row "
+            f"(table.obs[{instance_key!r}] unique within region {spots_key!r}): drop the duplicated rows "
+            f"(table = table[~table.obs[{instance_key!r}].duplicated()]) or sum them into one row per spot."
+        )
+    if spots_index is not None and not spots_index.is_unique:
+        rep = list(spots_index[spots_index.duplicated()].unique()[:5])
+        raise ValueError(
+            f"Shapes element {spots_key!r} has a duplicated index (e.g. {rep}); each spot needs its own id. Reset "
+            "it (spots.index = range(len(spots))) and update the table's instance ids to match."
+        )
+
+
 def _spot_counts(
     sdata: Any,
     table_key: str,
@@ -210,6 +246,7 @@ def _spot_counts(
     rows = np.flatnonzero((table.obs[region_key] == spots_key).to_numpy())
     if rows.size == 0:
         raise ValueError(f"Table {table_key!r} has no rows for region {spots_key!r}.")
+    check_unique_instances(table, table_key, spots_key, instance_key, rows, sdata.shapes[spots_key].index)
     centres, radius, index = spot_geometry(sdata, spots_key, grid, image_key, coordinate_system)
     ids = table.obs[instance_key].to_numpy()[rows]
     pos = index.get_indexer(ids)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .. import metrics as _metrics
-from ..models._train import TrainingPair
+from ..models import TrainingPair
 from ..observation import ObservationModel
 
 __all__ = ["evaluate"]

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 
+from .._validate import image_value_scale
 from ..observation import Grid
 
 __all__ = ["ImageSource"]
@@ -20,7 +21,8 @@ class ImageSource:
     """The histology image of a slide as the model sees it.
 
     Picks, for a target resolution, the coarsest pyramid level that is still at least as fine, and reads tile crops
-    lazily through dask (on a ``dask.distributed`` cluster when a client is active).
+    lazily through dask (on a ``dask.distributed`` cluster when a client is active). Values are brought to ``[0, 1]``
+    by :func:`stsr._validate.image_value_scale` (the rule the tissue mask uses too).
 
     Parameters
     ----------
@@ -44,15 +46,9 @@ class ImageSource:
         self.level = max(usable) if usable else 0
         self._data = self.levels[self.level].data
         self._factor = self._factors[self.level]
-        dtype = self.levels[0].dtype
-        if np.issubdtype(dtype, np.integer):
-            if dtype == np.uint8:
-                self._scale = 255.0
-            else:  # e.g. uint16 fluorescence: scale by a robust maximum of the coarsest level
-                coarse = np.asarray(self.levels[-1].data)
-                self._scale = float(max(np.percentile(coarse, 99.9), 1.0))
-        else:
-            self._scale = 1.0
+        # the one rule of stsr for image values (shared with the tissue mask): uint8 / 255, uint16 / 65535, floats
+        # in [0, 1] as they are and in [0, 255] / 255, anything else refused
+        self._scale = image_value_scale(self.levels)
 
     @property
     def n_channels(self) -> int:

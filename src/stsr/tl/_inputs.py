@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,18 +11,43 @@ import numpy as np
 import spatialdata as sd
 
 from .._constants import CS_GLOBAL
-from .._validate import check_element, close_matches
+from .._validate import (
+    available_memory,
+    check_counts,
+    check_element,
+    check_genes,
+    check_integer_counts,
+    close_matches,
+    image_value_scale,
+)
 from ..observation import Grid, ObservationModel
 from ..pp import hr_grid, select_genes, tissue_mask
-from ..pp._spots import spot_counts, spot_footprint, spot_geometry
+from ..pp._spots import check_unique_instances, spot_counts, spot_footprint, spot_geometry, table_region
 from ..pp._transforms import raster_levels
+from ..pp._units import microns_per_unit
 
-__all__ = ["SlideInputs", "prepare_inputs", "find_spot_table"]
+__all__ = [
+    "SlideInputs",
+    "prepare_inputs",
+    "find_spot_table",
+    "estimate_memory",
+    "spot_diameter",
+    "teacher_image_scale",
+]
 
 log = logging.getLogger("stsr")
 
 #: Default HR pixel size as a fraction of the spot diameter.
 PIXELS_PER_SPOT_DIAMETER = 10
+#: Largest HR grid accepted (pixels): past 32-bit pixel indices, and far beyond a whole slide at sub-micron pixels.
+MAX_GRID_PIXELS = 2**31 - 1
+#: Peak bytes per HR pixel while the inputs are prepared (distances to the spots, closing of the spot lattice, tissue
+#: mask on the grid): about 55 measured (tracemalloc peak and RSS) on synthetic slides of 0.8 to 13 M HR pixels.
+BYTES_PER_HR_PIXEL = 80
+#: Peak bytes per HR pixel of a spot footprint while the spots' operator is built (rows, columns, weights, CSR copy).
+BYTES_PER_FOOTPRINT_PIXEL = 64
+#: Bytes needed whatever the grid: a band of the image level scored by the tissue mask, the table's genes.
+BASE_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -35,7 +61,9 @@ class SlideInputs:
     lr
         ``(n_genes, n_spots)`` measured counts.
     mask
-        ``(height, width)`` area to predict (tissue, plus every spot).
+        ``(height, width)`` area to predict: the tissue near spots plus every spot's footprint and the gaps of the
+        spot lattice (Otsu tissue of the image), or, with a given ``tissue``, that tissue near spots only (counts of
+        spots off it are left out).
     """
 
     sdata: sd.SpatialData
@@ -50,6 +78,20 @@ class SlideInputs:
     lr: np.ndarray
     mask: np.ndarray
     image_levels: list[Any]
+    um_per_unit: float = 1.0
+
+    @property
+    def um_per_px(self) -> float:
+        """Micrometres per HR pixel (:func:`stsr.pp._units.microns_per_unit` of the coordinate system)."""
+        return self.pixel_size * self.um_per_unit
+
+
+def teacher_image_scale(inputs: SlideInputs) -> int:
+    """Image pixels per HR pixel at which the image teacher reads the slide: about
+    :data:`stsr.models.TEACHER_UM_PER_PX` micrometres per teacher pixel, whatever the grid (at least 1)."""
+    from ..models import TEACHER_UM_PER_PX
+
+    return max(1, int(round(inputs.um_per_px / TEACHER_UM_PER_PX)))
 
 
 def find_spot_table(sdata: sd.SpatialData, table_key: str | None) -> str:
@@ -116,11 +158,44 @@ def prepare_inputs(
     coordinate_system: str | None,
     image_channels: int,
     n_default_genes: int = 50,
+    integer_counts: bool = True,
+    tissue: Any = None,
 ) -> SlideInputs:
     """Validate the inputs of :func:`stsr.tl.super_resolve` and build the grid, operator and LR counts.
 
-    Raises clear errors (unknown keys or genes with close matches, no shared coordinate system, spots outside the
-    image, genes without counts, images with the wrong number of channels) before anything is computed.
+    Everything is checked before any heavy work, with errors that say the fix: unknown keys or genes (with close
+    matches), no shared coordinate system, images with the wrong number of channels or of unknown value scale
+    (:func:`stsr._validate.image_value_scale`), tables with several rows for one spot, counts that are negative or
+    not integers (normalised or log-transformed data), an HR pixel as large as a spot, an HR grid too large for the
+    memory, spots outside the image, genes without counts, a given tissue that covers no spot.
+
+    Parameters
+    ----------
+    sdata, image_key, genes, table_key, coordinate_system
+        As in :func:`stsr.tl.super_resolve`.
+    pixel_size
+        HR pixel side in units of the coordinate system (default: a tenth of the spot diameter). A pixel at least
+        as large as the spot diameter is refused (a spot would not cover a whole pixel: there is nothing to resolve
+        within it); one larger than a quarter of the diameter gives a warning (fewer than 4 pixels across a spot:
+        the map hardly resolves anything within a spot and the disk footprints are coarse). The grid is refused
+        when it exceeds :data:`MAX_GRID_PIXELS` or when preparing it would need more memory than is available
+        (:func:`estimate_memory`); the message suggests a pixel size that fits.
+    image_channels
+        Channels the model expects.
+    n_default_genes
+        Genes chosen when ``genes`` is None.
+    integer_counts
+        Require raw integer counts in the table's ``X`` for the genes used (default): normalised or log-transformed
+        values are refused, with the fix (raw counts are often in ``layers["counts"]`` or ``.raw``). ``False``
+        accepts non-integer values for tables that hold counts which are not integers by design (e.g. corrected for
+        ambient RNA); they must still be counts (not log values), and negative values are always refused.
+    tissue
+        The tissue to predict, instead of the Otsu mask of the image: the key of a labels element (nonzero =
+        tissue), the key of a shapes element (polygons or multipolygons), or a boolean array on the image's
+        full-resolution level or on the HR grid; see the ``tissue`` parameter of :func:`stsr.pp.tissue_mask`, which
+        places it on the HR grid (a pixel is tissue when at least half of it is covered). Pixels farther than 0.75
+        spot pitch from every spot stay out, and spots with no tissue pixel are left out of the map (a warning
+        gives how many and the share of the counts). ``None`` (default): the Otsu mask of the image.
     """
     image = check_element(sdata, image_key, "images")
     levels = raster_levels(image)
@@ -132,6 +207,7 @@ def prepare_inputs(
             f"or train a model for this image type with stsr.tl.train (ModelConfig(image_channels="
             f"{levels[0].shape[0]}))."
         )
+    image_value_scale(levels, image_key)  # an image of unknown value scale fails here, not in the tile loop
     table_key = find_spot_table(sdata, table_key)
     table = sdata.tables[table_key]
     from spatialdata.models import get_table_keys
@@ -144,22 +220,20 @@ def prepare_inputs(
         log.info("super_resolve: %d highly expressed genes chosen (pass genes= to choose)", len(genes))
     elif isinstance(genes, str):
         genes = [genes]
+    genes, n_spots = _check_table(sdata, table_key, spots_key, genes, integer_counts)
+    diameter = spot_diameter(sdata, spots_key, cs)
     if pixel_size is None:
-        # a tenth of the spot diameter, in units of the coordinate system
-        from spatialdata.transformations import get_transformation
-
-        from ..pp._transforms import affine_yx
-
-        spots = sdata.shapes[spots_key]
-        footprint = spot_footprint(spots, spots_key)
-        radius = float(
-            spots["radius"].iloc[0] if footprint == "disks" else np.sqrt(spots.geometry.area.iloc[0]) / 2
-        )
-        scale = np.sqrt(abs(np.linalg.det(affine_yx(get_transformation(sdata[spots_key], cs))[:2, :2])))
-        pixel_size = 2 * radius * scale / PIXELS_PER_SPOT_DIAMETER
+        pixel_size = diameter / PIXELS_PER_SPOT_DIAMETER
+    else:
+        _check_pixel_size(pixel_size, diameter, cs)
     grid = hr_grid(sdata, image_key, pixel_size, cs)
-    if spot_footprint(sdata.shapes[spots_key], spots_key) == "squares":
+    footprint = spot_footprint(sdata.shapes[spots_key], spots_key)
+    _check_grid(grid, float(pixel_size), diameter, n_spots, footprint, cs)
+    if footprint == "squares":
         grid = _align_to_bins(sdata, spots_key, grid, image_key, cs)
+    given = None
+    if tissue is not None:  # a bad key, array or coordinate system fails before the spots' operator is built
+        given = tissue_mask(sdata, image_key, grid=grid, coordinate_system=cs, tissue=tissue)
     op, lr, genes = spot_counts(sdata, table_key, spots_key, genes, grid, image_key, cs)
     empty = [g for g, total in zip(genes, lr.sum(1)) if total <= 0]
     if empty:
@@ -167,7 +241,13 @@ def prepare_inputs(
             f"Gene(s) {empty} have no counts in any spot of table {table_key!r}; there is nothing to super-resolve. "
             "Remove them from genes=."
         )
-    mask = (tissue_mask(sdata, image_key, grid=grid) & _near_spots(op)) | _between_spots(op)
+    if given is None:
+        mask = (tissue_mask(sdata, image_key, grid=grid) & _near_spots(op)) | _between_spots(op)
+    else:
+        mask = given & _near_spots(op)
+        _check_tissue_covers_spots(op, lr, mask, tissue, spots_key)
+    um_per_unit, why = microns_per_unit(op.centres * float(pixel_size), diameter, footprint)
+    log.info("%.4g µm per unit of %r (%s)", um_per_unit, cs, why)
     return SlideInputs(
         sdata=sdata,
         image_key=image_key,
@@ -181,7 +261,165 @@ def prepare_inputs(
         lr=lr,
         mask=mask,
         image_levels=levels,
+        um_per_unit=float(um_per_unit),
     )
+
+
+def spot_diameter(sdata: sd.SpatialData, spots_key: str, coordinate_system: str) -> float:
+    """Median diameter of the spots (circles) or side of the bins (squares) of ``spots_key``, in units of
+    ``coordinate_system``."""
+    from spatialdata.transformations import get_transformation
+
+    from ..pp._transforms import affine_yx
+
+    spots = sdata.shapes[spots_key]
+    if spot_footprint(spots, spots_key) == "disks":
+        size = 2 * spots["radius"].to_numpy(float)
+    else:
+        size = np.sqrt(spots.geometry.area.to_numpy(float))
+    scale = np.sqrt(abs(np.linalg.det(affine_yx(get_transformation(spots, coordinate_system))[:2, :2])))
+    return float(np.median(size) * scale)
+
+
+def estimate_memory(shape: tuple[int, int], n_spots: int, spot_radius_px: float, footprint: str) -> int:
+    """Bytes that :func:`prepare_inputs` needs at its peak for an HR grid of ``shape`` and ``n_spots`` spots of
+    ``spot_radius_px`` HR pixels (half the side for ``footprint="squares"``)."""
+    h, w = shape
+    r = float(spot_radius_px) + 1.0  # pixels cut by the spot's edge
+    per_spot = np.pi * r * r if footprint == "disks" else (2 * r) ** 2
+    nnz = n_spots * min(per_spot, h * w)
+    return int(BASE_BYTES + BYTES_PER_HR_PIXEL * h * w + BYTES_PER_FOOTPRINT_PIXEL * nnz)
+
+
+def _check_table(
+    sdata: sd.SpatialData, table_key: str, spots_key: str, genes: list[str], integer_counts: bool
+) -> tuple[list[str], int]:
+    """Check the table's rows and values for ``genes`` (cheap; nothing is built). Returns the genes and the number of
+    spots (rows of the spots' region)."""
+    table, spots_key, region_key, instance_key = table_region(sdata, table_key, spots_key)
+    genes = check_genes(genes, table.var_names, where=f"table {table_key!r}")
+    rows = np.flatnonzero((table.obs[region_key] == spots_key).to_numpy())
+    if rows.size == 0:
+        raise ValueError(f"Table {table_key!r} has no rows for region {spots_key!r}.")
+    check_unique_instances(table, table_key, spots_key, instance_key, rows, sdata.shapes[spots_key].index)
+    if table.X is None:
+        raise ValueError(f"Table {table_key!r} has no X; put the raw spot counts in X.")
+    x = table.X[rows][:, table.var_names.get_indexer(genes)]
+    obs_names = table.obs_names[rows]
+    check_counts(x, genes, obs_names, what=f"Counts of table {table_key!r}")
+    if integer_counts:
+        check_integer_counts(
+            x,
+            genes,
+            obs_names,
+            what=f"The values of table {table_key!r} (X)",
+            fix=_raw_counts_fix(table, table_key),
+        )
+    return genes, int(rows.size)
+
+
+def _raw_counts_fix(table: Any, table_key: str) -> str:
+    t = f"sdata.tables[{table_key!r}]"
+    if "counts" in table.layers:
+        where = f"This table keeps them in layers['counts']: {t}.X = {t}.layers['counts']."
+    elif table.raw is not None:
+        where = f"This table has a .raw: {t}.X = {t}.raw[:, {t}.var_names].X (if .raw holds the counts)."
+    else:
+        layers = f" (its layers: {list(table.layers)})" if len(table.layers) else ""
+        where = f"Copy them there, e.g. {t}.X = {t}.layers['counts'] or {t}.X = {t}.raw[:, {t}.var_names].X{layers}."
+    return (
+        "stsr models raw counts (each spot's counts are kept exactly) and needs them in the table's X. "
+        f"{where} If the values are counts that are not integers by design (e.g. corrected for ambient RNA), pass "
+        "integer_counts=False."
+    )
+
+
+def _check_pixel_size(pixel_size: float, diameter: float, cs: str) -> None:
+    if isinstance(pixel_size, bool) or not np.isfinite(pixel_size) or pixel_size <= 0:
+        raise ValueError(f"pixel_size must be a positive number, got {pixel_size!r}.")
+    default = diameter / PIXELS_PER_SPOT_DIAMETER
+    if pixel_size >= diameter:
+        raise ValueError(
+            f"pixel_size={pixel_size:g} ({cs!r} units) is at least the spot diameter ({diameter:.4g}): an HR pixel "
+            "would be as large as a spot, so there is nothing to resolve within the spots. Use a pixel_size of at "
+            f"most a quarter of the diameter ({diameter / 4:.4g}); the default is a tenth ({default:.4g})."
+        )
+    if pixel_size > diameter / 4:
+        msg = (
+            f"pixel_size={pixel_size:g} ({cs!r} units) is more than a quarter of the spot diameter "
+            f"({diameter:.4g}): fewer than 4 HR pixels across a spot, so the map resolves little within a spot and "
+            f"the spot footprints are coarse. The default is a tenth of the diameter ({default:.4g})."
+        )
+        log.warning(msg)
+        warnings.warn(msg, UserWarning, stacklevel=4)
+
+
+def _check_grid(
+    grid: Grid, pixel_size: float, diameter: float, n_spots: int, footprint: str, cs: str
+) -> None:
+    """Refuse an HR grid larger than :data:`MAX_GRID_PIXELS` or than the memory can hold, before it is built."""
+    h, w = grid.shape
+    n_px = h * w
+    radius_px = diameter / 2 / pixel_size
+    what = (
+        f"pixel_size={pixel_size:g} ({cs!r} units) gives an HR grid of {h} x {w} = {n_px / 1e6:.4g} M pixels, with "
+        f"spots {2 * radius_px:.3g} HR pixels across"
+    )
+    default = f"the default is a tenth of the spot diameter, {diameter / PIXELS_PER_SPOT_DIAMETER:.3g}"
+    if n_px > MAX_GRID_PIXELS:
+        suggest = _round_up(pixel_size * np.sqrt(n_px / MAX_GRID_PIXELS))
+        raise ValueError(
+            f"{what}: more than stsr handles ({MAX_GRID_PIXELS / 1e9:.2g} G pixels). Use pixel_size >= {suggest:.3g} "
+            f"({default}), or crop the slide (spatialdata.bounding_box_query)."
+        )
+    need = estimate_memory(grid.shape, n_spots, radius_px, footprint)
+    free = available_memory()
+    log.info("%s; preparing it needs about %.2g GiB of memory", what, need / 2**30)
+    if free is None or need <= free:
+        return
+    # the grid's and the footprints' bytes scale as 1 / pixel_size^2: aim at half the available memory
+    target = max(0.5 * free - BASE_BYTES, 1.0)
+    suggest = _round_up(pixel_size * np.sqrt(max(need - BASE_BYTES, 1.0) / target))
+    too_coarse = (
+        " That is coarser than a quarter of the spot diameter: crop the slide instead."
+        if suggest > diameter / 4
+        else ""
+    )
+    raise ValueError(
+        f"{what} ({n_spots} spots): preparing it needs about {need / 2**30:.3g} GiB of memory, but only "
+        f"{free / 2**30:.3g} GiB are available. Use a larger pixel_size, e.g. pixel_size={suggest:.3g} (about half "
+        f"the available memory; {default}), or crop the slide (spatialdata.bounding_box_query).{too_coarse}"
+    )
+
+
+def _round_up(value: float) -> float:
+    """``value`` rounded up to 2 significant digits."""
+    e = np.floor(np.log10(value)) - 1
+    return float(np.ceil(value / 10**e) * 10**e)
+
+
+def _check_tissue_covers_spots(
+    op: ObservationModel, lr: np.ndarray, mask: np.ndarray, tissue: Any, spots_key: str
+) -> None:
+    name = repr(tissue) if isinstance(tissue, str) else "the given array"
+    covered = op.tissue_area(mask) > 0
+    if not covered.any():
+        raise ValueError(
+            f"The tissue {name} covers none of the {op.n_obs} spots of {spots_key!r} on the HR grid (tissue pixels: "
+            f"{int(np.asarray(mask).sum())}). Check that it is the right element or array and that its "
+            "transformation places it on the image (same coordinate system and units)."
+        )
+    lost = ~covered & (lr.sum(0) > 0)
+    if lost.any():
+        share = lr[:, lost].sum() / max(lr.sum(), 1e-12)
+        log.warning(
+            "%d of %d spots of %r have no pixel in the tissue %s: their counts (%.1f%% of the total) are left out",
+            int(lost.sum()),
+            op.n_obs,
+            spots_key,
+            name,
+            100 * share,
+        )
 
 
 def _near_spots(op: ObservationModel) -> np.ndarray:
@@ -200,19 +438,23 @@ def _between_spots(op: ObservationModel) -> np.ndarray:
     """Grid pixels covered by a spot or lying in the gap between neighbouring spots (a morphological closing of the
     spot footprint). The gaps of a lattice of in-tissue spots are tissue, whatever the image's contrast (e.g. a
     fluorescence image where sparse, dim nuclei read as background); the outer border is not extended."""
-    from scipy.ndimage import binary_closing
+    from scipy.ndimage import distance_transform_edt
 
     covered = op.coverage > 0
-    if op.n_obs < 2:
+    if op.n_obs < 2 or not covered.any():
         return covered
     radius = np.sqrt(np.median(op.support_area[op.support_area > 0]) / np.pi)
     # the farthest a gap pixel can be from every spot edge: the centre of a square lattice cell
     r = int(np.ceil(max(0.71 * op.pitch() - radius, 0.0))) + 1
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    disk = yy**2 + xx**2 <= r**2
     pad = r + 1  # closing near the grid border must not see the border as empty space
-    closed = binary_closing(np.pad(covered, pad), structure=disk)[pad:-pad, pad:-pad]
-    return closed | covered
+    padded = np.pad(covered, pad)
+    # closing by the disk {dy^2 + dx^2 <= r^2}: a dilation (within r of a covered pixel) then an erosion (farther
+    # than r from every pixel left out), each a threshold of a Euclidean distance transform. This equals
+    # scipy.ndimage.binary_closing with that disk, in time and memory linear in the pixels whatever r (the closing's
+    # cost grows as r^2 per pixel and its offset tables as r^4: 6 GB at 200 HR pixels per spot pitch)
+    dilated = distance_transform_edt(~padded) <= r
+    closed = distance_transform_edt(dilated) > r
+    return closed[pad:-pad, pad:-pad] | covered
 
 
 def _is_spots(shapes: Any, key: str) -> bool:

@@ -20,7 +20,7 @@ from scipy import sparse
 
 from .._constants import CS_GLOBAL
 from .._validate import check_counts, check_element, check_genes
-from ..models._train import TrainingPair
+from ..models import TrainingPair
 from ..observation import Grid, ObservationModel
 from ..pp import spots_observation_model, tissue_mask
 from ..pp._spots import table_region

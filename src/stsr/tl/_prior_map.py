@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -11,12 +12,12 @@ import spatialdata as sd
 from .. import __version__
 from .._constants import KEY_PRIOR_MAP
 from .._validate import check_element
-from ..models._prior import PRIOR_MAP_STRENGTH, check_strength
+from ..models.prior import PRIOR_MAP_STRENGTH, check_strength
 from ..pp._transforms import raster_levels
 from . import _semantic_prior
 from ._cache import RunCache
 from ._image_tiles import ImageSource
-from ._inputs import SlideInputs, prepare_inputs
+from ._inputs import SlideInputs, prepare_inputs, teacher_image_scale
 from ._semantic_prior import SlidePrior, slide_guide, slide_prior
 from ._super_resolve import _raster, _restrict
 from ._write import add_elements, check_new_keys
@@ -31,10 +32,12 @@ def prior_map(
     pixel_size: float | None = None,
     coordinate_system: str | None = None,
     strength: float = PRIOR_MAP_STRENGTH,
-    image_scale: int = _semantic_prior.PRIOR_IMAGE_SCALE,
+    image_scale: int | None = None,
     key_added: str = KEY_PRIOR_MAP,
     overwrite: bool = False,
     cache_dir: str | Path | None = None,
+    tissue: Any = None,
+    integer_counts: bool = True,
     progress: bool = True,
 ) -> sd.SpatialData:
     """Histology-guided HR map without diffusion: the spot densities interpolated onto the tissue of the HR grid,
@@ -60,15 +63,19 @@ def prior_map(
     strength
         Exponent of the prior (0 = the interpolation alone, 1 = the full read-out; 0.25 was chosen on HER2ST C2).
     image_scale
-        Image pixels per HR pixel read by the image teacher (the default, 8, reads about 0.69 µm per pixel at the
-        default 5.5 µm HR pixel of Visium, near :data:`stsr.models.TEACHER_UM_PER_PX`; with the 10 µm HR pixels of
-        legacy ST, 16 reads 0.63 µm per pixel). An image coarser than that is upsampled.
+        Image pixels per HR pixel read by the image teacher; default: derived from the HR pixel size so that the
+        teacher reads about :data:`stsr.models.TEACHER_UM_PER_PX` (0.75) µm per pixel, the resolution it was
+        benchmarked at, whatever the grid (the unit of the coordinate system is read off the spot lattice:
+        ``stsr.pp._units``). An image coarser than that is upsampled.
     key_added
         Key of the new raster element.
     overwrite
         Replace an existing element named ``key_added``.
     cache_dir
         Where the result is staged before it is added (default: next to the zarr store when ``sdata`` is backed).
+    tissue, integer_counts
+        As in :func:`super_resolve`: the tissue to map instead of the image's Otsu mask (a labels or shapes key, or
+        a boolean array), and whether raw integer counts are required.
     progress
         Show a progress bar over the teacher's windows.
 
@@ -80,7 +87,9 @@ def prior_map(
     """
     check_new_keys(sdata, [key_added], overwrite, inputs=(image_key, table_key))  # before any path or work
     check_strength(strength, "strength")
-    if isinstance(image_scale, bool) or not isinstance(image_scale, int) or image_scale < 1:
+    if image_scale is not None and (
+        isinstance(image_scale, bool) or not isinstance(image_scale, int) or image_scale < 1
+    ):
         raise ValueError(
             f"image_scale must be a positive integer (image pixels per HR pixel), got {image_scale!r}."
         )
@@ -98,7 +107,10 @@ def prior_map(
         pixel_size=pixel_size,
         coordinate_system=coordinate_system,
         image_channels=n_channels,
+        integer_counts=integer_counts,
+        tissue=tissue,
     )
+    image_scale = teacher_image_scale(inputs) if image_scale is None else image_scale
     check_new_keys(sdata, [key_added], overwrite, inputs=(image_key, inputs.table_key, inputs.spots_key))
     source = ImageSource(inputs.image_levels, inputs.grid, image_scale)
     cache = RunCache(sdata, cache_dir, key_added)

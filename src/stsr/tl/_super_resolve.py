@@ -13,11 +13,12 @@ import torch
 
 from .. import __version__
 from .._constants import KEY_SUPER_RESOLVE
-from ..models import FeatureCache, gene_ids_from_names
+from ..models import gene_ids_from_names
+from ..models.network import FeatureCache
 from ..observation import ObservationModel
 from ._cache import RunCache
 from ._image_tiles import ImageSource
-from ._inputs import SlideInputs, prepare_inputs
+from ._inputs import SlideInputs, prepare_inputs, teacher_image_scale
 from ._store import TileStore, input_fingerprint
 from ._tile_job import TileJob, compute_tiles
 from ._tiling import TilePlan, assemble, fit_tiles, plan_tiles
@@ -71,6 +72,8 @@ def super_resolve(
     key_added: str = KEY_SUPER_RESOLVE,
     overwrite: bool = False,
     cache_dir: str | Path | None = None,
+    tissue: Any = None,
+    integer_counts: bool = True,
     progress: bool = True,
 ) -> sd.SpatialData:
     """Super-resolve spot-level expression into an HR raster guided by the histology image.
@@ -96,7 +99,7 @@ def super_resolve(
         DDIM denoising steps.
     cache_interval
         Steps per full network evaluation: with ``2``, every other step recomputes only the model's
-        full-resolution level and reuses the deep features of the step before (:class:`stsr.models.FeatureCache`,
+        full-resolution level and reuses the deep features of the step before (:class:`stsr.models.network.FeatureCache`,
         after DeepCache): 20 steps run 1.55x faster, and on the benchmark cases r and within-block r stay within
         -0.002 to +0.007 of the exact run (``docs/benchmarks/feature_cache.md``). ``1`` (default) evaluates the
         whole network at every step.
@@ -144,6 +147,15 @@ def super_resolve(
     cache_dir
         Where finished tiles are kept so that an interrupted run resumes. Default: next to the zarr store when
         ``sdata`` is backed, else a temporary directory (no resume across sessions).
+    tissue
+        The tissue to predict, instead of the Otsu mask of the image: the key of a labels element (nonzero =
+        tissue, e.g. sopa's or Space Ranger's tissue), the key of a shapes element (polygons, e.g. sopa's region of
+        interest), or a boolean array on the image's full-resolution level or on the HR grid (see
+        :func:`stsr.pp.tissue_mask`). Counts land only inside it; spots with no tissue pixel are left out (a
+        warning says how many).
+    integer_counts
+        Require raw integer counts (default); ``False`` accepts non-integer counts (e.g. corrected for ambient
+        RNA). Normalised or log-transformed values are refused either way.
     progress
         Show a progress bar over tiles.
 
@@ -163,7 +175,7 @@ def super_resolve(
     _check_int(overlap, "overlap", 0)
     FeatureCache(cache_interval)  # a bad interval fails before any work
     if semantic_prior:
-        from ..models._prior import check_strength
+        from ..models.prior import check_strength
 
         check_strength(prior_strength, "prior_strength")
     net = _load_model(model)
@@ -183,6 +195,8 @@ def super_resolve(
         pixel_size=pixel_size,
         coordinate_system=coordinate_system,
         image_channels=net.config.image_channels,
+        integer_counts=integer_counts,
+        tissue=tissue,
     )
     check_new_keys(sdata, out_keys, overwrite, inputs=(image_key, inputs.table_key, inputs.spots_key))
     tile_size, overlap = fit_tiles(inputs.grid.shape, tile_size, overlap, getattr(net, "tile_multiple", 4))
@@ -205,6 +219,7 @@ def super_resolve(
         "tile_size": tile_size,
         "overlap": overlap,
         "seed": seed,
+        "tissue": _describe_tissue(tissue),
         "stsr_version": __version__,
     }
     fingerprint = {**params, "inputs_sha256": input_fingerprint(inputs)}
@@ -272,6 +287,11 @@ def super_resolve(
     return sdata
 
 
+def _describe_tissue(tissue: Any) -> str | None:
+    """How the tissue was given, for provenance: its key, ``"array"``, or ``None`` (the image's Otsu mask)."""
+    return tissue if tissue is None or isinstance(tissue, str) else "array"
+
+
 def _normalizer(inputs: SlideInputs) -> Any:
     """Slide-level gene scales, computed exactly as in training (so results do not depend on tiling)."""
     from ..models import GeneNormalizer
@@ -292,16 +312,12 @@ def _check_int(value: Any, name: str, minimum: int) -> None:
 def _fit_prior(inputs: SlideInputs, cache: RunCache, progress: bool) -> Any:
     """The slide's semantic prior, its scores kept in the run folder (before the tiles: a missing extra or a bad
     slide fails fast)."""
-    from ._semantic_prior import PRIOR_IMAGE_SCALE, slide_prior
+    from ._semantic_prior import slide_prior
 
     scores = cache / "prior_scores.zarr"  # read window by window, removed with the run folder
+    source = ImageSource(inputs.image_levels, inputs.grid, teacher_image_scale(inputs))
     try:
-        return slide_prior(
-            inputs,
-            ImageSource(inputs.image_levels, inputs.grid, PRIOR_IMAGE_SCALE),
-            progress=progress,
-            store=scores,
-        )
+        return slide_prior(inputs, source, progress=progress, store=scores)
     except BaseException:
         cache.remove(scores)  # a finished tile store of an interrupted run stays for the next one
         raise

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..models._allocator import reuse_freed_memory
+from ..models.network import reuse_freed_memory
 from ..observation import ObservationModel
 from ._image_tiles import ImageSource
 from ._store import TileStore

@@ -9,9 +9,7 @@ from typing import Any
 
 import torch
 
-from ..models._config import ModelConfig
-from ..models._model import STSRModel
-from ..models._train import TrainConfig, TrainingPair, fit
+from ..models import ModelConfig, STSRModel, TrainConfig, TrainingPair, fit
 
 __all__ = ["train"]
 

@@ -1,0 +1,191 @@
+"""The training pair: one slide's histology, HR truth and observation model, and its preparation for cropping."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..observation import ObservationModel
+from ._noise import gene_ids_from_names
+from ._normalize import GeneNormalizer
+
+__all__ = ["TrainingPair", "PreparedPair"]
+
+
+@dataclass
+class TrainingPair:
+    """One training slide: histology, HR truth and the observation model that produces its LR measurements.
+
+    Parameters
+    ----------
+    image
+        ``(C, k*H, k*W)`` histology image in ``[0, 1]`` (float) or ``0..255`` (uint8), ``k`` the model's
+        ``image_scale``; numpy or torch.
+    hr
+        ``(G, H, W)`` HR truth in counts per HR pixel.
+    observation
+        Full-slide :class:`~stsr.observation.ObservationModel` on the ``(H, W)`` grid (blocks for synthetic
+        downsampling, disks for real spot layouts; for real spot data, the measured spots form the HR truth and a
+        coarser pooling of them the LR).
+    genes
+        The ``G`` gene names.
+    mask
+        Optional ``(H, W)`` boolean mask of pixels whose truth is valid (e.g. tissue); losses and metrics use only
+        these pixels.
+    lr
+        Optional ``(G, n_obs)`` LR measurements; default ``observation.pool(hr)``.
+    name
+        Label used in messages and in the training summary.
+    guide
+        Optional ``(G, H, W)`` HR estimate (counts per HR pixel) given to the network as its LR input instead of the
+        interpolation of ``lr``, e.g. the interpolation reweighted by the semantic prior
+        (:func:`~stsr.models.prior_guide`); a model trained on guided pairs must be sampled with the same guide.
+    """
+
+    image: Any
+    hr: Any
+    observation: ObservationModel
+    genes: Sequence[str]
+    mask: Any | None = None
+    lr: Any | None = None
+    name: str = "pair"
+    guide: Any | None = None
+
+    def __post_init__(self) -> None:
+        img = torch.as_tensor(np.asarray(self.image) if not torch.is_tensor(self.image) else self.image)
+        if img.dtype != torch.uint8:
+            img = img.to(torch.float32)
+        hr = torch.as_tensor(np.asarray(self.hr) if not torch.is_tensor(self.hr) else self.hr).to(
+            torch.float32
+        )
+        if img.ndim != 3:
+            raise ValueError(
+                f"TrainingPair {self.name!r}: image must be (C, k*H, k*W), got shape {tuple(img.shape)}."
+            )
+        if hr.ndim != 3:
+            raise ValueError(
+                f"TrainingPair {self.name!r}: hr must be (G, H, W) counts, got shape {tuple(hr.shape)}."
+            )
+        if not isinstance(self.observation, ObservationModel):
+            raise TypeError(f"TrainingPair {self.name!r}: observation must be an ObservationModel.")
+        if self.observation.shape != tuple(hr.shape[-2:]):
+            raise ValueError(
+                f"TrainingPair {self.name!r}: the observation model is on a {self.observation.shape} grid but hr is "
+                f"{tuple(hr.shape[-2:])}."
+            )
+        h, w = hr.shape[-2:]
+        if img.shape[-2] % h or img.shape[-1] % w or img.shape[-2] // h != img.shape[-1] // w:
+            raise ValueError(
+                f"TrainingPair {self.name!r}: image {tuple(img.shape[-2:])} is not an integer multiple k*(H, W) of "
+                f"the HR grid {(h, w)}; resample the image to image_scale pixels per HR pixel."
+            )
+        if not torch.all(torch.isfinite(hr)) or bool((hr < 0).any()):
+            raise ValueError(f"TrainingPair {self.name!r}: hr must hold finite, non-negative counts.")
+        genes = [str(g) for g in self.genes]
+        if len(genes) != hr.shape[0]:
+            raise ValueError(
+                f"TrainingPair {self.name!r}: {len(genes)} gene names for {hr.shape[0]} HR channels."
+            )
+        if len(set(genes)) != len(genes):
+            raise ValueError(f"TrainingPair {self.name!r}: gene names must be unique.")
+        if self.mask is not None:
+            m = torch.as_tensor(np.asarray(self.mask) if not torch.is_tensor(self.mask) else self.mask).to(
+                torch.bool
+            )
+            if tuple(m.shape) != (h, w):
+                raise ValueError(
+                    f"TrainingPair {self.name!r}: mask must be (H, W) = {(h, w)}, got {tuple(m.shape)}."
+                )
+            if not bool(m.any()):
+                raise ValueError(f"TrainingPair {self.name!r}: mask selects no pixel.")
+            self.mask = m
+        if self.lr is not None:
+            lr = np.asarray(self.lr.detach().cpu() if torch.is_tensor(self.lr) else self.lr, dtype=np.float64)
+            if lr.shape != (hr.shape[0], self.observation.n_obs):
+                raise ValueError(
+                    f"TrainingPair {self.name!r}: lr must be (G, n_obs) = {(hr.shape[0], self.observation.n_obs)}, "
+                    f"got {lr.shape}."
+                )
+            self.lr = lr
+        if self.guide is not None:
+            guide = torch.as_tensor(
+                np.asarray(self.guide) if not torch.is_tensor(self.guide) else self.guide
+            ).to(torch.float32)
+            if tuple(guide.shape) != tuple(hr.shape):
+                raise ValueError(
+                    f"TrainingPair {self.name!r}: guide must have the shape of hr {tuple(hr.shape)}, "
+                    f"got {tuple(guide.shape)}."
+                )
+            if not torch.all(torch.isfinite(guide)) or bool((guide < 0).any()):
+                raise ValueError(f"TrainingPair {self.name!r}: guide must hold finite, non-negative values.")
+            self.guide = guide
+        self.image, self.hr, self.genes = img, hr, genes
+
+    @property
+    def image_scale(self) -> int:
+        """Image pixels per HR pixel."""
+        return int(self.image.shape[-2] // self.hr.shape[-2])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """HR grid shape ``(H, W)``."""
+        return (int(self.hr.shape[-2]), int(self.hr.shape[-1]))
+
+
+class PreparedPair:
+    """A pair with its slide-level LR, normaliser and valid mask, ready for cropping.
+
+    The LR density of a crop is computed on demand with the windowed ``ObservationModel.interpolate`` (identical to
+    cropping the slide-wide interpolation, as at inference), so no slide-sized density map is held in memory.
+
+    Parameters
+    ----------
+    pair
+        The training pair.
+
+    Attributes
+    ----------
+    pair
+        The training pair.
+    lr
+        ``(G, n_obs)`` float64 LR counts: ``pair.lr``, or the pooling of ``pair.hr`` when it has none.
+    normalizer
+        Slide-level :class:`~stsr.models.GeneNormalizer` of ``lr`` (:meth:`~stsr.models.GeneNormalizer.from_observations`).
+    mask
+        ``(H, W)`` bool valid pixels (all pixels when the pair has no mask).
+    gene_ids
+        Stable gene ids of the pair's genes (:func:`~stsr.models.gene_ids_from_names`).
+    """
+
+    def __init__(self, pair: TrainingPair) -> None:
+        self.pair = pair
+        op = pair.observation
+        lr = pair.lr if pair.lr is not None else op.pool(pair.hr.double().numpy())
+        self.lr = np.asarray(lr, dtype=np.float64)
+        self.normalizer = GeneNormalizer.from_observations(self.lr, op.support_area)
+        self.mask = pair.mask if pair.mask is not None else torch.ones(pair.shape, dtype=torch.bool)
+        self.gene_ids = gene_ids_from_names(pair.genes)
+
+    def density(self, genes: torch.Tensor, r0: int, c0: int, height: int, width: int) -> torch.Tensor:
+        """``(len(genes), height, width)`` LR density (counts per HR pixel) of a window of the slide.
+
+        This is the network's LR input: the pair's ``guide`` where it has one, else the interpolation of its LR.
+
+        Parameters
+        ----------
+        genes
+            Indices of the genes.
+        r0, c0
+            Top-left HR pixel of the window.
+        height, width
+            Size of the window in HR pixels.
+        """
+        if self.pair.guide is not None:
+            return self.pair.guide[genes, r0 : r0 + height, c0 : c0 + width].clone()
+        lr = self.lr[np.asarray(genes, dtype=np.int64)]
+        dens = self.pair.observation.interpolate(lr, window=(r0, c0, height, width))
+        return torch.as_tensor(dens, dtype=torch.float32)
