@@ -135,7 +135,7 @@ def test_prior_map_into_a_copy_and_in_place(store, tmp_path, capsys):
     assert list(result["stsr_prior"]["scale0"]["image"].coords["c"].values) == ["gene_000", "gene_001"]
     assert result.attrs["stsr"]["stsr_prior"]["method"] == "prior_map"
     assert result.attrs["stsr"]["stsr_prior"]["strength"] == 0.25  # the default of stsr.tl.prior_map
-    assert result.attrs["stsr"]["stsr_prior"]["image_scale"] == 8  # the default of stsr.tl.prior_map
+    assert result.attrs["stsr"]["stsr_prior"]["image_scale"] == 7  # derived: ~0.75 um per teacher pixel at 5.5 um HR pixels
     assert "stsr_prior" not in sd.read_zarr(store).images  # the input store was copied, not modified
     assert "HR pixel size 5.5 units of global" in capsys.readouterr().out
     assert main(argv) == 2  # --out exists
@@ -408,7 +408,7 @@ def test_help_shows_every_option_with_its_default(command, capsys):
         # the defaults stated in words are stsr.tl.prior_map's
         defaults = inspect.signature(stsr.tl.prior_map).parameters
         assert f"{defaults['strength'].default}" in blocks["--strength"]
-        assert f"(default: stsr.tl.prior_map's, {defaults['image_scale'].default})" in blocks["--image-scale"]
+        assert defaults["image_scale"].default is None and "derived from the HR pixel" in blocks["--image-scale"]
 
 
 # ---------------------------------------------------------------------------------------------------- logging

@@ -300,6 +300,8 @@ def _prior_map(args: argparse.Namespace) -> int:
             key_added=args.key_added,
             overwrite=args.overwrite,
             cache_dir=args.cache_dir,
+            tissue=args.tissue,
+            integer_counts=not args.non_integer_counts,
             progress=not args.quiet,
             **options,
         )
@@ -337,6 +339,8 @@ def _super_resolve(args: argparse.Namespace) -> int:
             key_added=args.key_added,
             overwrite=args.overwrite,
             cache_dir=args.cache_dir,
+            tissue=args.tissue,
+            integer_counts=not args.non_integer_counts,
             progress=not args.quiet,
         )
     _report(target, args.key_added, sdata)
@@ -404,6 +408,17 @@ def _slide_options(p: argparse.ArgumentParser, key_added: str, verb: str) -> Non
         "--coordinate-system",
         default=None,
         help="coordinate system of --pixel-size (default: one shared by image and spots, 'global' when present)",
+    )
+    p.add_argument(
+        "--tissue",
+        default=None,
+        metavar="KEY",
+        help="labels or shapes element holding the tissue (default: the image's Otsu mask)",
+    )
+    p.add_argument(
+        "--non-integer-counts",
+        action="store_true",
+        help="accept non-integer counts (e.g. corrected for ambient RNA); log values are refused either way",
     )
     p.add_argument("--key-added", default=key_added, help="name of the new image element")
     p.add_argument("--overwrite", action="store_true", help="replace an existing element named --key-added")
@@ -495,7 +510,8 @@ def _parser() -> argparse.ArgumentParser:
         "--image-scale",
         type=_int_at_least(1),
         default=None,
-        help="image pixels per HR pixel read by the image teacher (default: stsr.tl.prior_map's, 8)",
+        help="image pixels per HR pixel read by the image teacher (default: derived from the HR pixel size, about "
+        "0.75 µm per teacher pixel)",
     )
     _common(pm)
 
