@@ -1,4 +1,4 @@
-"""Export the real datasets to the on-disk layouts of 10x Genomics Space Ranger (Visium and Visium HD).
+"""Test helper (not shipped): Export the real datasets to the on-disk layouts of 10x Genomics Space Ranger (Visium and Visium HD).
 
 :func:`write_visium_folder` turns a HER2ST section into a Space Ranger Visium ``outs/`` folder and
 :func:`write_visium_hd_folder` turns the DBiT-seq grid into a Visium HD ``outs/`` folder with one square-bin size.
@@ -29,8 +29,8 @@ import pandas as pd
 import scipy.sparse as sp
 from PIL import Image
 
-from ._build import read_dense_counts
-from ._fetch import REGISTRY, data_path
+from stsr.datasets._build import read_dense_counts
+from stsr.datasets._fetch import REGISTRY, data_path
 
 __all__ = ["write_visium_folder", "write_visium_hd_folder"]
 

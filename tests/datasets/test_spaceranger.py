@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import spatialdata_io as sdio
+from spaceranger_writer import write_visium_folder, write_visium_hd_folder
 from spatialdata.models import get_table_keys
 from spatialdata.transformations import (
     Identity,
@@ -22,8 +23,6 @@ from spatialdata.transformations import (
     get_transformation,
     get_transformation_between_coordinate_systems,
 )
-
-from stsr.datasets._spaceranger import write_visium_folder, write_visium_hd_folder
 
 SECTION = "C2"
 N_GENES = 200

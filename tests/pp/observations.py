@@ -1,4 +1,4 @@
-"""Rebuild the observation operator and LR measurements behind an LR raster made by :mod:`stsr.pp`."""
+"""Test helper (not shipped): rebuild the observation operator and LR measurements behind an LR raster made by :mod:`stsr.pp`."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from .._validate import check_element, check_genes
-from ..observation import Grid, ObservationModel
-from ._provenance import get_record, grid_from_dict
-from ._spots import _spot_counts
-from ._transforms import scale0
+from stsr._validate import check_element, check_genes
+from stsr.observation import Grid, ObservationModel
+from stsr.pp._provenance import get_record, grid_from_dict
+from stsr.pp._spots import _spot_counts
+from stsr.pp._transforms import scale0
 
 __all__ = ["Observations", "get_observations"]
 

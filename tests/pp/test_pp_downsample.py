@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import spatialdata as sd
+from observations import get_observations
 from spatialdata.models import get_channel_names
 from spatialdata.transformations import get_transformation
 
@@ -39,7 +40,7 @@ def test_downsample_preserves_counts_exactly(syn, factor):
     )
     assert list(get_channel_names(syn["lr_blocks"])) == genes
     np.testing.assert_allclose(op.pool(counts).reshape(lr.shape), lr)
-    obs = pp.get_observations(syn, "lr_blocks")
+    obs = get_observations(syn, "lr_blocks")
     np.testing.assert_allclose(obs.counts, lr.reshape(len(genes), -1))
     assert obs.model.kind == "blocks" and obs.model.params["factor"] == factor
 
@@ -75,7 +76,7 @@ def test_downsample_transformations_and_roundtrip(syn, tmp_path):
     np.testing.assert_array_equal(back["lr4"]["scale0"].image.values, values)
     assert list(get_channel_names(back["lr4"])) == list(get_channel_names(syn["lr4"]))
     assert back.attrs[PROVENANCE_ATTR]["lr4"]["factor"] == 4
-    assert pp.get_observations(back, "lr4").model.params["lr_shape"] == (19, 19)
+    assert get_observations(back, "lr4").model.params["lr_shape"] == (19, 19)
 
 
 def test_downsample_bad_inputs(syn, unchanged):

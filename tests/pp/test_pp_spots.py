@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from observations import get_observations
 from spatialdata.models import ShapesModel, get_channel_names
 from spatialdata.transformations import Affine, Identity, get_transformation, set_transformation
 
@@ -92,7 +93,7 @@ def test_rasterize_spots_values(tiny_sd, geom):
     )
     rec = tiny_sd.attrs[PROVENANCE_ATTR]["lr"]
     assert rec["kind"] == "spots" and rec["genes"] == ["Krt8", "Actb"] and rec["spots_key"] == "spots"
-    obs = pp.get_observations(tiny_sd, "lr")
+    obs = get_observations(tiny_sd, "lr")
     np.testing.assert_allclose(obs.counts, counts)
     np.testing.assert_allclose(obs.model.matrix.toarray(), op.matrix.toarray())
     assert obs.grid == pp.hr_grid(tiny_sd, "img", 4.0) and obs.image_key == "img"
@@ -169,4 +170,4 @@ def test_spot_counts_and_stale_record(tiny_sd, unchanged):
     pp.rasterize_spots(tiny_sd, pixel_size=2.0, image_key="img")
     tiny_sd.tables["table"] = tiny_sd.tables["table"][:3].copy()
     with pytest.raises(ValueError, match="changed since 'lr' was built"):
-        pp.get_observations(tiny_sd, "lr")
+        get_observations(tiny_sd, "lr")

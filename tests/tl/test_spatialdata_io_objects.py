@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import spatialdata_io as sdio
+from spaceranger_writer import write_visium_folder, write_visium_hd_folder
 
 import stsr
 from stsr.tl._inputs import prepare_inputs
@@ -30,7 +31,7 @@ def _pooled_matches_counts(sdata, image_key, table_key, genes, key="stsr"):
 
 def test_visium_folder_read_by_spatialdata_io(tmp_path, data_dir, tiny_model):
     genes = ["ERBB2", "CD74"]
-    kw = stsr.datasets.write_visium_folder("C2", tmp_path / "visium", genes=genes)
+    kw = write_visium_folder("C2", tmp_path / "visium", genes=genes)
     sdata = sdio.visium(tmp_path / "visium", **kw)
     image_key = f"{kw['dataset_id']}_hires_image"
     stsr.tl.super_resolve(
@@ -50,7 +51,7 @@ def test_visium_folder_read_by_spatialdata_io(tmp_path, data_dir, tiny_model):
 
 
 def test_visium_hd_square_bins(tmp_path, data_dir, tiny_model):
-    kw = stsr.datasets.write_visium_hd_folder(tmp_path / "hd", n_genes=40)
+    kw = write_visium_hd_folder(tmp_path / "hd", n_genes=40)
     sdata = sdio.visium_hd(tmp_path / "hd", **kw)
     image_key = [k for k in sdata.images if k.endswith("hires_image")][0]
     table_key = [k for k in sdata.tables if k.startswith("square_")][0]

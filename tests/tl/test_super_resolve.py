@@ -337,47 +337,14 @@ def test_a_failed_semantic_prior_removes_its_scores_but_keeps_an_earlier_runs_ti
     assert sorted(p.name for p in (tmp_path / "cache" / "stsr").iterdir()) == [MARKER, "tiles.zarr"]
 
 
-def test_prior_guided_model_gets_the_guide_as_its_lr_input(slide, model, monkeypatch):
-    """A model trained on guided pairs (``lr_input == "prior_guide"``) is given, tile by tile, the slide's
-    :func:`stsr.models.prior_guide` instead of the interpolation, and the result is not reweighted a second time."""
+def test_experimental_lr_inputs_are_refused_before_any_work(slide, model):
+    """Models trained on another LR input (the prior-guided experiment, without shipped weights) are not run by
+    super_resolve: a clear error before anything is prepared."""
     import copy
-
-    from stsr.models import prior_guide
-    from stsr.tl import _semantic_prior
 
     guided = copy.deepcopy(model)
     guided.config = guided.config.replace(extra={"lr_input": "prior_guide", "prior_strength": 0.5})
-    assert guided.lr_input == "prior_guide" and model.lr_input == "interpolation"
-    with pytest.raises(ValueError, match="semantic_prior=True"):
-        _run(slide, guided)
-    seen = []
-    sample = guided.sample
-
-    def spy(image, lr_density, *args, **kwargs):
-        seen.append((np.asarray(kwargs["origins"]), lr_density.numpy()))
-        return sample(image, lr_density, *args, **kwargs)
-
-    monkeypatch.setattr(guided, "sample", spy)
-    # the guide's scales are fitted over several windows
-    monkeypatch.setattr(_semantic_prior, "PRIOR_WINDOW", 48)
-    sdata, out = _run(slide, guided, semantic_prior=True)
-    inputs, prior = _whole_slide_prior(slide)
-    op = inputs.observation
-    expected = prior_guide(prior, inputs.lr, op, mask=inputs.mask)
-    h, w = op.shape
-    n = 0
-    for origins, dens in seen:
-        for (r, c), d in zip(origins, dens, strict=True):
-            rb, cb = min(r + 32, h), min(c + 32, w)
-            np.testing.assert_allclose(
-                d[:, : rb - r, : cb - c], expected[:, r:rb, c:cb], rtol=5e-3, atol=1e-4 * expected.max()
-            )
-            n += 1
-    assert n >= 4
-    assert not np.allclose(
-        expected, op.interpolate(inputs.lr), rtol=0.05
-    )  # the guide is not the interpolation
-    has = inputs.lr > 0
-    np.testing.assert_allclose(op.pool(out.astype(np.float64))[has], inputs.lr[has], rtol=1e-4)
-    prov = sdata["stsr"].attrs["stsr"]
-    assert prov["lr_input"] == "prior_guide" and prov["semantic_prior"] == 0.5
+    sdata = sd.deepcopy(slide)
+    with pytest.raises(ValueError, match="shipped 'default' or 'fast'"):
+        _run(sdata, guided, copy=False, semantic_prior=True)
+    assert "stsr" not in sdata

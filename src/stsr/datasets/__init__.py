@@ -8,7 +8,6 @@ from ._build import SPATIAL_META_KEY
 from ._dbit import dbit_mouse_embryo
 from ._fetch import REGISTRY, DataUnavailableError, cache_dir, data_path
 from ._her2st import HER2ST_SECTIONS, her2st
-from ._spaceranger import write_visium_folder, write_visium_hd_folder
 from ._synthetic import synthetic
 from ._vizgen import vizgen_mouse_brain_mini
 from ._xenium import xenium_lung_tiny
@@ -20,8 +19,6 @@ __all__ = [
     "dbit_mouse_embryo",
     "xenium_lung_tiny",
     "synthetic",
-    "write_visium_folder",
-    "write_visium_hd_folder",
     "data_path",
     "cache_dir",
     "REGISTRY",

@@ -7,7 +7,6 @@ from ._downsample import downsample
 from ._genes import select_genes
 from ._grid import grid_transformations, hr_grid, raster_element
 from ._mask import tissue_mask
-from ._observations import Observations, get_observations
 from ._pseudo_spots import pseudo_spots
 from ._spots import rasterize_spots, spots_observation_model
 from ._transcripts import bin_transcripts
@@ -15,10 +14,8 @@ from ._transcripts import bin_transcripts
 __all__ = [
     "Grid",
     "ObservationModel",
-    "Observations",
     "bin_transcripts",
     "downsample",
-    "get_observations",
     "grid_transformations",
     "hr_grid",
     "pseudo_spots",

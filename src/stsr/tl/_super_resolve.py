@@ -118,9 +118,7 @@ def super_resolve(
         the principal axes a second time where their features do not fit in 256 MiB): about 3 min for a full
         Visium capture area on 2 CPU cores, 1.0-1.3 GB of memory whatever the slide size
         (``benchmarks/semantic_prior_cost.py``). The ``_std`` layer stays that of the
-        samples. A prior-guided model (``model.lr_input == "prior_guide"``) needs it: it is given the prior map
-        (:func:`prior_map`, tile by tile) as its LR input instead of the interpolation, and its output is not
-        reweighted again.
+        samples.
     prior_strength
         Exponent of the prior weights (0 = no effect, 1 = the full read-out); 0.5 was chosen on HER2ST C2.
     tile_size, overlap
@@ -179,12 +177,11 @@ def super_resolve(
 
         check_strength(prior_strength, "prior_strength")
     net = _load_model(model)
-    guided = getattr(net, "lr_input", "interpolation") == "prior_guide"
-    if guided and not semantic_prior:
+    if getattr(net, "lr_input", "interpolation") != "interpolation":
         raise ValueError(
-            f"model {getattr(net, 'name', None)!r} takes the semantic-prior guide as its LR input "
-            "(stsr.models.prior_guide): pass semantic_prior=True (needs the 'prior' extra: pip install 'stsr[prior]'), "
-            "or use a model trained on the interpolated LR input such as 'default'."
+            f"model {getattr(net, 'name', None)!r} takes {net.lr_input!r} as its LR input, an experiment without "
+            "shipped weights that super_resolve does not run (benchmarks/baselines.py stsr_predict does). Use a "
+            "model trained on the interpolated spots, such as the shipped 'default' or 'fast'."
         )
     dev = resolve_device(device)
     inputs = prepare_inputs(
@@ -215,7 +212,6 @@ def super_resolve(
         "n_samples": n_samples,
         "consistency": consistency,
         "semantic_prior": prior_strength if semantic_prior else None,
-        "lr_input": "prior_guide" if guided else "interpolation",
         "tile_size": tile_size,
         "overlap": overlap,
         "seed": seed,
@@ -255,7 +251,6 @@ def super_resolve(
         source=ImageSource(inputs.image_levels, inputs.grid, net.config.image_scale),
         observation=inputs.observation,
         lr=inputs.lr,
-        guide=_guide(inputs, prior, prior_strength) if guided else None,
         normalizer=_normalizer(inputs),
         gene_ids=gene_ids_from_names(inputs.genes),
         origins=plan.origins,
@@ -269,7 +264,7 @@ def super_resolve(
         seed=seed,
     )
     compute_tiles(job, store, batch_size, progress)
-    mean = _final_map(store, plan, inputs, prior, prior_strength, consistency, guided)
+    mean = _final_map(store, plan, inputs, prior, prior_strength, consistency)
     elements = {key_added: _raster(mean, inputs)}
     if n_samples > 1:
         elements[f"{key_added}_std"] = _raster(_restrict(assemble(store.std, plan), inputs.mask), inputs)
@@ -323,12 +318,6 @@ def _fit_prior(inputs: SlideInputs, cache: RunCache, progress: bool) -> Any:
         raise
 
 
-def _guide(inputs: SlideInputs, prior: Any, strength: float) -> Any:
-    from ._semantic_prior import slide_guide
-
-    return slide_guide(inputs, prior, strength)
-
-
 def _final_map(
     store: TileStore,
     plan: TilePlan,
@@ -336,13 +325,12 @@ def _final_map(
     prior: Any,
     strength: float,
     consistency: bool,
-    guided: bool,
 ) -> da.Array:
     """Blend the tiles into the slide's map (lazy), restore the spot sums and apply the prior's reweighting."""
     mean = _restrict(assemble(store.mean, plan), inputs.mask)
     if consistency or prior is not None:
         mean = _global_consistency(mean, inputs.observation, inputs.lr)
-    if prior is not None and not guided:  # a guided model's input already holds the prior
+    if prior is not None:
         # reweight the consistent map and restore the spot sums; the gaps between spots follow their neighbours
         reweighted = prior.reweight(mean, strength)
         mean = _global_consistency(reweighted, inputs.observation, inputs.lr, between_spots=True)

@@ -41,9 +41,6 @@ class TileJob:
         Reader of the image crops under the tiles.
     observation, lr
         The spots on the HR grid and their ``(n_genes, n_spots)`` counts.
-    guide
-        ``None`` (the LR input is the interpolation of the spots), or an object with ``window(r, c, h, w)`` giving
-        a guided model's LR input.
     origins
         ``(n_tiles, 2)`` tile origins of the plan; ``tile_size`` their side.
     store_path
@@ -54,7 +51,6 @@ class TileJob:
     source: ImageSource
     observation: ObservationModel
     lr: np.ndarray
-    guide: Any
     normalizer: Any
     gene_ids: torch.Tensor
     origins: np.ndarray
@@ -68,10 +64,8 @@ class TileJob:
     seed: int
 
     def lr_input(self, r: int, c: int) -> np.ndarray:
-        """The model's LR input over the tile at ``(r, c)``."""
+        """The model's LR input over the tile at ``(r, c)``: the spots' densities interpolated."""
         t = self.tile_size
-        if self.guide is not None:
-            return self.guide.window(r, c, t, t)
         return self.observation.interpolate(self.lr, window=(r, c, t, t))
 
 
