@@ -134,17 +134,19 @@ def test_prior_map_into_a_copy_and_in_place(store, tmp_path, capsys):
     result = sd.read_zarr(out)
     assert list(result["stsr_prior"]["scale0"]["image"].coords["c"].values) == ["gene_000", "gene_001"]
     assert result.attrs["stsr"]["stsr_prior"]["method"] == "prior_map"
-    assert result.attrs["stsr"]["stsr_prior"]["strength"] == 0.25  # the default of stsr.tl.prior_map
-    assert result.attrs["stsr"]["stsr_prior"]["image_scale"] == 7  # derived: ~0.75 um per teacher pixel at 5.5 um HR pixels
+    assert result.attrs["stsr"]["stsr_prior"]["prior_strength"] == 0.25  # the default of stsr.tl.prior_map
+    assert (
+        result.attrs["stsr"]["stsr_prior"]["image_scale"] == 7
+    )  # derived: ~0.75 um per teacher pixel at 5.5 um HR pixels
     assert "stsr_prior" not in sd.read_zarr(store).images  # the input store was copied, not modified
     assert "HR pixel size 5.5 units of global" in capsys.readouterr().out
     assert main(argv) == 2  # --out exists
     cache = tmp_path / "my_cache"
-    in_place = ["prior-map", str(store), "--image-key", "he", "--genes", "gene_000", "--strength", "0",
+    in_place = ["prior-map", str(store), "--image-key", "he", "--genes", "gene_000", "--prior-strength", "0",
                 "--image-scale", "4", "--cache-dir", str(cache)]  # fmt: skip
     assert main(in_place) == 0
     record = sd.read_zarr(store).attrs["stsr"]["stsr_prior"]
-    assert record["strength"] == 0.0 and record["image_scale"] == 4
+    assert record["prior_strength"] == 0.0 and record["image_scale"] == 4
     assert not cache.exists()  # the cache this call made is removed after the run
     assert not Path(str(store) + ".stsr-cache").exists()  # and the default one was not used
     assert main(in_place) == 2  # the element exists; --overwrite replaces it
@@ -241,7 +243,9 @@ def test_a_library_error_after_the_copy_removes_the_copy_and_its_cache(store, tm
     """stsr.tl.prior_map refuses the strength after --out was copied: the copy and its cache folder go."""
     before = snapshot(tmp_path)
     out = tmp_path / "out.zarr"
-    assert main(["prior-map", str(store), "--image-key", "he", "--strength", "-1", "--out", str(out)]) == 2
+    assert (
+        main(["prior-map", str(store), "--image-key", "he", "--prior-strength", "-1", "--out", str(out)]) == 2
+    )
     assert_one_line_error(capsys.readouterr().err, "strength must be")
     assert snapshot(tmp_path) == before
 
@@ -407,8 +411,10 @@ def test_help_shows_every_option_with_its_default(command, capsys):
     if command == "prior-map":
         # the defaults stated in words are stsr.tl.prior_map's
         defaults = inspect.signature(stsr.tl.prior_map).parameters
-        assert f"{defaults['strength'].default}" in blocks["--strength"]
-        assert defaults["image_scale"].default is None and "derived from the HR pixel" in blocks["--image-scale"]
+        assert f"{defaults['prior_strength'].default}" in blocks["--prior-strength"]
+        assert (
+            defaults["image_scale"].default is None and "derived from the HR pixel" in blocks["--image-scale"]
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- logging

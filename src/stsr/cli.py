@@ -287,7 +287,7 @@ def _prior_map(args: argparse.Namespace) -> int:
 
         from .tl import prior_map
 
-        options = {} if args.strength is None else {"strength": args.strength}
+        options = {} if args.prior_strength is None else {"prior_strength": args.prior_strength}
         if args.image_scale is not None:
             options["image_scale"] = args.image_scale
         sdata = prior_map(
@@ -501,7 +501,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _slide_options(pm, "stsr_prior", "map")
     pm.add_argument(
-        "--strength",
+        "--prior-strength",
         type=float,
         default=None,
         help="exponent of the prior, 0 = interpolation only (default: stsr.tl.prior_map's, 0.25)",

@@ -46,7 +46,7 @@ def test_prior_map_is_the_slide_guide_and_keeps_the_spot_counts(slide, monkeypat
     t = get_transformation(sdata["stsr_prior"], "global").to_affine_matrix(("x", "y"), ("x", "y"))
     np.testing.assert_allclose(np.diag(t)[:2], 5.5, rtol=1e-6)
     prov = sdata["stsr_prior"].attrs["stsr"]
-    assert prov["method"] == "prior_map" and prov["genes"] == GENES and prov["strength"] == 0.25
+    assert prov["method"] == "prior_map" and prov["genes"] == GENES and prov["prior_strength"] == 0.25
     assert len(prov["teacher_sha256"]) == 64
     assert sdata.attrs["stsr"]["stsr_prior"]["unit"] == "counts per HR pixel"
 
@@ -110,11 +110,11 @@ def test_prior_map_refuses_to_overwrite_and_bad_parameters(slide):
         stsr.tl.prior_map(sdata, "he", GENES[1:2], key_added="guide", progress=False)
     np.testing.assert_array_equal(np.asarray(sdata["guide"]["scale0"]["image"].values), before)
     stsr.tl.prior_map(
-        sdata, "he", GENES[1:2], key_added="guide", overwrite=True, progress=False, strength=0.0
+        sdata, "he", GENES[1:2], key_added="guide", overwrite=True, progress=False, prior_strength=0.0
     )
     assert sdata["guide"].attrs["stsr"]["genes"] == GENES[1:2]
     with pytest.raises(ValueError, match="strength"):
-        stsr.tl.prior_map(sdata, "he", GENES, key_added="other", strength=5.0, progress=False)
+        stsr.tl.prior_map(sdata, "he", GENES, key_added="other", prior_strength=5.0, progress=False)
     with pytest.raises(ValueError, match="image_scale"):
         stsr.tl.prior_map(sdata, "he", GENES, key_added="other", image_scale=0, progress=False)
     assert "other" not in sdata

@@ -31,7 +31,7 @@ def prior_map(
     table_key: str | None = None,
     pixel_size: float | None = None,
     coordinate_system: str | None = None,
-    strength: float = PRIOR_MAP_STRENGTH,
+    prior_strength: float = PRIOR_MAP_STRENGTH,
     image_scale: int | None = None,
     key_added: str = KEY_PRIOR_MAP,
     overwrite: bool = False,
@@ -60,8 +60,9 @@ def prior_map(
         Genes to map; default: 50 highly expressed genes of the table (as :func:`super_resolve`).
     table_key, pixel_size, coordinate_system
         As in :func:`super_resolve`: the HR grid is the same, so the two results can be compared pixel by pixel.
-    strength
-        Exponent of the prior (0 = the interpolation alone, 1 = the full read-out; 0.25 was chosen on HER2ST C2).
+    prior_strength
+        Exponent of the prior (0 = the interpolation alone, 1 = the full read-out; 0.25 was chosen on HER2ST C2);
+        the same setting as :func:`super_resolve`'s ``prior_strength``.
     image_scale
         Image pixels per HR pixel read by the image teacher; default: derived from the HR pixel size so that the
         teacher reads about :data:`stsr.models.TEACHER_UM_PER_PX` (0.75) µm per pixel, the resolution it was
@@ -86,7 +87,7 @@ def prior_map(
     the store: read it there after :func:`spatialdata.read_zarr`).
     """
     check_new_keys(sdata, [key_added], overwrite, inputs=(image_key, table_key))  # before any path or work
-    check_strength(strength, "strength")
+    check_strength(prior_strength, "prior_strength")
     if image_scale is not None and (
         isinstance(image_scale, bool) or not isinstance(image_scale, int) or image_scale < 1
     ):
@@ -117,7 +118,7 @@ def prior_map(
     try:
         # the scores live in the cache, read window by window (no slide-sized array in memory or in the graph)
         prior = slide_prior(inputs, source, progress=progress, store=cache / "prior_scores.zarr")
-        _write_map(sdata, inputs, prior, image_scale, strength, image_key, key_added, overwrite, cache)
+        _write_map(sdata, inputs, prior, image_scale, prior_strength, image_key, key_added, overwrite, cache)
     finally:
         cache.remove()
     return sdata
@@ -156,7 +157,7 @@ def _write_map(
         "genes": inputs.genes,
         "pixel_size": inputs.pixel_size,
         "coordinate_system": inputs.coordinate_system,
-        "strength": strength,
+        "prior_strength": strength,
         "image_scale": image_scale,
         "teacher_sha256": prior.teacher_hash,
         "grid_shape": [height, width],
