@@ -232,3 +232,17 @@ def test_sigkill_during_the_first_write_then_rerun_succeeds(slide, tmp_path):
     assert _child(store, "none", 1.0) == 0
     back = sd.read_zarr(store)
     assert _values(back, "stsr").sum() > 0 and back.attrs["stsr"]["stsr"]["genes"] == ["gene_000", "gene_001"]
+
+
+def test_prior_map_on_a_small_slide_with_coarse_pixels_works():
+    """Once: ``tile (32) and halo (96) must be multiples of 16`` from the teacher; now the teacher's image scale
+    follows the HR pixel (~0.75 µm per teacher pixel) and any grid size is read in one piece."""
+    small = stsr.datasets.synthetic(size_um=(300, 300), n_genes=3, seed=0)
+    for pixel_size in (20.0, 13.0):
+        sdata = sd.deepcopy(small)
+        stsr.tl.prior_map(sdata, "he", ["gene_000"], pixel_size=pixel_size, progress=False)  # warns: coarse
+        out = _values(sdata, "stsr_prior")
+        assert np.isfinite(out).all() and out.sum() > 0
+        assert sdata.attrs["stsr"]["stsr_prior"]["image_scale"] == round(pixel_size / 0.75)
+    with pytest.raises(ValueError, match="spot"):
+        stsr.tl.prior_map(sd.deepcopy(small), "he", ["gene_000"], pixel_size=200.0, progress=False)
