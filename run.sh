@@ -13,7 +13,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   python -m pip install -q --upgrade pip
   # Pinned CPU torch first (an unpinned torch pulls a multi-GB CUDA build); an existing torch is kept.
   python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-  python -m pip install -q -e ".[dev,analysis,prior,docs]"
+  python -m pip install -q -e ".[dev,analysis,docs]"
   touch "$stamp"
 fi
 cmd="${1:-}"

@@ -87,7 +87,7 @@ def main() -> None:
 
     # full Visium capture area: 6.5 mm at 5.5 um -> 1182^2 grid, tiled as super_resolve plans it. The time of a
     # tile is a fixed part (image crop, LR density, histology encoder) plus one gene-stream pass per step, so only a
-    # run at the target settings extrapolates by tile count.
+    # run at the benchmarked settings extrapolates by tile count.
     tiles_full = plan_tiles((1182, 1182), args.tile_size, args.overlap).n_tiles
     estimates: dict[int, float] = {}
     for interval in args.cache_interval:
@@ -107,7 +107,7 @@ def main() -> None:
         base = estimates[args.cache_interval[0]]
         print(
             f"\nFull capture area (6.5 x 6.5 mm, 50 genes, 5.5 um, 20 steps): {tiles_full} tiles if all tissue "
-            "(target <= 15 min); estimated from the s per tile of the largest slide above:\n"
+            "(goal <= 15 min); estimated from the s per tile of the largest slide above:\n"
         )
         print("| cache interval | estimate (min) | speed-up |")
         print("|---|---|---|")

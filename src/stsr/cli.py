@@ -476,7 +476,7 @@ def _parser() -> argparse.ArgumentParser:
     sr.add_argument(
         "--semantic-prior",
         action="store_true",
-        help="reweight by the histology prior of a pretrained image model (needs the extra stsr[prior])",
+        help="reweight by the histology prior of a pretrained image model",
     )
     sr.add_argument("--tile-size", type=_int_at_least(1), default=64, help="tile side in HR pixels")
     sr.add_argument(
@@ -494,9 +494,9 @@ def _parser() -> argparse.ArgumentParser:
 
     pm = sub.add_parser(
         "prior-map",
-        help="the deterministic histology-guided map (interpolation x semantic prior; needs the extra stsr[prior])",
+        help="the deterministic histology-guided map (interpolation x semantic prior)",
         description="The deterministic histology-guided map of a SpatialData zarr store: the spot counts "
-        "interpolated and reweighted by the semantic prior (needs the extra stsr[prior]).",
+        "interpolated and reweighted by the semantic prior.",
         formatter_class=_Formatter,
     )
     _slide_options(pm, "stsr_prior", "map")

@@ -83,9 +83,15 @@ def test_cache_folder_not_made_by_stsr_is_refused_not_emptied(slide, tiny_model,
     assert (user / "thesis.tex").read_text() == "years of work"
 
 
-@pytest.mark.parametrize("key", ["table", "he", "spots"])
+@pytest.mark.parametrize("key", ["table", "he", "spots", "regions", "hr_truth"])
 def test_overwrite_never_replaces_an_input_or_another_kind(slide, tiny_model, key):
+    """Inputs (image, table, spots) and elements of another kind (labels "regions") are refused; "hr_truth", an
+    image that is not an input, may be replaced (as a map stsr wrote before)."""
     sdata = sd.deepcopy(slide)
+    if key == "hr_truth":
+        stsr.tl.super_resolve(sdata, "he", GENES, model=tiny_model, key_added=key, overwrite=True, **FAST)
+        assert sdata[key].attrs["stsr"]["method"] == "super_resolve"
+        return
     with pytest.raises(ValueError, match="key_added"):
         stsr.tl.super_resolve(sdata, "he", GENES, model=tiny_model, key_added=key, overwrite=True, **FAST)
     assert key in sdata and "stsr" not in sdata

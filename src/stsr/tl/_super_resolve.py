@@ -111,7 +111,7 @@ def super_resolve(
         measured counts.
     semantic_prior
         Reweight the result by a histology prior read from a pretrained image model: the features of an ImageNet
-        DenseNet121 trunk (:func:`stsr.models.teacher_features`, extra ``stsr[prior]``), read out by a ridge fitted
+        DenseNet121 trunk (:func:`stsr.models.teacher_features`), read out by a ridge fitted
         on this slide's spots alone (:func:`stsr.models.semantic_prior`); the spot sums are restored afterwards.
         On the HER2ST benchmark it raises within-spot-block structure markedly (``docs/benchmarks/accuracy.md``,
         rows "× semantic prior"). The teacher reads every window of the tissue once (the up to 8 windows of
@@ -199,6 +199,7 @@ def super_resolve(
     tile_size, overlap = fit_tiles(inputs.grid.shape, tile_size, overlap, getattr(net, "tile_multiple", 4))
     plan = plan_tiles(inputs.grid.shape, tile_size, overlap, inputs.mask)
     params = {
+        "method": "super_resolve",
         "model": getattr(net, "name", None),
         "weights_sha256": getattr(net, "weights_hash", None),
         "image_key": image_key,
@@ -305,7 +306,7 @@ def _check_int(value: Any, name: str, minimum: int) -> None:
 
 
 def _fit_prior(inputs: SlideInputs, cache: RunCache, progress: bool) -> Any:
-    """The slide's semantic prior, its scores kept in the run folder (before the tiles: a missing extra or a bad
+    """The slide's semantic prior, its scores kept in the run folder (before the tiles: a missing teacher or a bad
     slide fails fast)."""
     from ._semantic_prior import slide_prior
 
