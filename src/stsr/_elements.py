@@ -11,16 +11,19 @@ on ``(y, x)``. Bounding boxes are ``(xmin, ymin, xmax, ymax)`` in coordinate-sys
 from __future__ import annotations
 
 import copy
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ._constants import CS_GLOBAL, PROVENANCE_ATTR
-from ._validate import check_element, check_genes, close_matches
+from ._validate import check_element, check_genes, close_matches, element_type
 
 __all__ = [
     "RasterWindow",
+    "affine_yx",
     "axis_aligned",
     "bbox_to_pixels",
     "check_gene",
@@ -40,9 +43,13 @@ __all__ = [
     "resolve_coordinate_system",
     "sample_nearest",
     "scale0",
+    "shared_coordinate_system",
+    "transformations",
 ]
 
 YX = ("y", "x")
+
+log = logging.getLogger("stsr")
 
 
 # ---------------------------------------------------------------------------------------------------- elements
@@ -111,54 +118,165 @@ def provenance(sdata: Any, key: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- transformations
-def coordinate_systems(element: Any) -> list[str]:
-    """Sorted names of the coordinate systems an element has a transformation to."""
+# This section is the only place of stsr that reads transformations (``spatialdata.transformations.
+# get_transformation``), picks a coordinate system and builds the affine of an element: every other module calls
+# :func:`shared_coordinate_system` and :func:`element_affine` (``tests/pp/test_one_resolver.py`` keeps it so).
+def affine_yx(transformation: Any) -> np.ndarray:
+    """``3 x 3`` homogeneous affine matrix of a spatialdata transformation acting on ``(y, x)``."""
+    return np.asarray(transformation.to_affine_matrix(input_axes=YX, output_axes=YX), dtype=float)
+
+
+def transformations(element: Any) -> dict[str, Any]:
+    """The transformations of an element, by the name of the coordinate system they map to."""
     from spatialdata.transformations import get_transformation
 
-    return sorted(get_transformation(element, get_all=True))
+    return dict(get_transformation(element, get_all=True))
+
+
+def coordinate_systems(element: Any) -> list[str]:
+    """Sorted names of the coordinate systems an element has a transformation to."""
+    return sorted(transformations(element))
+
+
+def _label(sdata: Any, key: str, name: str | None) -> str:
+    if name is None:
+        kind = element_type(sdata, key) if hasattr(sdata, "images") else None
+        name = kind[:-1] if kind else "element"
+    return f"{name} {key!r}"
+
+
+def shared_coordinate_system(
+    sdata: Any,
+    keys: str | Sequence[str],
+    requested: str | None = None,
+    *,
+    names: str | Sequence[str | None] | None = None,
+) -> str:
+    """The coordinate system in which the elements ``keys`` are placed together: the one resolver of stsr.
+
+    ``requested`` if every element has it; else ``"global"`` if they all have it; else their only shared
+    coordinate system; else (several shared, none ``"global"``) the first in alphabetical order, logged.
+
+    Parameters
+    ----------
+    sdata
+        A :class:`~spatialdata.SpatialData`, or any mapping from the keys to the elements.
+    keys
+        Key(s) of the elements (``None`` entries are skipped).
+    requested
+        The coordinate system asked for by the user (``coordinate_system=``), or ``None``.
+    names
+        What to call each element in messages (e.g. ``("image", "spots")``); default: its element type.
+
+    Raises
+    ------
+    ValueError
+        If an element has no transformation to ``requested`` (naming its coordinate systems and close matches), or
+        if the elements share no coordinate system; both say the fix.
+    """
+    keys = [keys] if isinstance(keys, str) else [k for k in keys if k is not None]
+    if not keys:
+        raise ValueError("No element to place in a coordinate system.")
+    if names is None or isinstance(names, str):
+        names = [names] * len(keys)
+    labels = {k: _label(sdata, k, n) for k, n in zip(keys, names)}
+    systems = {k: coordinate_systems(sdata[k]) for k in keys}
+    shared = sorted(set.intersection(*(set(v) for v in systems.values())))
+    fix = "spatialdata.transformations.set_transformation(sdata[{key!r}], transformation, to_coordinate_system={cs})"
+    if requested is not None:
+        missing = [k for k in keys if requested not in systems[k]]
+        if not missing:
+            return requested
+        hits = close_matches(requested, shared or systems[missing[0]])
+        hint = f" Did you mean {', '.join(repr(h) for h in hits)}?" if hits else ""
+        if len(keys) == 1:
+            where = f" It is in {systems[keys[0]]}."
+        else:
+            where = (
+                " "
+                + _cap("; ".join(f"{labels[k]} is in {systems[k]}" for k in keys))
+                + f" (shared: {shared})."
+            )
+        raise ValueError(
+            f"{_cap(' and '.join(labels[k] for k in missing))} {'has' if len(missing) == 1 else 'have'} no "
+            f"transformation to coordinate system {requested!r}.{hint}{where} Pass "
+            + ("one of these" if len(keys) == 1 else "a coordinate system they share")
+            + " as coordinate_system=, or add a transformation with "
+            + fix.format(key=missing[0], cs=repr(requested))
+            + "."
+        )
+    if not shared:
+        if len(keys) == 1:
+            raise ValueError(
+                f"{_cap(labels[keys[0]])} has no transformation to any coordinate system; add one with "
+                + fix.format(key=keys[0], cs=repr(CS_GLOBAL))
+                + "."
+            )
+        listing = " and ".join(f"{labels[k]} (coordinate systems {systems[k]})" for k in keys)
+        raise ValueError(
+            f"{_cap(listing)} share no coordinate system, so they cannot be placed on one another. Add a "
+            "transformation to a common coordinate system with " + fix.format(key=keys[0], cs="...") + "."
+        )
+    if CS_GLOBAL in shared:
+        return CS_GLOBAL
+    if len(shared) > 1:
+        log.info(
+            "%s share the coordinate systems %s; using %r (pass coordinate_system= to choose another)",
+            ", ".join(labels.values()),
+            shared,
+            shared[0],
+        )
+    return shared[0]
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def resolve_coordinate_system(element: Any, key: str, coordinate_system: str | None = None) -> str:
-    """``coordinate_system`` if the element is in it, else a :class:`ValueError` naming the element's systems.
+    """:func:`shared_coordinate_system` of one element (``element`` under the name ``key``)."""
+    return shared_coordinate_system({key: element}, [key], coordinate_system)
 
-    With ``None``: ``"global"`` if the element has it, else its only coordinate system, else an error.
+
+def element_affine(
+    element: Any,
+    coordinate_system: str,
+    key: str = "element",
+    level: int = 0,
+    *,
+    to: Any = None,
+    to_key: str = "element",
+    to_level: int = 0,
+) -> np.ndarray:
+    """``3 x 3`` affine on ``(y, x)`` from the intrinsic coordinates of an element to ``coordinate_system``, or to
+    the intrinsic coordinates of another element ``to`` through ``coordinate_system``: the one affine builder of stsr.
+
+    ``level`` (``to_level``) is the pyramid level of a raster whose pixels the matrix maps (a multiscale element's
+    transformation is that of ``scale0``; level ``k`` maps to it by the ratio of the shapes). For shapes and points
+    (no levels) use ``0``: the matrix then maps the element's own ``(y, x)``. Any affine is returned as it is
+    (rotation, shear, flips).
+
+    Raises
+    ------
+    ValueError
+        If an element has no transformation to ``coordinate_system`` (see :func:`shared_coordinate_system`).
     """
-    systems = coordinate_systems(element)
-    if coordinate_system is not None:
-        if coordinate_system not in systems:
-            hits = close_matches(coordinate_system, systems)
-            hint = f" Did you mean {', '.join(repr(h) for h in hits)}?" if hits else ""
-            raise ValueError(
-                f"Element {key!r} has no transformation to coordinate system {coordinate_system!r}.{hint} "
-                f"Its coordinate systems: {systems}."
-            )
-        return coordinate_system
-    if CS_GLOBAL in systems:
-        return CS_GLOBAL
-    if len(systems) == 1:
-        return systems[0]
-    raise ValueError(
-        f"Element {key!r} lives in several coordinate systems {systems} and none is {CS_GLOBAL!r}; pass "
-        "coordinate_system= to choose one."
-    )
+    mat = _to_coordinate_system(element, coordinate_system, key, level)
+    if to is None:
+        return mat
+    return np.linalg.inv(_to_coordinate_system(to, coordinate_system, to_key, to_level)) @ mat
 
 
-def element_affine(element: Any, coordinate_system: str, key: str = "element", level: int = 0) -> np.ndarray:
-    """``3 x 3`` affine on ``(y, x)`` from intrinsic coordinates of pyramid level ``level`` to ``coordinate_system``.
-
-    For shapes and points (no levels) use ``level=0``: the matrix then maps the element's own ``(y, x)``.
-    """
-    from spatialdata.transformations import get_transformation
-
-    resolve_coordinate_system(element, key, coordinate_system)
-    tf = get_transformation(element, to_coordinate_system=coordinate_system)
-    mat = np.asarray(tf.to_affine_matrix(input_axes=YX, output_axes=YX), dtype=float)
+def _to_coordinate_system(element: Any, coordinate_system: str, key: str, level: int) -> np.ndarray:
+    tfs = transformations(element)
+    if coordinate_system not in tfs:
+        shared_coordinate_system({key: element}, [key], coordinate_system)  # raises, with the fix
+    mat = affine_yx(tfs[coordinate_system])
     if level != 0:
         lv = levels(element)
         arr = get_level(element, level, key)
         h0, w0 = lv[0].sizes["y"], lv[0].sizes["x"]
-        ratio = np.diag([h0 / arr.sizes["y"], w0 / arr.sizes["x"], 1.0])
-        mat = mat @ ratio
+        mat = mat @ np.diag([h0 / arr.sizes["y"], w0 / arr.sizes["x"], 1.0])
     return mat
 
 

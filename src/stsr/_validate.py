@@ -23,7 +23,7 @@ __all__ = [
     "check_new_key",
     "image_value_scale",
     "available_memory",
-    "shared_coordinate_systems",
+    "check_name",
     "element_type",
 ]
 
@@ -308,76 +308,45 @@ def available_memory() -> int | None:
         return None
 
 
-def check_new_key(sdata: Any, key: str, overwrite: bool = False) -> None:
-    """Refuse to overwrite an existing element ``key`` unless ``overwrite=True``."""
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"key_added must be a non-empty string, got {key!r}.")
+def check_name(key: Any, what: str = "key_added") -> None:
+    """Raise a clear error unless ``key`` is a valid name for a new element (and a safe folder name).
+
+    The rules of spatialdata element names (letters, digits, ``_``, ``-``, ``.``; not empty, not ``.`` or ``..``,
+    not starting with ``__``), ASCII only, and not starting with ``.`` (spatialdata skips hidden names when it
+    reads a store, so such an element would vanish on reload).
+    """
+    from spatialdata._core.validation import check_valid_name
+
+    if not isinstance(key, str):
+        raise TypeError(f"{what} must be a string, got {type(key).__name__}.")
     try:
-        from spatialdata._core.validation import check_valid_name
-    except ImportError:  # pragma: no cover - older/newer spatialdata
-        check_valid_name = None
-    if check_valid_name is not None:
-        try:
-            check_valid_name(key)
-        except ValueError as err:
-            raise ValueError(f"key_added {key!r} is not a valid element name: {err}") from err
-    kind = element_type(sdata, key)
-    if kind is not None and not overwrite:
+        check_valid_name(key)
+        if key.startswith("."):
+            raise ValueError(
+                "Name cannot start with '.' (spatialdata skips hidden names when it reads a store)."
+            )
+        if not key.isascii():
+            raise ValueError("Name must be ASCII (it names a folder in the store).")
+    except ValueError as err:
+        raise ValueError(
+            f"{what}={key!r} is not a valid element name: {err} Use letters, digits, '_', '-' and '.', e.g. "
+            "'stsr' or 'stsr_erbb2'."
+        ) from None
+
+
+def check_new_key(sdata: Any, key: str, overwrite: bool = False, kind: str | None = None) -> None:
+    """Check a new element's name (:func:`check_name`) and refuse an existing element ``key`` unless
+    ``overwrite=True``; even then, an element of another kind than ``kind`` (``"images"``, ``"labels"``,
+    ``"tables"``, ...) is never replaced."""
+    check_name(key)
+    existing = element_type(sdata, key)
+    if existing is not None and not overwrite:
         raise KeyError(
-            f"The SpatialData already has a {kind[:-1]} element {key!r}. Pass a different key_added or "
+            f"The SpatialData already has a {existing[:-1]} element {key!r}. Pass a different key_added or "
             "overwrite=True to replace it."
         )
-
-
-def shared_coordinate_systems(
-    sdata: Any,
-    key_a: str,
-    key_b: str,
-    preferred: str | None = None,
-    required: str | None = None,
-    names: tuple[str, str] | None = None,
-) -> list[str]:
-    """Coordinate systems shared by elements ``key_a`` and ``key_b`` (``preferred`` first, then sorted).
-
-    Parameters
-    ----------
-    sdata
-        A :class:`~spatialdata.SpatialData` object.
-    key_a, key_b
-        Element keys.
-    preferred
-        Coordinate system to list first when shared.
-    required
-        If given, this coordinate system must be one of the shared ones.
-    names
-        How to call the two elements in messages (e.g. ``("image", "spots")``); default: their element types.
-
-    Raises
-    ------
-    ValueError
-        If the two elements share no coordinate system (or not ``required``), naming both and the fix.
-    """
-    from spatialdata.transformations import get_transformation
-
-    cs_a = sorted(get_transformation(sdata[key_a], get_all=True))
-    cs_b = sorted(get_transformation(sdata[key_b], get_all=True))
-    shared = sorted(set(cs_a) & set(cs_b))
-    if names is None:
-        names = tuple((element_type(sdata, k) or "elements")[:-1] for k in (key_a, key_b))
-    name_a, name_b = f"{names[0]} {key_a!r}", f"{names[1]} {key_b!r}"
-    if not shared:
+    if existing is not None and kind is not None and existing != kind:
         raise ValueError(
-            f"{name_a} and {name_b} have no coordinate system in common; add a transformation from one of them to a "
-            "coordinate system of the other (spatialdata.transformations.set_transformation(element, transform, "
-            f"to_coordinate_system=...)). {key_a!r} is in {cs_a}, {key_b!r} is in {cs_b}."
+            f"{key!r} names an existing {existing[:-1]} element; overwrite=True replaces only an element of the "
+            f"same kind ({kind[:-1]}). Pass another key."
         )
-    if required is not None:
-        if required not in shared:
-            raise ValueError(
-                f"Coordinate system {required!r} is not shared by {name_a} and {name_b}; shared: {shared}."
-                f"{_suggest(required, shared)}"
-            )
-        return [required] + [c for c in shared if c != required]
-    if preferred is not None and preferred in shared:
-        return [preferred] + [c for c in shared if c != preferred]
-    return shared

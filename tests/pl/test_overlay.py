@@ -106,3 +106,23 @@ def test_no_shared_coordinate_system(sdata):
     # alone, in its own system, it draws
     ax = stsr.pl.overlay(sdata, "stsr", "ERBB2", show_image=False, colorbar=False)
     np.testing.assert_allclose(ax.images[0].get_extent(), [0, 30, 20, 0])
+
+
+def test_rotated_image_is_drawn_through_its_affine(sdata):
+    """An H&E placed by a rotation (as a registered Xenium H&E) lies under the map: drawn in its pixels through its
+    affine, each pixel corner where the transformation puts it."""
+    c, s = np.cos(np.deg2rad(20.0)), np.sin(np.deg2rad(20.0))
+    xy = np.array([[IMG_UM * c, -IMG_UM * s, 10.0], [IMG_UM * s, IMG_UM * c, -5.0], [0.0, 0.0, 1.0]])
+    set_transformation(sdata["he"], Affine(xy, input_axes=("x", "y"), output_axes=("x", "y")), "global")
+    ax = stsr.pl.overlay(sdata, "stsr", "ERBB2", colorbar=False)
+    image, gene_map = ax.images
+    np.testing.assert_allclose(gene_map.get_extent(), [RASTER_X[0], RASTER_X[1], RASTER_Y[1], RASTER_Y[0]])
+    assert image.get_array().shape[:2] == IMG_SHAPE and image.get_extent() == [
+        0,
+        IMG_SHAPE[1],
+        IMG_SHAPE[0],
+        0,
+    ]
+    to_data = image.get_transform() - ax.transData
+    for col, row in ((0, 0), (IMG_SHAPE[1], 0), (37, 51)):
+        np.testing.assert_allclose(to_data.transform([col, row]), (xy @ [col, row, 1])[:2], atol=1e-9)

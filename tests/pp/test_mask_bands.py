@@ -99,3 +99,24 @@ def test_mask_memory_is_bounded_by_a_band():
     disk = (rr - 0.5) ** 2 + (cc - 0.5) ** 2 < 0.12
     assert (mask == disk).mean() > 0.99
     assert peak < 64 * 2**20, peak / 2**20
+
+
+@pytest.mark.parametrize("band_pixels", [_mask._BAND_PIXELS, 700])
+def test_mask_through_an_affine_equals_the_axis_aligned_mask(slide, monkeypatch, band_pixels):
+    """The path of rotated or sheared images (each level pixel placed on the grid through the full affine, the
+    level's tissue kept for grid pixels holding no level pixel) gives the axis-aligned path's mask when the affine
+    is a scale plus translation: a grid in a frame scaled by 1.3 and shifted is the image-pixel grid scaled back."""
+    monkeypatch.setattr(_mask, "_BAND_PIXELS", band_pixels)
+    levels = raster_levels(slide["he"])
+    full = spatial_shape(slide["he"])
+    to_image = np.array([[1.3, 0.0, -7.1], [0.0, 1.3, 4.9], [0.0, 0.0, 1.0]])
+    for grid, level in ((Grid((70, 60), 4.3, (2.2, -3.1)), 1), (Grid((300, 250), 1.1, (0.4, 0.7)), 1)):
+        in_image = Grid(
+            grid.shape, 1.3 * grid.pixel_size, (1.3 * grid.origin[0] - 7.1, 1.3 * grid.origin[1] + 4.9)
+        )
+        data = levels[level].transpose("c", "y", "x").data
+        threshold = _mask._otsu_threshold(data, "he", 255.0)
+        got = _mask._level_on_grid(data, "he", 255.0, threshold, full, grid, to_image)
+        want = _mask._level_on_grid(data, "he", 255.0, threshold, full, in_image)
+        assert 0.2 < want.mean() < 0.9
+        np.testing.assert_array_equal(got, want)

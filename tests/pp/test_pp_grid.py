@@ -35,17 +35,45 @@ def test_hr_grid_errors(tiny_sd):
         pp.hr_grid(tiny_sd, "img", -1.0)
     with pytest.raises(ValueError, match="coordinate system 'globl'.*Did you mean 'global'"):
         pp.hr_grid(tiny_sd, "img", 5.0, coordinate_system="globl")
+
+
+def test_rotated_sheared_and_anisotropic_images_get_a_grid_along_the_coordinate_axes(tiny_sd):
+    """Any affine of the image is honoured: the grid is laid along the axes of the coordinate system (pixel side
+    ``pixel_size`` there), covers the image's bounding box, and a raster on it lands where the grid says."""
     c, s = np.cos(0.3), np.sin(0.3)
     rot = Affine(
-        np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]]), input_axes=("x", "y"), output_axes=("x", "y")
+        np.array([[c, -s, 5.0], [s, c, -3.0], [0, 0, 1.0]]), input_axes=("x", "y"), output_axes=("x", "y")
+    )
+    shear = Affine(
+        np.array([[2.0, 0.6, 0.0], [0.0, 2.0, 0.0], [0, 0, 1.0]]),
+        input_axes=("x", "y"),
+        output_axes=("x", "y"),
     )
     aniso = Scale([1.0, 2.0], axes=("y", "x"))
-    for name, tf, msg in (("rot", rot, "rotation"), ("aniso", aniso, "differently")):
+    for name, tf in (("rot", rot), ("shear", shear), ("aniso", aniso)):
         tiny_sd.images[name] = Image2DModel.parse(
             np.zeros((1, 10, 10), np.uint8), dims=("c", "y", "x"), transformations={"global": tf}
         )
-        with pytest.raises(ValueError, match=msg):
-            pp.hr_grid(tiny_sd, name, 1.0)
+        m_img = _affine(get_transformation(tiny_sd[name], "global"))
+        corners = m_img @ np.array([[0, 0, 10, 10], [0, 10, 0, 10], [1, 1, 1, 1]], float)
+        lo, hi = corners[:2].min(1), corners[:2].max(1)
+        grid = pp.hr_grid(tiny_sd, name, 0.5)
+        np.testing.assert_array_equal(grid.shape, np.ceil((hi - lo) / 0.5 - 1e-6).astype(int))
+        el = pp.raster_element(np.zeros((1, *grid.shape), np.float32), ["a"], grid, tiny_sd, name)
+        m = _affine(get_transformation(el, "global"))
+        # square pixels of 0.5 along the axes, from the corner of the image's bounding box
+        np.testing.assert_allclose(m[:2, :2], 0.5 * np.eye(2), atol=1e-12)
+        np.testing.assert_allclose(m[:2, 2], lo, atol=1e-9)
+    assert pp.hr_grid(tiny_sd, "rot", 1.0).shape == (13, 13)  # 10 * (cos 0.3 + sin 0.3) = 12.5
+    assert pp.hr_grid(tiny_sd, "aniso", 1.0).shape == (10, 20)
+    # a singular transformation is refused
+    tiny_sd.images["flat"] = Image2DModel.parse(
+        np.zeros((1, 10, 10), np.uint8),
+        dims=("c", "y", "x"),
+        transformations={"global": Scale([0.0, 1.0], axes=("y", "x"))},
+    )
+    with pytest.raises(ValueError, match="singular"):
+        pp.hr_grid(tiny_sd, "flat", 1.0)
     # a slightly anisotropic registration (as in real data) is accepted: geometric mean of the two scales
     tiny_sd.images["slight"] = Image2DModel.parse(
         np.zeros((1, 10, 10), np.uint8),

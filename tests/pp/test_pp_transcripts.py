@@ -117,7 +117,10 @@ def test_bin_bad_inputs(tiny_sd, unchanged):
     unchanged.check(tiny_sd, snap)
     tiny_sd.points["tx2"] = _parse(_points(), {"slide": Identity()})
     snap = unchanged.snap(tiny_sd)
-    with pytest.raises(ValueError, match="image 'img' and points 'tx2' have no coordinate system in common"):
+    with pytest.raises(
+        ValueError,
+        match=r"Image 'img' \(coordinate systems \['aligned', 'global'\]\) and points 'tx2' \(coordinate systems \['slide'\]\) share no coordinate system",
+    ):
         pp.bin_transcripts(tiny_sd, "tx2", 4.0, image_key="img")
     unchanged.check(tiny_sd, snap)
 

@@ -58,16 +58,20 @@ def test_check_new_key_and_shared_cs(tiny_sd):
     v.check_new_key(tiny_sd, "img", overwrite=True)
     with pytest.raises(KeyError, match="already has a image element 'img'"):
         v.check_new_key(tiny_sd, "img")
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(ValueError, match="empty string"):
         v.check_new_key(tiny_sd, "")
     with pytest.raises(ValueError, match="'a/b' is not a valid element name"):
         v.check_new_key(tiny_sd, "a/b")
-    assert v.shared_coordinate_systems(tiny_sd, "img", "spots") == ["global"]
+    # overwrite=True never replaces an element of another kind
+    with pytest.raises(ValueError, match="same kind"):
+        v.check_new_key(tiny_sd, "img", overwrite=True, kind="labels")
+    # the one resolver
+    from stsr._elements import shared_coordinate_system
+
+    assert shared_coordinate_system(tiny_sd, ["img", "spots"]) == "global"
     set_transformation(tiny_sd["spots"], Identity(), to_coordinate_system="aligned")
-    assert v.shared_coordinate_systems(tiny_sd, "img", "spots", preferred="global") == ["global", "aligned"]
-    assert v.shared_coordinate_systems(tiny_sd, "img", "spots", required="aligned")[0] == "aligned"
-    with pytest.raises(ValueError, match="'glob' is not shared.*Did you mean 'global'"):
-        v.shared_coordinate_systems(tiny_sd, "img", "spots", required="glob")
-    set_transformation(tiny_sd["spots"], {"other": Identity()}, set_all=True)
-    with pytest.raises(ValueError, match="image 'img' and shape 'spots' have no coordinate system in common"):
-        v.shared_coordinate_systems(tiny_sd, "img", "spots")
+    assert shared_coordinate_system(tiny_sd, ["img", "spots"], "aligned") == "aligned"
+    with pytest.raises(
+        ValueError, match="no transformation to coordinate system 'glob'.*Did you mean 'global'"
+    ):
+        shared_coordinate_system(tiny_sd, ["img", "spots"], "glob")

@@ -300,3 +300,35 @@ def test_hr_pixel_over_a_quarter_spot_warns(slide, caplog):
     with caplog.at_level(logging.WARNING, logger="stsr"):
         _prepare(slide, pixel_size=13.0)
     assert not [r for r in caplog.records if "quarter" in r.getMessage()]
+
+
+# ------------------------------------------------------------------------------------------------ the spots, read once
+def test_the_spots_are_read_once_and_describe_the_slide(slide, monkeypatch):
+    """prepare_inputs reads the spots once (footprint, coordinate system, centres, size, pitch: one Spots value) and
+    passes them on: to the grid (pixel size), the operator, the mask (pitch) and the unit (lattice)."""
+    from stsr.pp import _spots
+
+    calls = {"read_spots": 0, "spot_footprint": 0}
+    for name, module in (("read_spots", _inputs), ("spot_footprint", _spots)):
+        real = getattr(module, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    inputs = prepare_inputs(
+        slide, "he", GENES, table_key="table", pixel_size=None, coordinate_system=None, image_channels=3
+    )
+    assert calls == {"read_spots": 1, "spot_footprint": 1}
+    spots = inputs.spots
+    assert (spots.key, spots.footprint, spots.coordinate_system) == ("spots", "disks", "global")
+    # the synthetic slide: 55 um spots 100 um apart on a hexagonal lattice, in um
+    assert spots.diameter == pytest.approx(55.0) and spots.pitch == pytest.approx(100.0)
+    assert inputs.pixel_size == pytest.approx(5.5)
+    centres, radius = spots.on_grid(inputs.grid)
+    np.testing.assert_allclose(inputs.observation.centres, centres)
+    assert inputs.observation.params["radius"] == pytest.approx(radius) == pytest.approx(5.0)
+    assert spots.pitch_on(inputs.grid) == pytest.approx(inputs.observation.pitch())
+    # Visium's lattice: 55 um spots of 55 units, 1 um per unit
+    assert inputs.um_per_unit == pytest.approx(1.0)

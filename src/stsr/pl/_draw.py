@@ -9,7 +9,6 @@ import numpy as np
 
 from .._constants import CS_GLOBAL, IMAGE_HE
 from .._elements import (
-    coordinate_systems,
     crop,
     element_affine,
     get_raster,
@@ -17,7 +16,7 @@ from .._elements import (
     levels,
     pick_level,
     provenance,
-    resolve_coordinate_system,
+    shared_coordinate_system,
 )
 from .._validate import element_type
 
@@ -82,22 +81,10 @@ def default_image(sdata: Any, key: str | None, exclude: tuple[str, ...] = ()) ->
 
 
 def shared_cs(sdata: Any, keys: list[str], coordinate_system: str | None) -> str:
-    """A coordinate system every element of ``keys`` has: ``coordinate_system`` if given (checked), else
-    ``"global"`` if shared, else the first shared one (sorted)."""
-    keys = [k for k in keys if k is not None]
-    if coordinate_system is not None:
-        for k in keys:
-            resolve_coordinate_system(sdata[k], k, coordinate_system)
-        return coordinate_system
-    systems = {k: coordinate_systems(sdata[k]) for k in keys}
-    shared = sorted(set.intersection(*(set(v) for v in systems.values())))
-    if not shared:
-        listing = "; ".join(f"{k!r}: {v}" for k, v in systems.items())
-        raise ValueError(
-            f"The elements to draw share no coordinate system ({listing}); add a transformation with "
-            "spatialdata.transformations.set_transformation or draw them separately."
-        )
-    return CS_GLOBAL if CS_GLOBAL in shared else shared[0]
+    """The coordinate system in which to draw the elements ``keys`` together: the one resolver of stsr,
+    :func:`stsr._elements.shared_coordinate_system` (``coordinate_system`` if given, checked, else ``"global"`` if
+    shared, else their only or first shared one)."""
+    return shared_coordinate_system(sdata, keys, coordinate_system)
 
 
 def image_rgb(values: np.ndarray) -> np.ndarray:
@@ -118,15 +105,29 @@ def image_rgb(values: np.ndarray) -> np.ndarray:
 
 
 def draw_image(ax: Any, sdata: Any, image_key: str, cs: str, crop_box: Bbox | None) -> Any:
-    """Draw an image (pyramid level chosen for the view) at its place in ``cs``; returns the ``AxesImage``."""
+    """Draw an image (pyramid level chosen for the view) at its place in ``cs``; returns the ``AxesImage``.
+
+    An image placed by a rotation or shear (e.g. a registered Xenium H&E) is drawn in its own pixels through its
+    affine (a matplotlib ``Affine2D`` transform), so that it lies under maps drawn along the axes of ``cs``.
+    """
     element = get_raster(sdata, image_key)
     lvl = pick_level(element, cs, crop_box, MAX_DISPLAY_PIXELS, image_key)
-    win = _window(element, cs, crop_box, lvl, image_key, "image")
+    win = crop(element, cs, crop_box, lvl, image_key)
     rgb = image_rgb(np.asarray(win.data.values))
     kwargs = {"cmap": "gray"} if rgb.ndim == 2 else {}
-    art = ax.imshow(
-        rgb, extent=win.extent(f"image {image_key!r}"), origin="upper", interpolation="antialiased", **kwargs
-    )
+    try:
+        extent = win.extent(f"image {image_key!r}")
+    except (
+        ValueError
+    ):  # rotated or sheared: pixel (row, col) spans [row, row + 1) x [col, col + 1), then the affine
+        from matplotlib.transforms import Affine2D
+
+        h, w = win.shape
+        m = win.matrix  # acts on (y, x); matplotlib's on (x, y)
+        xy = np.array([[m[1, 1], m[1, 0], m[1, 2]], [m[0, 1], m[0, 0], m[0, 2]], [0.0, 0.0, 1.0]])
+        kwargs["transform"] = Affine2D(xy) + ax.transData
+        extent = (0.0, float(w), float(h), 0.0)
+    art = ax.imshow(rgb, extent=extent, origin="upper", interpolation="antialiased", **kwargs)
     art.set_label(image_key)
     return art
 

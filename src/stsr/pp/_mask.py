@@ -7,11 +7,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .._elements import element_affine, shared_coordinate_system
 from .._validate import check_element, check_new_key, image_value_scale
 from ..observation import Grid
-from ._grid import grid_transformations, hr_grid
+from ._grid import ImageFrame, frame_grid, grid_transformations, image_frame
 from ._provenance import grid_to_dict, record
-from ._transforms import affine_yx, all_transformations, parse_raster, raster_levels, spatial_shape
+from ._transforms import parse_raster, raster_levels
 
 __all__ = ["tissue_mask"]
 
@@ -115,11 +116,23 @@ def _otsu_threshold(data: Any, kind: str, scale: float) -> float:
 
 
 def _level_on_grid(
-    data: Any, kind: str, scale: float, threshold: float, full: tuple[int, int], grid: Grid
+    data: Any,
+    kind: str,
+    scale: float,
+    threshold: float,
+    full: tuple[int, int],
+    grid: Grid,
+    to_image: np.ndarray | None = None,
 ) -> np.ndarray:
     """Grid pixels where at least half of the level pixels (by centre) inside are tissue (score above
     ``threshold``, not black); a grid pixel holding no level pixel centre takes the level pixel at its own centre
-    (none outside the image). Band by band: memory is one band and a few bytes per grid pixel."""
+    (none outside the image). Band by band: memory is one band and a few bytes per grid pixel.
+
+    ``to_image`` maps the grid's frame to the image's full-resolution pixels (:class:`stsr.pp._grid.ImageFrame`);
+    other than the identity (a rotated or sheared image), the level's pixels are placed through it
+    (:func:`_level_on_grid_affine`)."""
+    if to_image is not None and not np.array_equal(to_image, np.eye(3)):
+        return _level_on_grid_affine(data, kind, scale, threshold, full, grid, np.asarray(to_image, float))
     lh, lw = int(data.shape[1]), int(data.shape[2])
     fy, fx = full[0] / lh, full[1] / lw
     h, w = grid.shape
@@ -131,7 +144,6 @@ def _level_on_grid(
     gy, gx = grid.to_reference(np.arange(h) + 0.5, np.arange(w) + 0.5)
     li = np.clip(np.floor(gy / fy).astype(np.int64), 0, lh - 1)
     lj = np.clip(np.floor(gx / fx).astype(np.int64), 0, lw - 1)
-    inside = ((gy >= 0) & (gy < full[0]))[:, None] & ((gx >= 0) & (gx < full[1]))[None, :]
     n = np.zeros((h, w), np.int32)
     t = np.zeros((h, w), np.int32)
     nearest = np.zeros((h, w), bool)
@@ -151,8 +163,68 @@ def _level_on_grid(
         if here.size:
             nearest[here] = tissue[li[here] - r0][:, lj]
         del score, valid, tissue  # not held while the next band is scored
-    # t / n >= 0.5 exactly when 2 t >= n (integer counts); empty grid pixels: the nearest level pixel
-    return np.where(n > 0, 2 * t.astype(np.int64) >= n, inside & nearest)
+    # t / n >= 0.5 exactly when 2 t >= n (integer counts, t <= n); empty grid pixels: the nearest level pixel,
+    # none outside the image. 11 bytes per grid pixel in all.
+    mask = np.multiply(t, 2, out=t) >= n
+    del t
+    empty = n == 0
+    del n
+    nearest[~((gy >= 0) & (gy < full[0])), :] = False
+    nearest[:, ~((gx >= 0) & (gx < full[1]))] = False
+    mask[empty] = nearest[empty]
+    return mask
+
+
+def _level_on_grid_affine(
+    data: Any,
+    kind: str,
+    scale: float,
+    threshold: float,
+    full: tuple[int, int],
+    grid: Grid,
+    to_image: np.ndarray,
+) -> np.ndarray:
+    """:func:`_level_on_grid` for a grid placed on the image by any affine ``to_image`` (frame -> full-resolution
+    image pixels): each level pixel centre is mapped to the grid through it. The level's tissue is kept (one byte
+    per level pixel) for the grid pixels holding no level pixel centre."""
+    lh, lw = int(data.shape[1]), int(data.shape[2])
+    fy, fx = full[0] / lh, full[1] / lw
+    h, w = grid.shape
+    ps, (oy, ox) = grid.pixel_size, grid.origin
+    grid_to_level = (
+        np.diag([1 / fy, 1 / fx, 1.0]) @ to_image @ np.array([[ps, 0, oy], [0, ps, ox], [0, 0, 1.0]])
+    )
+    m = np.linalg.inv(grid_to_level)  # level pixel -> grid
+    n = np.zeros(h * w, np.int32)
+    t = np.zeros(h * w, np.int32)
+    level_tissue = np.zeros((lh, lw), bool)
+    cols = np.arange(lw) + 0.5
+    for r0, score, valid in _score_bands(data, kind, scale):
+        r1 = r0 + score.shape[0]
+        tissue = (score > threshold) & valid
+        level_tissue[r0:r1] = tissue
+        rows = (np.arange(r0, r1) + 0.5)[:, None]
+        gi = np.floor(m[0, 0] * rows + m[0, 1] * cols + m[0, 2]).astype(np.int64)
+        gj = np.floor(m[1, 0] * rows + m[1, 1] * cols + m[1, 2]).astype(np.int64)
+        ok = (gi >= 0) & (gi < h) & (gj >= 0) & (gj < w)
+        flat = gi[ok] * w + gj[ok]
+        u, c = np.unique(flat, return_counts=True)
+        n[u] += c.astype(np.int32)
+        u, c = np.unique(flat[tissue[ok]], return_counts=True)
+        t[u] += c.astype(np.int32)
+        del score, valid, tissue, gi, gj, ok, flat
+    out = 2 * t.astype(np.int64) >= n
+    empty = np.flatnonzero(n == 0)  # the level pixel at the grid pixel's centre, none outside the image
+    for a in range(0, empty.size, 2**20):
+        idx = empty[a : a + 2**20]
+        r, c = idx // w + 0.5, idx % w + 0.5
+        ly = grid_to_level[0, 0] * r + grid_to_level[0, 1] * c + grid_to_level[0, 2]
+        lx = grid_to_level[1, 0] * r + grid_to_level[1, 1] * c + grid_to_level[1, 2]
+        inside = (ly >= 0) & (ly < lh) & (lx >= 0) & (lx < lw)
+        li = np.clip(np.floor(ly).astype(np.int64), 0, lh - 1)
+        lj = np.clip(np.floor(lx).astype(np.int64), 0, lw - 1)
+        out[idx] = inside & level_tissue[li, lj]
+    return out.reshape(h, w)
 
 
 def tissue_mask(
@@ -187,12 +259,14 @@ def tissue_mask(
     image_key
         Key of the image.
     grid
-        Grid in the image's intrinsic frame (see :func:`hr_grid`). Either ``grid`` or ``pixel_size``.
+        HR grid over the image (see :func:`hr_grid`), made in ``coordinate_system``. Either ``grid`` or
+        ``pixel_size``.
     pixel_size
         HR pixel side in units of ``coordinate_system``, to build ``hr_grid(sdata, image_key, pixel_size)``.
     coordinate_system
-        Coordinate system of ``pixel_size``, and in which a ``tissue`` element is placed on the image (default:
-        ``"global"`` if shared by both, else another coordinate system they share).
+        Coordinate system of ``pixel_size`` and of ``grid``, and in which a ``tissue`` element is placed on the
+        image (default: ``"global"`` if shared by both, else another coordinate system they share). The image may be
+        placed by any affine (rotation, shear): it is read through it.
     method
         Thresholding method (only ``"otsu"``).
     kind
@@ -232,22 +306,23 @@ def tissue_mask(
     image = check_element(sdata, image_key, "images")
     if method != "otsu":
         raise ValueError(f"method must be 'otsu', got {method!r}.")
+    if grid is None and pixel_size is None:
+        raise ValueError("Pass either grid= or pixel_size= to tissue_mask.")
+    frame = image_frame(sdata, image_key, coordinate_system)
     if grid is None:
-        if pixel_size is None:
-            raise ValueError("Pass either grid= or pixel_size= to tissue_mask.")
-        grid = hr_grid(sdata, image_key, pixel_size, coordinate_system)
+        grid = frame_grid(frame, pixel_size)
     if key_added is not None:
         check_new_key(sdata, key_added, overwrite)
     if tissue is not None:
-        mask = _given_tissue(sdata, tissue, grid, image_key, coordinate_system)
+        mask = _given_tissue(sdata, tissue, grid, image_key, coordinate_system, frame=frame)
         if fill_holes:
             mask = binary_fill_holes(mask)
         if key_added is not None:
             source = tissue if isinstance(tissue, str) else "array"
-            _add_mask(sdata, key_added, mask, grid, image_key, {"tissue": source, "threshold": None})
+            _add_mask(sdata, key_added, mask, grid, image_key, frame, {"tissue": source, "threshold": None})
         return mask
     levels = raster_levels(image)
-    full = spatial_shape(image)
+    full = (int(levels[0].sizes["y"]), int(levels[0].sizes["x"]))
     if level is None:
         level = _choose_level(levels, full, grid.pixel_size)
     elif not 0 <= level < len(levels):
@@ -265,7 +340,7 @@ def tissue_mask(
     scale = image_value_scale(levels, image_key)
     if threshold is None:  # black background pixels take part with score 0
         threshold = _otsu_threshold(data, kind, scale)
-    mask = _level_on_grid(data, kind, scale, threshold, full, grid)
+    mask = _level_on_grid(data, kind, scale, threshold, full, grid, frame.to_image)
     if fill_holes:
         mask = binary_fill_holes(mask)
     if key_added is not None:
@@ -275,16 +350,18 @@ def tissue_mask(
             mask,
             grid,
             image_key,
+            frame,
             {"threshold": float(threshold) if np.isfinite(threshold) else None},
         )
     return mask
 
 
-def _add_mask(sdata: Any, key_added: str, mask: np.ndarray, grid: Grid, image_key: str, info: dict) -> None:
+def _add_mask(
+    sdata: Any, key_added: str, mask: np.ndarray, grid: Grid, image_key: str, frame: ImageFrame, info: dict
+) -> None:
     """Add ``mask`` as a labels element (1 = tissue) overlaying the image, with its provenance record."""
-    labels = parse_raster(
-        mask.astype(np.uint8), None, grid_transformations(grid, sdata, image_key), "auto", labels=True
-    )
+    tfs = grid_transformations(grid, sdata, image_key, frame.coordinate_system)
+    labels = parse_raster(mask.astype(np.uint8), None, tfs, "auto", labels=True)
     if key_added in sdata:
         del sdata[key_added]
     sdata.labels[key_added] = labels
@@ -310,25 +387,34 @@ def _given_tissue(
     image_key: str,
     coordinate_system: str | None = None,
     subsample: int = TISSUE_SUBSAMPLE,
+    frame: ImageFrame | None = None,
 ) -> np.ndarray:
     """A tissue given by the user (labels or shapes key, or a boolean array), as a boolean mask on ``grid``.
 
     See the ``tissue`` parameter of :func:`tissue_mask`. A grid pixel is tissue when at least half of its
     ``subsample x subsample`` sub-samples fall on the tissue (the fraction of the pixel covered, to 1/16).
+    ``frame`` is the image's :class:`~stsr.pp._grid.ImageFrame` that ``grid`` lies in (default: that of
+    ``coordinate_system``).
     """
+    if frame is None:
+        frame = image_frame(sdata, image_key, coordinate_system)
     if isinstance(tissue, str):
-        return _tissue_element(sdata, tissue, grid, image_key, coordinate_system, subsample)
+        return _tissue_element(sdata, tissue, grid, image_key, coordinate_system, subsample, frame)
     arr = _tissue_array(tissue)
     if arr.shape == grid.shape:
         return arr.copy()
-    h_img, w_img = spatial_shape(sdata.images[image_key])
+    image_level = raster_levels(sdata.images[image_key])[0]
+    h_img, w_img = int(image_level.sizes["y"]), int(image_level.sizes["x"])
     ps = grid.pixel_size
-    hr = Grid((max(1, math.ceil(h_img / ps - 1e-6)), max(1, math.ceil(w_img / ps - 1e-6))), ps)
-    for source in (hr, Grid((h_img, w_img), 1.0)):
+    hr = Grid(tuple(max(1, math.ceil(s / ps - 1e-6)) for s in frame.shape), ps)
+    to_frame = _grid_affine(grid)
+    sources = (
+        (hr, np.linalg.inv(_grid_affine(hr)) @ to_frame),  # grid -> pixels of the HR grid of the same frame
+        (Grid((h_img, w_img), 1.0), frame.to_image @ to_frame),  # grid -> image pixels
+    )
+    for source, to_source in sources:
         if arr.shape == source.shape:
-            return _coverage(
-                grid, lambda rows, cols, src=source: _lookup(arr, src, grid, rows, cols), subsample
-            )
+            return _coverage(grid, lambda rows, cols, m=to_source: _lookup(arr, m, rows, cols), subsample)
     shapes = [f"the image's full-resolution level {(h_img, w_img)}", f"the HR grid {grid.shape}"]
     if hr.shape != grid.shape:
         shapes.append(f"stsr.pp.hr_grid(sdata, {image_key!r}, pixel_size).shape {hr.shape}")
@@ -368,15 +454,30 @@ def _tissue_array(tissue: Any) -> np.ndarray:
     )
 
 
-def _lookup(arr: np.ndarray, source: Grid, grid: Grid, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Values of ``arr`` (a raster on ``source``) at continuous ``grid`` coordinates ``rows x cols`` (False off it)."""
-    y, x = grid.to_reference(rows, cols)
-    sr, sc = source.to_grid(y, x)
-    ri, ci = np.floor(sr).astype(np.int64), np.floor(sc).astype(np.int64)
-    okr = (ri >= 0) & (ri < arr.shape[0])
-    okc = (ci >= 0) & (ci < arr.shape[1])
+def _grid_affine(grid: Grid) -> np.ndarray:
+    """``3 x 3`` affine from continuous ``grid`` coordinates to its reference frame."""
+    ps, (oy, ox) = grid.pixel_size, grid.origin
+    return np.array([[ps, 0.0, oy], [0.0, ps, ox], [0.0, 0.0, 1.0]])
+
+
+def _lookup(arr: np.ndarray, to_source: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Values of ``arr`` at continuous grid coordinates ``rows x cols`` mapped to its pixels by the affine
+    ``to_source`` (False off it)."""
+    m = to_source
+    if m[0, 1] == 0 and m[1, 0] == 0:  # axis-aligned: rows and columns apart
+        ri = np.floor(m[0, 0] * rows + m[0, 2]).astype(np.int64)
+        ci = np.floor(m[1, 1] * cols + m[1, 2]).astype(np.int64)
+        okr = (ri >= 0) & (ri < arr.shape[0])
+        okc = (ci >= 0) & (ci < arr.shape[1])
+        out = np.zeros((rows.size, cols.size), bool)
+        out[np.ix_(okr, okc)] = arr[np.ix_(ri[okr], ci[okc])]
+        return out
+    rr, cc = rows[:, None], cols[None, :]
+    ri = np.floor(m[0, 0] * rr + m[0, 1] * cc + m[0, 2]).astype(np.int64)
+    ci = np.floor(m[1, 0] * rr + m[1, 1] * cc + m[1, 2]).astype(np.int64)
+    ok = (ri >= 0) & (ri < arr.shape[0]) & (ci >= 0) & (ci < arr.shape[1])
     out = np.zeros((rows.size, cols.size), bool)
-    out[np.ix_(okr, okc)] = arr[np.ix_(ri[okr], ci[okc])]
+    out[ok] = arr[ri[ok], ci[ok]]
     return out
 
 
@@ -401,11 +502,17 @@ def _coverage(grid: Grid, inside: Any, subsample: int) -> np.ndarray:
 
 
 def _tissue_element(
-    sdata: Any, key: str, grid: Grid, image_key: str, coordinate_system: str | None, subsample: int
+    sdata: Any,
+    key: str,
+    grid: Grid,
+    image_key: str,
+    coordinate_system: str | None,
+    subsample: int,
+    frame: ImageFrame,
 ) -> np.ndarray:
-    """A labels element (nonzero = tissue) or a shapes element (inside the polygons = tissue) on ``grid``."""
-    from .._constants import CS_GLOBAL
-    from .._elements import coordinate_systems, element_affine, n_levels, pixel_area, sample_nearest
+    """A labels element (nonzero = tissue) or a shapes element (inside the polygons = tissue) on ``grid`` (in the
+    image's ``frame``)."""
+    from .._elements import n_levels, pixel_area, sample_nearest
     from .._validate import close_matches, element_type
 
     kind = element_type(sdata, key)
@@ -423,28 +530,12 @@ def _tissue_element(
             "of polygons (the tissue is inside them) or a boolean array."
         )
     element = sdata[key]
-    image_cs = coordinate_systems(sdata.images[image_key])
-    own_cs = coordinate_systems(element)
-    shared = [c for c in image_cs if c in own_cs]
-    if coordinate_system is None:
-        if not shared:
-            raise ValueError(
-                f"Tissue element {key!r} (coordinate systems {own_cs}) and image {image_key!r} ({image_cs}) share "
-                "no coordinate system, so the tissue cannot be placed on the image. Add a transformation with "
-                f"spatialdata.transformations.set_transformation(sdata[{key!r}], ..., to_coordinate_system=...)."
-            )
-        cs = CS_GLOBAL if CS_GLOBAL in shared else shared[0]
-    else:
-        cs = coordinate_system
-        if cs not in own_cs:
-            raise ValueError(
-                f"Tissue element {key!r} has no transformation to coordinate system {cs!r}, in which image "
-                f"{image_key!r} and the spots are placed; it is in {own_cs}. Add one with "
-                f"spatialdata.transformations.set_transformation(sdata[{key!r}], ..., to_coordinate_system={cs!r})."
-            )
-    oy, ox = grid.origin
-    to_grid = np.array([[grid.pixel_size, 0, oy], [0, grid.pixel_size, ox], [0, 0, 1]], float)
-    grid_to_cs = affine_yx(all_transformations(sdata.images[image_key])[cs]) @ to_grid
+    cs = shared_coordinate_system(
+        sdata, [image_key, key], coordinate_system, names=("image", "tissue element")
+    )
+    image = sdata.images[image_key]
+    # grid -> the frame -> image pixels -> cs
+    grid_to_cs = element_affine(image, cs, image_key) @ frame.to_image @ _grid_affine(grid)
     if kind == "labels":
         # the coarsest level still at least as fine as the sub-samples
         spacing = pixel_area(grid_to_cs) / subsample**2
@@ -462,9 +553,7 @@ def _tissue_element(
             return sample_nearest(element, cs, y, x, key, level, fill=0) != 0
 
         return _coverage(grid, inside, subsample)
-    edges = _polygon_edges(
-        element, key, np.linalg.inv(grid_to_cs) @ affine_yx(all_transformations(element)[cs])
-    )
+    edges = _polygon_edges(element, key, np.linalg.inv(grid_to_cs) @ element_affine(element, cs, key))
     return _coverage(grid, lambda rows, cols: _scanline_fill(edges, rows, cols, subsample), subsample)
 
 

@@ -10,10 +10,12 @@ import numpy as np
 import pandas as pd
 
 from .._constants import CS_GLOBAL, INSTANCE_KEY, PROVENANCE_ATTR, REGION_KEY
-from .._validate import check_element, check_new_key, shared_coordinate_systems
+from .._elements import element_affine, shared_coordinate_system
+from .._elements import transformations as element_transformations
+from .._validate import check_element, check_new_key
 from ._provenance import record
 from ._transcripts import _points_genes
-from ._transforms import affine_yx, all_transformations, spatial_shape
+from ._transforms import spatial_shape
 
 __all__ = ["pseudo_spots"]
 
@@ -154,17 +156,12 @@ def pseudo_spots(
     _check_free(sdata, key_added, overwrite, "key_added")
     _check_free(sdata, table_key_added, overwrite, "table_key_added")
     gene_key, genes = _points_genes(points, points_key, None, genes)
-    cs = shared_coordinate_systems(
-        sdata,
-        image_key,
-        points_key,
-        preferred=CS_GLOBAL,
-        required=coordinate_system,
-        names=("image", "points"),
-    )[0]
+    cs = shared_coordinate_system(
+        sdata, [image_key, points_key], coordinate_system, names=("image", "points")
+    )
 
     # points intrinsic (y, x) -> cs; the disks are circles in the points' frame only for an isotropic map
-    to_cs = affine_yx(all_transformations(points)[cs])
+    to_cs = element_affine(points, cs, points_key)
     sv = np.linalg.svd(to_cs[:2, :2], compute_uv=False)
     if sv.min() <= 0 or sv.max() / sv.min() > 1.001:
         raise ValueError(
@@ -182,7 +179,7 @@ def pseudo_spots(
         [[lo_i[0], lo_i[1], 1], [lo_i[0], hi_i[1], 1], [hi_i[0], lo_i[1], 1], [hi_i[0], hi_i[1], 1]]
     ).T
     pts_cs = (to_cs @ corners)[:2]
-    img_to_cs = affine_yx(all_transformations(image)[cs])
+    img_to_cs = element_affine(image, cs, image_key)
     h, w = spatial_shape(image)
     img_cs = (img_to_cs @ np.array([[0, 0, 1], [0, w, 1], [h, 0, 1], [h, w, 1]], float).T)[:2]
     lo = np.maximum(pts_cs.min(1), img_cs.min(1))
@@ -242,7 +239,7 @@ def pseudo_spots(
     from_cs = np.linalg.inv(to_cs)
     intrinsic = (from_cs @ np.c_[centres, np.ones(len(centres))].T)[:2].T
     scale = float(np.sqrt(sv.prod()))
-    transformations = dict(all_transformations(points))
+    transformations = dict(element_transformations(points))
     shapes = ShapesModel.parse(
         intrinsic[:, ::-1].copy(),  # (x, y)
         geometry=0,

@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy import sparse
 
-from .._constants import CS_GLOBAL, IMAGE_HE, RASTER_LR, TABLE
-from .._validate import check_counts, check_element, check_genes, check_new_key, shared_coordinate_systems
+from .._constants import IMAGE_HE, RASTER_LR, TABLE
+from .._elements import element_affine, shared_coordinate_system
+from .._validate import check_counts, check_element, check_genes, check_new_key
 from ..observation import Grid, ObservationModel
-from ._grid import hr_grid, raster_element
+from ._grid import ImageFrame, frame_grid, image_frame, raster_element
 from ._provenance import grid_to_dict, record
-from ._transforms import affine_yx, all_transformations, spatial_shape
+from ._transforms import spatial_shape
 
 __all__ = [
+    "Spots",
+    "read_spots",
     "spots_observation_model",
     "rasterize_spots",
     "spot_counts",
-    "spot_geometry",
     "spot_footprint",
     "footprint_operator",
     "table_region",
@@ -65,37 +69,143 @@ def footprint_operator(
     return ObservationModel.squares(shape, centres, 2 * radius, supersample=supersample)
 
 
-def spot_geometry(
-    sdata: Any, spots_key: str, grid: Grid, image_key: str, coordinate_system: str | None = None
-) -> tuple[np.ndarray, float, Any]:
-    """Spot centres and radius in continuous ``grid`` coordinates.
+@dataclass(frozen=True, eq=False)
+class Spots:
+    """The spots of a shapes element placed on an image: what stsr needs to know about them, computed once.
 
-    Circles give their radius; square bins give half their side (see :func:`spot_footprint`).
+    Build it with :func:`read_spots`. Positions and sizes are in units of ``coordinate_system``;
+    :meth:`on_grid` and :meth:`operator` place them on an HR grid of the image (in ``frame``).
 
-    Returns
-    -------
-    ``(centres, radius, index)``: ``(n, 2)`` ``(row, col)`` centres, the common radius (or half side) in grid
-    pixels, and the index of the spots element (row ``i`` of ``centres`` is ``index[i]``).
+    Attributes
+    ----------
+    key
+        Key of the shapes element.
+    image_key
+        The image the spots are placed on.
+    footprint
+        ``"disks"`` (circles) or ``"squares"`` (square bins, e.g. Visium HD); see :func:`spot_footprint`.
+    coordinate_system
+        The coordinate system relating spots and image.
+    centres
+        ``(n, 2)`` ``(y, x)`` spot centres in ``coordinate_system`` (row ``i`` is ``index[i]``).
+    radius
+        The spots' radius (half the side of square bins) in ``coordinate_system`` units (median over the spots).
+    index
+        The index of the shapes element.
+    frame
+        The :class:`~stsr.pp._grid.ImageFrame` of the image's HR grids in ``coordinate_system``.
+    """
+
+    key: str
+    image_key: str
+    footprint: str
+    coordinate_system: str
+    centres: np.ndarray
+    radius: float
+    index: Any
+    frame: ImageFrame
+
+    @property
+    def diameter(self) -> float:
+        """Spot diameter (side of square bins) in ``coordinate_system`` units."""
+        return 2.0 * self.radius
+
+    @functools.cached_property
+    def pitch(self) -> float:
+        """Median distance from each spot centre to its nearest neighbour (``coordinate_system`` units); the
+        diameter for a single spot."""
+        if len(self.centres) < 2:
+            return self.diameter
+        from scipy.spatial import cKDTree
+
+        d, _ = cKDTree(self.centres).query(self.centres, k=2)
+        return float(np.median(d[:, 1]))
+
+    def on_grid(self, grid: Grid) -> tuple[np.ndarray, float]:
+        """``(centres, radius)`` on ``grid`` (a grid in :attr:`frame`): ``(n, 2)`` continuous ``(row, col)``
+        centres and the radius (half side) in grid pixels."""
+        yx = np.linalg.inv(self.frame.to_cs) @ np.vstack([self.centres.T, np.ones(len(self.centres))])
+        rows, cols = grid.to_grid(yx[0], yx[1])
+        return np.stack([rows, cols], 1), self.radius / self.frame.unit / grid.pixel_size
+
+    def pitch_on(self, grid: Grid) -> float:
+        """:attr:`pitch` in pixels of ``grid``."""
+        return self.pitch / self.frame.unit / grid.pixel_size
+
+    def positions(self, ids: Any, table_key: str, instance_key: str) -> np.ndarray:
+        """Rows of :attr:`centres` of the spot ids ``ids`` (a table's instance ids), with a clear error for ids
+        that are not spots."""
+        ids = np.asarray(ids)
+        pos = self.index.get_indexer(ids)
+        if (pos < 0).any():
+            bad = ids[pos < 0][:5]
+            raise ValueError(
+                f"{int((pos < 0).sum())} rows of table {table_key!r} have {instance_key!r} values that are not in "
+                f"the index of {self.key!r}, e.g. {list(bad)}."
+            )
+        return pos
+
+    def operator(
+        self, grid: Grid, positions: np.ndarray | None = None, supersample: int = 8
+    ) -> ObservationModel:
+        """The observation model of the spots (rows ``positions``, default all) on ``grid``: disks, or squares
+        for square bins (:func:`footprint_operator`)."""
+        centres, radius = self.on_grid(grid)
+        if positions is not None:
+            centres = centres[positions]
+        return footprint_operator(self.footprint, grid.shape, centres, radius, supersample=supersample)
+
+
+def read_spots(
+    sdata: Any,
+    spots_key: str,
+    image_key: str,
+    coordinate_system: str | None = None,
+    frame: ImageFrame | None = None,
+) -> Spots:
+    """The :class:`Spots` of shapes element ``spots_key`` placed on image ``image_key``, checked.
+
+    Parameters
+    ----------
+    sdata
+        A :class:`~spatialdata.SpatialData` object (not modified).
+    spots_key
+        Shapes element of circles (``radius`` column) or square bins.
+    image_key
+        The image the spots are placed on.
+    coordinate_system
+        Coordinate system relating spots and image (default: the one
+        :func:`stsr._elements.shared_coordinate_system` picks, ``"global"`` when shared).
+    frame
+        The image's :class:`~stsr.pp._grid.ImageFrame` in that coordinate system, when already known.
+
+    Raises
+    ------
+    ValueError
+        For shapes that are not circles or square bins, no shared coordinate system, a singular transformation,
+        spots of different sizes, spots outside the image.
     """
     spots = check_element(sdata, spots_key, "shapes")
-    check_element(sdata, image_key, "images")
+    image = check_element(sdata, image_key, "images")
     footprint = spot_footprint(spots, spots_key)
-    cs = shared_coordinate_systems(
-        sdata, image_key, spots_key, preferred=CS_GLOBAL, required=coordinate_system, names=("image", "spots")
-    )[0]
-    a_spots = affine_yx(all_transformations(spots)[cs])
-    a_image = affine_yx(all_transformations(sdata.images[image_key])[cs])
-    m = np.linalg.inv(a_image) @ a_spots  # spots intrinsic (y, x) -> image intrinsic (y, x)
+    cs = shared_coordinate_system(sdata, [image_key, spots_key], coordinate_system, names=("image", "spots"))
+    if frame is None or frame.coordinate_system != cs:
+        frame = image_frame(sdata, image_key, cs)
+    to_cs = element_affine(spots, cs, spots_key)
     points = spots.geometry if footprint == "disks" else spots.geometry.centroid
     yx = np.stack([points.y.to_numpy(float), points.x.to_numpy(float), np.ones(len(spots))])
-    img = (m @ yx)[:2].T
-    sv = np.linalg.svd(m[:2, :2], compute_uv=False)
+    centres = (to_cs @ yx)[:2].T
+    sv = np.linalg.svd(to_cs[:2, :2], compute_uv=False)
     if sv.min() <= 0:
-        raise ValueError(f"The transformation from spots {spots_key!r} to image {image_key!r} is singular.")
-    if sv.max() / sv.min() > 1.02:
+        raise ValueError(
+            f"The transformation from spots {spots_key!r} to coordinate system {cs!r} is singular; set an "
+            "invertible one with spatialdata.transformations.set_transformation."
+        )
+    to_frame = np.linalg.svd((np.linalg.inv(frame.to_cs) @ to_cs)[:2, :2], compute_uv=False)
+    if to_frame.max() / to_frame.min() > 1.02:
         warnings.warn(
             f"The transformation from spots {spots_key!r} to image {image_key!r} is anisotropic "
-            f"(scales {sv.tolist()}); spots are treated as circles of the mean radius.",
+            f"(scales {to_frame.tolist()}); spots are treated as circles of the mean radius.",
             stacklevel=3,
         )
     size = (
@@ -108,10 +218,11 @@ def spot_geometry(
         raise ValueError(f"Spots {spots_key!r} have missing or non-positive radii.")
     if radii.max() > 1.01 * radii.min():
         raise ValueError(
-            f"Spots {spots_key!r} have different radii ({radii.min():.4g} to {radii.max():.4g} image pixels); "
+            f"Spots {spots_key!r} have different radii ({radii.min():.4g} to {radii.max():.4g} units of {cs!r}); "
             "stsr needs one spot size per shapes element."
         )
-    h, w = spatial_shape(sdata.images[image_key])
+    h, w = spatial_shape(image)
+    img = (element_affine(spots, cs, spots_key, to=image, to_key=image_key) @ yx)[:2].T
     outside = ~((img[:, 0] >= 0) & (img[:, 0] <= h) & (img[:, 1] >= 0) & (img[:, 1] <= w))
     if outside.any():
         i = int(np.flatnonzero(outside)[0])
@@ -121,8 +232,7 @@ def spot_geometry(
             f"(y={img[i, 0]:.1f}, x={img[i, 1]:.1f}). Check the transformations of both elements, or crop the spots "
             "to the image first."
         )
-    rows, cols = grid.to_grid(img[:, 0], img[:, 1])
-    return np.stack([rows, cols], 1), float(radii.mean()) / grid.pixel_size, spots.index
+    return Spots(spots_key, image_key, footprint, cs, centres, float(np.median(radii)), spots.index, frame)
 
 
 def spots_observation_model(
@@ -135,8 +245,8 @@ def spots_observation_model(
 ) -> ObservationModel:
     """The disk pooling operator of the spots of ``spots_key`` on ``grid``.
 
-    Spot centres and radius are mapped into the image's intrinsic frame (the grid's reference frame) through a
-    coordinate system shared by the spots and the image (``"global"`` preferred).
+    Spot centres and radius are mapped into the grid's reference frame (the image's pixels, see
+    :func:`stsr.pp.hr_grid`) through a coordinate system shared by the spots and the image (``"global"`` preferred).
 
     Parameters
     ----------
@@ -145,7 +255,7 @@ def spots_observation_model(
     spots_key
         Shapes element of circles (``radius`` column).
     grid
-        HR grid in the intrinsic frame of ``image_key`` (see :func:`stsr.pp.hr_grid`).
+        HR grid over ``image_key`` (see :func:`stsr.pp.hr_grid`), made in the same coordinate system.
     image_key
         The image the grid is aligned to.
     coordinate_system
@@ -159,9 +269,7 @@ def spots_observation_model(
     observation ``i`` is row ``i`` of the
     spots element.
     """
-    centres, radius, _ = spot_geometry(sdata, spots_key, grid, image_key, coordinate_system)
-    footprint = spot_footprint(sdata.shapes[spots_key], spots_key)
-    return footprint_operator(footprint, grid.shape, centres, radius, supersample=supersample)
+    return read_spots(sdata, spots_key, image_key, coordinate_system).operator(grid, supersample=supersample)
 
 
 def table_region(sdata: Any, table_key: str, spots_key: str | None = None) -> tuple[Any, str, str, str]:
@@ -238,6 +346,7 @@ def _spot_counts(
     image_key: str,
     coordinate_system: str | None = None,
     layer: str | None = None,
+    spots: Spots | None = None,
 ) -> tuple[ObservationModel, np.ndarray, list[str], list[str]]:
     table, spots_key, region_key, instance_key = table_region(sdata, table_key, spots_key)
     genes = check_genes(genes, table.var_names, where=f"table {table_key!r}")
@@ -247,24 +356,15 @@ def _spot_counts(
     if rows.size == 0:
         raise ValueError(f"Table {table_key!r} has no rows for region {spots_key!r}.")
     check_unique_instances(table, table_key, spots_key, instance_key, rows, sdata.shapes[spots_key].index)
-    centres, radius, index = spot_geometry(sdata, spots_key, grid, image_key, coordinate_system)
-    ids = table.obs[instance_key].to_numpy()[rows]
-    pos = index.get_indexer(ids)
-    if (pos < 0).any():
-        bad = ids[pos < 0][:5]
-        raise ValueError(
-            f"{int((pos < 0).sum())} rows of table {table_key!r} have {instance_key!r} values that are not in the "
-            f"index of {spots_key!r}, e.g. {list(bad)}."
-        )
+    if spots is None:
+        spots = read_spots(sdata, spots_key, image_key, coordinate_system)
+    pos = spots.positions(table.obs[instance_key].to_numpy()[rows], table_key, instance_key)
     x = table.layers[layer] if layer is not None else table.X
     x = x[rows][:, table.var_names.get_indexer(genes)]
     obs_names = [str(o) for o in table.obs_names[rows]]
     check_counts(x, genes, obs_names, what=f"Counts of table {table_key!r}")
     lr = (x.toarray() if sparse.issparse(x) else np.asarray(x)).astype(np.float64).T  # (genes, n_obs)
-    op = footprint_operator(
-        spot_footprint(sdata.shapes[spots_key], spots_key), grid.shape, centres[pos], radius
-    )
-    return op, lr, list(genes), obs_names
+    return spots.operator(grid, pos), lr, list(genes), obs_names
 
 
 def spot_counts(
@@ -276,6 +376,7 @@ def spot_counts(
     image_key: str,
     coordinate_system: str | None = None,
     layer: str | None = None,
+    spots: Spots | None = None,
 ) -> tuple[ObservationModel, np.ndarray, list[str]]:
     """The spots' disk operator on ``grid`` and their counts, checked (nothing is modified).
 
@@ -290,13 +391,15 @@ def spot_counts(
     genes
         Genes to read (validated, with close matches for unknown names).
     grid
-        HR grid in the intrinsic frame of ``image_key``.
+        HR grid over ``image_key`` (see :func:`stsr.pp.hr_grid`), made in the same coordinate system.
     image_key
         The image the grid is aligned to.
     coordinate_system
         Coordinate system relating spots and image (default: ``"global"`` if shared).
     layer
         Layer of raw counts (default ``X``).
+    spots
+        The spots' :class:`Spots` (:func:`read_spots`) when already read; default: read here.
 
     Returns
     -------
@@ -304,7 +407,7 @@ def spot_counts(
     row annotating the spots), ``(n_genes, n_obs)`` float64 counts, and the gene names.
     """
     op, lr, genes, _ = _spot_counts(
-        sdata, table_key, spots_key, genes, grid, image_key, coordinate_system, layer
+        sdata, table_key, spots_key, genes, grid, image_key, coordinate_system, layer, spots
     )
     return op, lr, genes
 
@@ -374,12 +477,21 @@ def rasterize_spots(
             )
         genes = list(map(str, table.var_names))
     genes = check_genes(genes, table.var_names, where=f"table {table_key!r}")
-    grid = hr_grid(sdata, image_key, pixel_size, coordinate_system)
+    spots = read_spots(sdata, spots_key, image_key, coordinate_system)
+    grid = frame_grid(spots.frame, pixel_size)
     op, lr, genes, obs_names = _spot_counts(
-        sdata, table_key, spots_key, genes, grid, image_key, coordinate_system, layer
+        sdata, table_key, spots_key, genes, grid, image_key, spots.coordinate_system, layer, spots
     )
     density = op.interpolate(lr, sigma=sigma).astype(np.float32)
-    element = raster_element(density, genes, grid, sdata, image_key, scale_factors=scale_factors)
+    element = raster_element(
+        density,
+        genes,
+        grid,
+        sdata,
+        image_key,
+        scale_factors=scale_factors,
+        coordinate_system=spots.coordinate_system,
+    )
     # all checks done: modify the SpatialData only now
     if key_added in sdata:
         del sdata[key_added]

@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .._constants import CS_GLOBAL, GENE_COLUMN, RASTER_HR_TRUTH
-from .._elements import resolve_coordinate_system
-from .._validate import check_element, check_genes, check_new_key, shared_coordinate_systems
+from .._constants import GENE_COLUMN, RASTER_HR_TRUTH
+from .._elements import element_affine, shared_coordinate_system
+from .._validate import check_element, check_genes, check_new_key
 from ..observation import Grid
-from ._grid import hr_grid, raster_element
+from ._grid import frame_grid, image_frame, raster_element
 from ._provenance import grid_to_dict, record
-from ._transforms import affine_yx, all_transformations, parse_raster
+from ._transforms import parse_raster
 
 __all__ = ["bin_transcripts"]
 
@@ -107,22 +107,16 @@ def bin_transcripts(
 
     if image_key is not None:
         check_element(sdata, image_key, "images")
-        cs = shared_coordinate_systems(
-            sdata,
-            image_key,
-            points_key,
-            preferred=CS_GLOBAL,
-            required=coordinate_system,
-            names=("image", "points"),
-        )[0]
-        grid = hr_grid(sdata, image_key, pixel_size, cs)
-        m = np.linalg.inv(affine_yx(all_transformations(sdata.images[image_key])[cs])) @ affine_yx(
-            all_transformations(points)[cs]
+        cs = shared_coordinate_system(
+            sdata, [image_key, points_key], coordinate_system, names=("image", "points")
         )
+        frame = image_frame(sdata, image_key, cs)  # rotated or sheared images too
+        grid = frame_grid(frame, pixel_size)
+        m = np.linalg.inv(frame.to_cs) @ element_affine(points, cs, points_key)
         transformations = None
     else:
-        cs = resolve_coordinate_system(points, points_key, coordinate_system)
-        m = affine_yx(all_transformations(points)[cs])
+        cs = shared_coordinate_system(sdata, [points_key], coordinate_system, names="points")
+        m = element_affine(points, cs, points_key)
         lo = points[["y", "x"]].min().compute().to_numpy(float)
         hi = points[["y", "x"]].max().compute().to_numpy(float)
         corners = np.array([[lo[0], lo[1], 1], [lo[0], hi[1], 1], [hi[0], lo[1], 1], [hi[0], hi[1], 1]]).T
@@ -164,7 +158,9 @@ def bin_transcripts(
         )
     data = counts.reshape(len(genes), h, w).astype(np.float32)
     if image_key is not None:
-        element = raster_element(data, genes, grid, sdata, image_key, scale_factors=scale_factors)
+        element = raster_element(
+            data, genes, grid, sdata, image_key, scale_factors=scale_factors, coordinate_system=cs
+        )
     else:
         element = parse_raster(data, genes, transformations, scale_factors)
     if key_added in sdata:

@@ -1,4 +1,8 @@
-"""Small private helpers around spatialdata transformations and raster elements."""
+"""Small private helpers around raster elements (pyramids, parsing).
+
+Transformations are read, and affines built, in :mod:`stsr._elements` only; ``affine_yx``, ``all_transformations``,
+``scale0`` and ``raster_levels`` are its functions under the names older modules import.
+"""
 
 from __future__ import annotations
 
@@ -6,60 +10,20 @@ from typing import Any
 
 import numpy as np
 
-YX = ("y", "x")
+from .._elements import YX, affine_yx, scale0
+from .._elements import levels as raster_levels
+from .._elements import transformations as all_transformations
 
-
-def affine_yx(transformation: Any) -> np.ndarray:
-    """``3 x 3`` homogeneous affine matrix of a transformation acting on ``(y, x)``."""
-    return np.asarray(transformation.to_affine_matrix(input_axes=YX, output_axes=YX), dtype=float)
-
-
-def all_transformations(element: Any) -> dict[str, Any]:
-    """All transformations of an element (to the coordinate systems it lives in)."""
-    from spatialdata.transformations import get_transformation
-
-    return dict(get_transformation(element, get_all=True))
-
-
-def isotropic_scale(matrix: np.ndarray, what: str, rtol: float = 1e-3, max_anisotropy: float = 0.05) -> float:
-    """Scale ``s`` of an affine ``matrix`` that must be ``diag(sy, sx)`` plus a translation, else raise.
-
-    Real registrations are often very slightly anisotropic; up to ``max_anisotropy`` (relative) the geometric mean
-    ``sqrt(sy * sx)`` is returned, beyond it a :class:`ValueError` is raised.
-    """
-    lin = matrix[:2, :2]
-    sy, sx = lin[0, 0], lin[1, 1]
-    if abs(lin[0, 1]) > rtol * max(abs(sy), abs(sx)) or abs(lin[1, 0]) > rtol * max(abs(sy), abs(sx)):
-        raise ValueError(
-            f"The transformation of {what} contains a rotation or shear (linear part {lin.tolist()}); only a scale "
-            "plus translation is supported here. Use a coordinate system in which the image is axis-aligned (e.g. "
-            "its intrinsic pixels) or resample the image first."
-        )
-    if sy <= 0 or sx <= 0:
-        raise ValueError(
-            f"The transformation of {what} flips an axis (scale y={sy}, x={sx}); this is not supported."
-        )
-    if max(sy, sx) / min(sy, sx) - 1 > max_anisotropy:
-        raise ValueError(
-            f"The transformation of {what} scales y and x differently (y={sy}, x={sx}); square HR pixels need an "
-            f"(almost) isotropic scale (within {max_anisotropy:.0%})."
-        )
-    return float(np.sqrt(sy * sx))
-
-
-def scale0(element: Any) -> Any:
-    """The full-resolution ``DataArray`` of a (possibly multiscale) raster element."""
-    if hasattr(element, "children") and "scale0" in getattr(element, "children", {}):
-        return next(iter(element["scale0"].values()))
-    return element
-
-
-def raster_levels(element: Any) -> list[Any]:
-    """All pyramid levels (``DataArray``), finest first."""
-    if hasattr(element, "children") and "scale0" in getattr(element, "children", {}):
-        names = sorted(element.children, key=lambda n: int(n.replace("scale", "")))
-        return [next(iter(element[n].values())) for n in names]
-    return [element]
+__all__ = [
+    "YX",
+    "affine_yx",
+    "all_transformations",
+    "auto_scale_factors",
+    "parse_raster",
+    "raster_levels",
+    "scale0",
+    "spatial_shape",
+]
 
 
 def spatial_shape(element: Any) -> tuple[int, int]:

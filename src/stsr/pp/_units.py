@@ -9,8 +9,12 @@ spots) the unit is taken to be the micrometre, which the caller can override.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ._spots import Spots
 
 __all__ = ["microns_per_unit", "SPOT_DIAMETER_UM"]
 
@@ -41,26 +45,22 @@ def lattice(centres: np.ndarray) -> str | None:
     return {6: "hexagonal", 4: "square"}.get(mode)
 
 
-def microns_per_unit(centres: np.ndarray, diameter: float, footprint: str) -> tuple[float, str]:
-    """Micrometres per coordinate unit, and how it was found.
+def microns_per_unit(spots: Spots) -> tuple[float, str]:
+    """Micrometres per unit of the spots' coordinate system, and how it was found.
 
     Parameters
     ----------
-    centres
-        ``(n, 2)`` spot centres in the coordinate system.
-    diameter
-        Spot diameter (disks) or side (squares) in the same units.
-    footprint
-        ``"disks"`` or ``"squares"``.
+    spots
+        The :class:`~stsr.pp._spots.Spots` (centres and diameter in units of their coordinate system, footprint).
 
     Returns
     -------
     ``(µm per unit, reason)``.
     """
-    if footprint == "disks" and diameter > 0:
-        kind = lattice(centres)
+    if spots.footprint == "disks" and spots.diameter > 0:
+        kind = lattice(spots.centres)
         platform = {"hexagonal": "visium", "square": "legacy_st"}.get(kind or "")
         if platform is not None:
             um = SPOT_DIAMETER_UM[platform]
-            return um / diameter, f"{kind} lattice of disks: {platform} ({um:g} µm spots)"
+            return um / spots.diameter, f"{kind} lattice of disks: {platform} ({um:g} µm spots)"
     return 1.0, "coordinate system taken to be in micrometres"

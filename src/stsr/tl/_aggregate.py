@@ -16,8 +16,8 @@ from .._elements import (
     pixel_centres,
     provenance,
     raster_genes,
-    resolve_coordinate_system,
     scale0,
+    shared_coordinate_system,
 )
 from .._validate import check_new_key, element_type
 from ..observation import ObservationModel
@@ -90,9 +90,9 @@ def aggregate(
             f"by={by!r} is a {kind[:-1]} element; pass a shapes (polygons/circles) or labels element."
         )
     by_el = sdata[by]
-    cs = _shared_cs(element, key, by_el, by, coordinate_system)
+    cs = shared_coordinate_system(sdata, [key, by], coordinate_system, names=("raster", kind[:-1]))
     if key_added is not None:
-        check_new_key(sdata, key_added, overwrite)
+        check_new_key(sdata, key_added, overwrite, kind="tables")
         if key_added in (key, by):
             raise ValueError(f"key_added {key_added!r} names an input of aggregate; choose another key.")
     arr = scale0(element)
@@ -130,29 +130,6 @@ def aggregate(
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-def _shared_cs(element: Any, key: str, other: Any, other_key: str, coordinate_system: str | None) -> str:
-    from .._elements import coordinate_systems
-
-    a, b = coordinate_systems(element), coordinate_systems(other)
-    shared = sorted(set(a) & set(b))
-    if coordinate_system is not None:
-        resolve_coordinate_system(element, key, coordinate_system)
-        resolve_coordinate_system(other, other_key, coordinate_system)
-        return coordinate_system
-    if not shared:
-        raise ValueError(
-            f"Raster {key!r} (coordinate systems {a}) and {other_key!r} (coordinate systems {b}) share no coordinate "
-            "system; add a transformation with spatialdata.transformations.set_transformation."
-        )
-    if "global" in shared:
-        return "global"
-    if len(shared) == 1:
-        return shared[0]
-    raise ValueError(
-        f"Raster {key!r} and {other_key!r} share several coordinate systems {shared}; pass coordinate_system=."
-    )
-
-
 def _shape_weights(
     shapes: Any, by: str, cs: str, raster_mat: np.ndarray, shape: tuple[int, int]
 ) -> tuple[sparse.csr_matrix, np.ndarray, np.ndarray]:

@@ -10,28 +10,27 @@ from typing import Any
 import numpy as np
 import spatialdata as sd
 
-from .._constants import CS_GLOBAL
 from .._validate import (
     available_memory,
     check_counts,
     check_element,
     check_genes,
     check_integer_counts,
-    close_matches,
     image_value_scale,
 )
 from ..observation import Grid, ObservationModel
-from ..pp import hr_grid, select_genes, tissue_mask
-from ..pp._spots import check_unique_instances, spot_counts, spot_footprint, spot_geometry, table_region
+from ..pp import select_genes, tissue_mask
+from ..pp._grid import frame_grid
+from ..pp._spots import Spots, check_unique_instances, read_spots, spot_counts, spot_footprint, table_region
 from ..pp._transforms import raster_levels
 from ..pp._units import microns_per_unit
+from ._image_tiles import ImageLevels
 
 __all__ = [
     "SlideInputs",
     "prepare_inputs",
     "find_spot_table",
     "estimate_memory",
-    "spot_diameter",
     "teacher_image_scale",
 ]
 
@@ -64,6 +63,11 @@ class SlideInputs:
         ``(height, width)`` area to predict: the tissue near spots plus every spot's footprint and the gaps of the
         spot lattice (Otsu tissue of the image), or, with a given ``tissue``, that tissue near spots only (counts of
         spots off it are left out).
+    image_levels
+        The image's pyramid levels, with the affine from the grid's frame to the image's pixels
+        (:class:`~stsr.tl._image_tiles.ImageLevels`: the identity unless the image is rotated or sheared).
+    spots
+        The spots (:class:`~stsr.pp._spots.Spots`), read once.
     """
 
     sdata: sd.SpatialData
@@ -77,8 +81,9 @@ class SlideInputs:
     observation: ObservationModel
     lr: np.ndarray
     mask: np.ndarray
-    image_levels: list[Any]
+    image_levels: ImageLevels
     um_per_unit: float = 1.0
+    spots: Spots | None = None
 
     @property
     def um_per_px(self) -> float:
@@ -119,33 +124,6 @@ def find_spot_table(sdata: sd.SpatialData, table_key: str | None) -> str:
             f"Tables present: {list(sdata.tables)}."
         )
     raise ValueError(f"Several tables annotate spots: {candidates}. Pass table_key= to choose one.")
-
-
-def _coordinate_system(sdata: sd.SpatialData, image_key: str, spots_key: str, requested: str | None) -> str:
-    from spatialdata.transformations import get_transformation
-
-    image_cs = set(get_transformation(sdata[image_key], get_all=True))
-    spot_cs = set(get_transformation(sdata[spots_key], get_all=True))
-    shared = image_cs & spot_cs
-    if requested is not None:
-        if requested not in shared:
-            raise ValueError(
-                f"Coordinate system {requested!r} is not shared by image {image_key!r} ({sorted(image_cs)}) and "
-                f"spots {spots_key!r} ({sorted(spot_cs)})."
-                + (
-                    f" Did you mean {close_matches(requested, shared)}?"
-                    if close_matches(requested, shared)
-                    else ""
-                )
-            )
-        return requested
-    if not shared:
-        raise ValueError(
-            f"Image {image_key!r} (coordinate systems {sorted(image_cs)}) and spots {spots_key!r} "
-            f"({sorted(spot_cs)}) share no coordinate system, so the spots cannot be placed on the image. Add a "
-            "transformation to a common coordinate system with spatialdata.transformations.set_transformation."
-        )
-    return CS_GLOBAL if CS_GLOBAL in shared else sorted(shared)[0]
 
 
 def prepare_inputs(
@@ -214,39 +192,51 @@ def prepare_inputs(
 
     spots_key = get_table_keys(table)[0]
     spots_key = spots_key if isinstance(spots_key, str) else list(spots_key)[0]
-    cs = _coordinate_system(sdata, image_key, spots_key, coordinate_system)
+    # the spots, read once: footprint, shared coordinate system, the image's grid frame, centres, size (checked)
+    spots = read_spots(sdata, spots_key, image_key, coordinate_system)
+    cs = spots.coordinate_system
+    if not spots.frame.is_image:
+        log.info(
+            "image %r is placed in %r by a rotation, shear or anisotropic scale: the HR grid is laid along the axes of "
+            "%r and the image is read through its transformation",
+            image_key,
+            cs,
+            cs,
+        )
     if genes is None:
         genes = select_genes(table, n_top=n_default_genes)
         log.info("super_resolve: %d highly expressed genes chosen (pass genes= to choose)", len(genes))
     elif isinstance(genes, str):
         genes = [genes]
     genes, n_spots = _check_table(sdata, table_key, spots_key, genes, integer_counts)
-    diameter = spot_diameter(sdata, spots_key, cs)
+    diameter = spots.diameter
     if pixel_size is None:
         pixel_size = diameter / PIXELS_PER_SPOT_DIAMETER
     else:
         _check_pixel_size(pixel_size, diameter, cs)
-    grid = hr_grid(sdata, image_key, pixel_size, cs)
-    footprint = spot_footprint(sdata.shapes[spots_key], spots_key)
-    _check_grid(grid, float(pixel_size), diameter, n_spots, footprint, cs)
-    if footprint == "squares":
-        grid = _align_to_bins(sdata, spots_key, grid, image_key, cs)
+    grid = frame_grid(spots.frame, pixel_size)
+    _check_grid(grid, float(pixel_size), diameter, n_spots, spots.footprint, cs)
+    if spots.footprint == "squares":
+        grid = _align_to_bins(spots, grid)
     given = None
     if tissue is not None:  # a bad key, array or coordinate system fails before the spots' operator is built
         given = tissue_mask(sdata, image_key, grid=grid, coordinate_system=cs, tissue=tissue)
-    op, lr, genes = spot_counts(sdata, table_key, spots_key, genes, grid, image_key, cs)
+    op, lr, genes = spot_counts(sdata, table_key, spots_key, genes, grid, image_key, cs, spots=spots)
     empty = [g for g, total in zip(genes, lr.sum(1)) if total <= 0]
     if empty:
         raise ValueError(
             f"Gene(s) {empty} have no counts in any spot of table {table_key!r}; there is nothing to super-resolve. "
             "Remove them from genes=."
         )
+    pitch = spots.pitch_on(grid)
     if given is None:
-        mask = (tissue_mask(sdata, image_key, grid=grid) & _near_spots(op)) | _between_spots(op)
+        mask = (tissue_mask(sdata, image_key, grid=grid, coordinate_system=cs) & _near_spots(op, pitch)) | (
+            _between_spots(op, pitch)
+        )
     else:
-        mask = given & _near_spots(op)
+        mask = given & _near_spots(op, pitch)
         _check_tissue_covers_spots(op, lr, mask, tissue, spots_key)
-    um_per_unit, why = microns_per_unit(op.centres * float(pixel_size), diameter, footprint)
+    um_per_unit, why = microns_per_unit(spots)
     log.info("%.4g µm per unit of %r (%s)", um_per_unit, cs, why)
     return SlideInputs(
         sdata=sdata,
@@ -260,25 +250,10 @@ def prepare_inputs(
         observation=op,
         lr=lr,
         mask=mask,
-        image_levels=levels,
+        image_levels=ImageLevels(levels, spots.frame.to_image),
         um_per_unit=float(um_per_unit),
+        spots=spots,
     )
-
-
-def spot_diameter(sdata: sd.SpatialData, spots_key: str, coordinate_system: str) -> float:
-    """Median diameter of the spots (circles) or side of the bins (squares) of ``spots_key``, in units of
-    ``coordinate_system``."""
-    from spatialdata.transformations import get_transformation
-
-    from ..pp._transforms import affine_yx
-
-    spots = sdata.shapes[spots_key]
-    if spot_footprint(spots, spots_key) == "disks":
-        size = 2 * spots["radius"].to_numpy(float)
-    else:
-        size = np.sqrt(spots.geometry.area.to_numpy(float))
-    scale = np.sqrt(abs(np.linalg.det(affine_yx(get_transformation(spots, coordinate_system))[:2, :2])))
-    return float(np.median(size) * scale)
 
 
 def estimate_memory(shape: tuple[int, int], n_spots: int, spot_radius_px: float, footprint: str) -> int:
@@ -422,21 +397,23 @@ def _check_tissue_covers_spots(
         )
 
 
-def _near_spots(op: ObservationModel) -> np.ndarray:
-    """Grid pixels within 0.75 spot pitch of a spot centre: the measured area (gaps of the lattice included)."""
+def _near_spots(op: ObservationModel, pitch: float | None = None) -> np.ndarray:
+    """Grid pixels within 0.75 spot ``pitch`` (grid pixels; default ``op.pitch()``) of a spot centre: the measured
+    area (gaps of the lattice included)."""
     from scipy.spatial import cKDTree
 
+    pitch = op.pitch() if pitch is None else pitch
     h, w = op.shape
     rr, cc = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
     dist, _ = cKDTree(op.centres).query(
-        np.stack([rr.ravel(), cc.ravel()], 1), distance_upper_bound=0.75 * op.pitch()
+        np.stack([rr.ravel(), cc.ravel()], 1), distance_upper_bound=0.75 * pitch
     )
     return np.isfinite(dist).reshape(h, w)
 
 
-def _between_spots(op: ObservationModel) -> np.ndarray:
+def _between_spots(op: ObservationModel, pitch: float | None = None) -> np.ndarray:
     """Grid pixels covered by a spot or lying in the gap between neighbouring spots (a morphological closing of the
-    spot footprint). The gaps of a lattice of in-tissue spots are tissue, whatever the image's contrast (e.g. a
+    spot footprint; ``pitch`` the spot pitch in grid pixels, default ``op.pitch()``). The gaps of a lattice of in-tissue spots are tissue, whatever the image's contrast (e.g. a
     fluorescence image where sparse, dim nuclei read as background); the outer border is not extended."""
     from scipy.ndimage import distance_transform_edt
 
@@ -445,7 +422,8 @@ def _between_spots(op: ObservationModel) -> np.ndarray:
         return covered
     radius = np.sqrt(np.median(op.support_area[op.support_area > 0]) / np.pi)
     # the farthest a gap pixel can be from every spot edge: the centre of a square lattice cell
-    r = int(np.ceil(max(0.71 * op.pitch() - radius, 0.0))) + 1
+    pitch = op.pitch() if pitch is None else pitch
+    r = int(np.ceil(max(0.71 * pitch - radius, 0.0))) + 1
     pad = r + 1  # closing near the grid border must not see the border as empty space
     padded = np.pad(covered, pad)
     # closing by the disk {dy^2 + dx^2 <= r^2}: a dilation (within r of a covered pixel) then an erosion (farther
@@ -465,10 +443,10 @@ def _is_spots(shapes: Any, key: str) -> bool:
     return True
 
 
-def _align_to_bins(sdata: sd.SpatialData, spots_key: str, grid: Grid, image_key: str, cs: str) -> Grid:
+def _align_to_bins(spots: Spots, grid: Grid) -> Grid:
     """Shift the grid so that square bins start on pixel edges: each bin then owns whole pixels (no pixel is
     shared by two abutting bins), which keeps the consistency projection exact."""
-    centres, half, _ = spot_geometry(sdata, spots_key, grid, image_key, cs)
+    centres, half = spots.on_grid(grid)
     edge_y, edge_x = grid.to_reference(centres[0, 0] - half, centres[0, 1] - half)
     ps = grid.pixel_size
     oy, ox = float(np.mod(edge_y, ps)), float(np.mod(edge_x, ps))

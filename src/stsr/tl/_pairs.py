@@ -18,35 +18,30 @@ import numpy as np
 import spatialdata as sd
 from scipy import sparse
 
-from .._constants import CS_GLOBAL
+from .._elements import element_affine, shared_coordinate_system
 from .._validate import check_counts, check_element, check_genes
 from ..models import TrainingPair
 from ..observation import Grid, ObservationModel
 from ..pp import spots_observation_model, tissue_mask
+from ..pp._grid import ImageFrame, image_frame
 from ..pp._spots import table_region
-from ..pp._transforms import affine_yx, all_transformations, raster_levels
+from ..pp._transforms import raster_levels
 from ._image_tiles import ImageSource
 
 __all__ = ["training_pair", "raster_grid"]
 
 
 def raster_grid(sdata: sd.SpatialData, raster_key: str, image_key: str) -> Grid:
-    """The grid of a raster element, in the intrinsic pixel frame of ``image_key``.
+    """The grid of a raster element, in the reference frame of the HR grids of ``image_key``
+    (:func:`stsr.pp.hr_grid`: the image's pixels unless the image is rotated or sheared).
 
-    The raster and the image must share a coordinate system in which the raster maps to the image by an
-    axis-aligned isotropic scale and a translation (as every stsr raster does).
+    The raster and the image must share a coordinate system in which the raster is an axis-aligned, isotropically
+    scaled grid over that frame (as every stsr raster is).
     """
     raster = check_element(sdata, raster_key, "images")
-    image = check_element(sdata, image_key, "images")
-    t_r, t_i = all_transformations(raster), all_transformations(image)
-    shared = [cs for cs in t_r if cs in t_i]
-    if not shared:
-        raise ValueError(
-            f"Raster {raster_key!r} ({sorted(t_r)}) and image {image_key!r} ({sorted(t_i)}) share no coordinate "
-            "system; add a transformation to a common one."
-        )
-    cs = CS_GLOBAL if CS_GLOBAL in shared else shared[0]
-    m = np.linalg.inv(affine_yx(t_i[cs])) @ affine_yx(t_r[cs])  # raster intrinsic -> image intrinsic (y, x)
+    frame = _frame(sdata, raster_key, image_key)
+    # raster intrinsic -> the image's grid frame (y, x)
+    m = np.linalg.inv(frame.to_cs) @ element_affine(raster, frame.coordinate_system, raster_key)
     sy, sx = m[0, 0], m[1, 1]
     if abs(m[0, 1]) > 1e-6 * abs(sy) or abs(m[1, 0]) > 1e-6 * abs(sx) or not np.isclose(sy, sx, rtol=1e-3):
         raise ValueError(
@@ -57,9 +52,17 @@ def raster_grid(sdata: sd.SpatialData, raster_key: str, image_key: str) -> Grid:
     return Grid((h, w), float(sy), (float(m[0, 2]), float(m[1, 2])))
 
 
-def _image(sdata: sd.SpatialData, image_key: str, grid: Grid, image_scale: int) -> np.ndarray:
+def _frame(sdata: sd.SpatialData, key: str, image_key: str) -> ImageFrame:
+    """The grid frame of ``image_key`` in the coordinate system it shares with element ``key``."""
+    cs = shared_coordinate_system(sdata, [key, image_key], None)
+    return image_frame(sdata, image_key, cs)
+
+
+def _image(
+    sdata: sd.SpatialData, image_key: str, grid: Grid, image_scale: int, frame: ImageFrame
+) -> np.ndarray:
     levels = raster_levels(check_element(sdata, image_key, "images"))
-    source = ImageSource(levels, grid, image_scale)
+    source = ImageSource(levels, grid, image_scale, frame.to_image)
     img = source.region(0, 0, *grid.shape).numpy()
     return np.round(img * 255).astype(np.uint8)
 
@@ -115,6 +118,7 @@ def training_pair(
             "Pass exactly one of hr_key= (an HR raster) or table_key= (a spot table on a lattice)."
         )
     if hr_key is not None:
+        frame = _frame(sdata, hr_key, image_key)
         grid = raster_grid(sdata, hr_key, image_key)
         raster = raster_levels(sdata[hr_key])[0]
         available = [str(c) for c in raster.coords["c"].values]
@@ -122,17 +126,20 @@ def training_pair(
         idx = [available.index(g) for g in genes]
         hr = np.asarray(raster.data[idx], dtype=np.float32)
         check_counts(hr.reshape(len(genes), -1).T, genes, None, what=f"Raster {hr_key!r}")
-        valid = tissue_mask(sdata, image_key, grid=grid) if mask is True else None
+        cs = frame.coordinate_system
+        valid = tissue_mask(sdata, image_key, grid=grid, coordinate_system=cs) if mask is True else None
     else:
-        grid, hr, genes, valid = _lattice(sdata, table_key, image_key, genes)
+        _, spots_key_t, _, _ = table_region(sdata, table_key)
+        frame = _frame(sdata, spots_key_t, image_key)
+        grid, hr, genes, valid = _lattice(sdata, table_key, image_key, genes, frame)
         valid = valid if mask is True else None
     if isinstance(mask, np.ndarray):
         valid = np.asarray(mask, bool)
-    image = _image(sdata, image_key, grid, image_scale)
+    image = _image(sdata, image_key, grid, image_scale, frame)
     if spots_key is not None:
         if hr_key is None:
             raise ValueError("spots_key= applies to HR rasters (hr_key=); spot tables are pooled in blocks.")
-        op = spots_observation_model(sdata, spots_key, grid, image_key)
+        op = spots_observation_model(sdata, spots_key, grid, image_key, frame.coordinate_system)
     else:
         op = ObservationModel.blocks(grid.shape, factor)
     return TrainingPair(
@@ -141,7 +148,7 @@ def training_pair(
 
 
 def _lattice(
-    sdata: sd.SpatialData, table_key: str, image_key: str, genes: Sequence[str] | None
+    sdata: sd.SpatialData, table_key: str, image_key: str, genes: Sequence[str] | None, frame: ImageFrame
 ) -> tuple[Grid, np.ndarray, list[str], np.ndarray]:
     """Spots on a square lattice as an HR raster, with the lattice fitted to the image from the spot centres."""
     table, spots_key, region_key, instance_key = table_region(sdata, table_key)
@@ -154,7 +161,7 @@ def _lattice(
     genes = check_genes(
         genes if genes is not None else list(table.var_names), table.var_names, where=f"table {table_key!r}"
     )
-    centres, index = _centres_in_image(sdata, spots_key, image_key)
+    centres, index = _centres_in_frame(sdata, spots_key, frame)
     rows = np.flatnonzero((table.obs[region_key] == spots_key).to_numpy())
     pos = index.get_indexer(table.obs[instance_key].to_numpy()[rows])
     if (pos < 0).any():
@@ -185,15 +192,10 @@ def _lattice(
     return grid, hr, list(genes), valid
 
 
-def _centres_in_image(sdata: sd.SpatialData, shapes_key: str, image_key: str) -> tuple[np.ndarray, Any]:
-    """``(n, 2)`` ``(y, x)`` centroids of any shapes (circles, squares, polygons) in the image's pixel frame."""
+def _centres_in_frame(sdata: sd.SpatialData, shapes_key: str, frame: ImageFrame) -> tuple[np.ndarray, Any]:
+    """``(n, 2)`` ``(y, x)`` centroids of any shapes (circles, squares, polygons) in the image's grid ``frame``."""
     shapes = check_element(sdata, shapes_key, "shapes")
-    t_s, t_i = all_transformations(shapes), all_transformations(check_element(sdata, image_key, "images"))
-    shared = [cs for cs in t_s if cs in t_i]
-    if not shared:
-        raise ValueError(f"Shapes {shapes_key!r} and image {image_key!r} share no coordinate system.")
-    cs = CS_GLOBAL if CS_GLOBAL in shared else shared[0]
-    m = np.linalg.inv(affine_yx(t_i[cs])) @ affine_yx(t_s[cs])
+    m = np.linalg.inv(frame.to_cs) @ element_affine(shapes, frame.coordinate_system, shapes_key)
     c = shapes.geometry.centroid
     yx = np.stack([c.y.to_numpy(float), c.x.to_numpy(float), np.ones(len(c))])
     return (m @ yx)[:2].T, shapes.index

@@ -391,4 +391,11 @@ def _global_consistency(
 def _raster(data: da.Array, inputs: SlideInputs) -> Any:
     from ..pp import raster_element
 
-    return raster_element(data, inputs.genes, inputs.grid, inputs.sdata, inputs.image_key)
+    return raster_element(
+        data,
+        inputs.genes,
+        inputs.grid,
+        inputs.sdata,
+        inputs.image_key,
+        coordinate_system=inputs.coordinate_system,
+    )

@@ -18,8 +18,9 @@ from .._elements import (
     pixel_centres,
     provenance,
     raster_genes,
-    resolve_coordinate_system,
     sample_nearest,
+    shared_coordinate_system,
+    transformations,
 )
 from .._validate import check_element, check_new_key, element_type
 
@@ -99,20 +100,20 @@ def to_table(
     """
     import anndata as ad
     from spatialdata.models import Labels2DModel, TableModel
-    from spatialdata.transformations import Scale, Sequence, get_transformation
+    from spatialdata.transformations import Scale, Sequence
 
     element = get_raster(sdata, key)
     genes = raster_genes(element)
     arr = get_level(element, level, key)
     level = level % len(levels(element))
-    cs = resolve_coordinate_system(element, key, coordinate_system)
+    cs = shared_coordinate_system(sdata, [key], coordinate_system, names="raster")
     labels_key = f"{key}_labels" if labels_key is None else labels_key
     table_key = f"{key}_table" if table_key is None else table_key
     if labels_key == table_key:
         raise ValueError(f"labels_key and table_key must differ, both are {labels_key!r}.")
     if inplace:
-        check_new_key(sdata, labels_key, overwrite)
-        check_new_key(sdata, table_key, overwrite)
+        check_new_key(sdata, labels_key, overwrite, kind="labels")
+        check_new_key(sdata, table_key, overwrite, kind="tables")
         for k in (labels_key, table_key):
             if k == key or (tissue_mask is not None and isinstance(tissue_mask, str) and k == tissue_mask):
                 raise ValueError(f"{k!r} is an input of to_table and cannot be overwritten by its output.")
@@ -166,7 +167,7 @@ def to_table(
 
     label_img = np.zeros((h, w), dtype=np.uint32 if n < 2**32 - 1 else np.uint64)
     label_img[rows, cols] = ids
-    tfs = dict(get_transformation(element, get_all=True))
+    tfs = transformations(element)
     if level:
         full = levels(element)[0]
         ratio = (full.sizes["y"] / h, full.sizes["x"] / w)
@@ -202,7 +203,7 @@ def _mask(
                 "image) key, or a boolean array."
             )
         mask_el = sdata[tissue_mask]
-        resolve_coordinate_system(mask_el, tissue_mask, cs)
+        shared_coordinate_system(sdata, [tissue_mask], cs, names="tissue mask")
         # the coarsest pyramid level of the mask that is still at least as fine as the raster
         level = 0
         for i in range(len(levels(mask_el)) - 1, 0, -1):

@@ -28,6 +28,7 @@ import numpy as np
 import spatialdata as sd
 
 from .._constants import PROVENANCE_ATTR
+from .._validate import check_name
 from ..pp._provenance import record
 
 __all__ = ["add_elements", "check_new_keys", "check_free_keys", "check_key"]
@@ -38,27 +39,8 @@ _NEW = ".{}.stsr-new"  # hidden (spatialdata skips names starting with "."), our
 
 
 def check_key(key: Any, what: str = "key_added") -> None:
-    """Raise a clear error unless ``key`` is a valid name for a new element (and a safe folder name).
-
-    The rules of :func:`spatialdata` element names (letters, digits, ``_``, ``-``, ``.``; not empty, not ``.``
-    or ``..``, not starting with ``__``), ASCII only, and not starting with ``.`` (spatialdata skips hidden folders when it
-    reads a store, so such an element would vanish on reload).
-    """
-    from spatialdata._core.validation import check_valid_name
-
-    if not isinstance(key, str):
-        raise TypeError(f"{what} must be a string, got {type(key).__name__}.")
-    try:
-        check_valid_name(key)
-        if key.startswith("."):
-            raise ValueError(
-                "Name cannot start with '.' (spatialdata skips hidden names when it reads a store)."
-            )
-    except ValueError as err:
-        raise ValueError(
-            f"{what}={key!r} is not a valid element name: {err} Use letters, digits, '_', '-' and '.', e.g. "
-            "'stsr' or 'stsr_erbb2'."
-        ) from None
+    """Raise a clear error unless ``key`` is a valid name for a new element (:func:`stsr._validate.check_name`)."""
+    check_name(key, what)
 
 
 def _all_keys(sdata: sd.SpatialData) -> set[str]:
