@@ -197,3 +197,52 @@ def test_pixel_factors_spread_one_factor_per_observation(rng):
     np.testing.assert_allclose(edge[:, :4, :4], f[:, 28:, 28:], rtol=1e-6)
     with pytest.raises(ValueError):
         op.pixel_factors(ratio[:, :3])
+
+
+def _corner_spots() -> ObservationModel:
+    """A 3 x 3 square lattice of disks (pitch 10) in the top-left corner of a 200 x 200 grid: most of the grid, as
+    on a whole slide whose spots cover part of the image, is far from every spot."""
+    centres = np.array([(10.0 + 10 * i, 10.0 + 10 * j) for i in range(3) for j in range(3)])
+    return ObservationModel.disks((200, 200), centres, 2.75)
+
+
+def test_interpolate_is_zero_in_windows_far_from_every_spot():
+    op = _corner_spots()
+    lr = np.vstack([np.arange(1.0, 10.0), np.full(9, 4.0)]) * op.support_area
+    reach = 6 * 0.5 * op.pitch()  # 6 sigma: the Gaussian's cut, 30 grid pixels here
+    far = (120, 130, 40, 50)  # no spot within reach of any pixel (the regression: a ValueError on reshape)
+    out = op.interpolate(lr, window=far)
+    assert out.shape == (2, 40, 50) and out.dtype == np.float64
+    np.testing.assert_array_equal(out, 0.0)
+    # one gene (no leading axis), and counts per tissue pixel
+    np.testing.assert_array_equal(op.interpolate(lr[1], window=far), np.zeros((40, 50)))
+    tissue_area = op.tissue_area(np.ones((200, 200)))
+    np.testing.assert_array_equal(op.interpolate(lr, window=far, area=tissue_area), 0.0)
+    np.testing.assert_array_equal(op.interpolate(lr, window=(230, -70, 20, 20)), 0.0)  # beyond the grid too
+    # the whole grid: the spots' densities near them, 0 beyond the Gaussian's reach, and windows are its crops
+    full = op.interpolate(lr)
+    np.testing.assert_allclose(full[1, :45, :45], 4.0, rtol=1e-12)
+    assert full[0, 30, 30] > 0
+    assert not full[:, int(30 + reach) + 1 :, :].any() and not full[:, :, int(30 + reach) + 1 :].any()
+    np.testing.assert_array_equal(full[:, 120:160, 130:180], out)
+    np.testing.assert_allclose(op.interpolate(lr, window=(40, 40, 30, 30)), full[:, 40:70, 40:70], rtol=1e-12)
+
+
+def test_pixel_factors_are_zero_far_from_every_spot():
+    op = _corner_spots()
+    ratio = np.vstack([np.linspace(0.5, 2.0, 9), np.full(9, 3.0)])
+    far = op.pixel_factors(ratio, window=(120, 130, 40, 50))
+    assert far.shape == (2, 40, 50)
+    np.testing.assert_array_equal(far, 0.0)  # as documented: no spot reaches, so nothing is kept there
+    np.testing.assert_array_equal(op.pixel_factors(ratio, window=(190, 190, 30, 30)), 0.0)  # and off the grid
+    full = op.pixel_factors(ratio)
+    owner = op.owner_map()
+    inside = owner < op.n_obs
+    np.testing.assert_array_equal(full[0][inside], ratio[0][owner[inside]])
+    # the gaps between the spots (and a margin around them) take the spots' factors; far pixels are 0
+    np.testing.assert_allclose(full[1, :40, :40], 3.0, rtol=1e-12)
+    assert not full[:, 61:, :].any() and not full[:, :, 61:].any()
+    np.testing.assert_array_equal(full[:, 120:160, 130:180], far)
+    np.testing.assert_allclose(
+        op.pixel_factors(ratio, window=(25, 25, 40, 40)), full[:, 25:65, 25:65], rtol=1e-9
+    )

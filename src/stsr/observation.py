@@ -405,7 +405,9 @@ class ObservationModel:
 
         Each observation's density ``lr_i / area_i`` is placed at its centre and interpolated with normalised
         Gaussian weights (Nadaraya-Watson) of width ``sigma`` grid pixels (default: half the median distance between
-        neighbouring observations). This is the LR input that the model sees on the HR grid.
+        neighbouring observations). This is the LR input that the model sees on the HR grid. The Gaussian is cut at
+        ``6 sigma`` along each axis: pixels that no observation reaches (far outside the spots, e.g. the bare parts
+        of a whole slide, or a whole window there) get 0.
 
         Parameters
         ----------
@@ -452,7 +454,8 @@ class ObservationModel:
         # sum_i w_i(y, x) v_i with separable Gaussian weights: einsum over observations
         # sum_i wy[y, i] wx[x, i] v_i as one (H, n) @ (n, W) product per gene
         lead = dens.shape[:-1]
-        flat = dens.reshape(int(np.prod(lead)), dens.shape[-1])  # explicit: no observation near is a valid window
+        # explicit size, not -1: a window that no observation reaches (dens of shape (..., 0)) is valid and gives 0
+        flat = dens.reshape(int(np.prod(lead)), dens.shape[-1])
         num = np.stack([(wy * v) @ wx.T for v in flat]).reshape(*lead, len(rr), len(cc))
         den = wy @ wx.T
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
@@ -536,7 +539,9 @@ class ObservationModel:
         Every pixel of an observation gets that observation's factor (as the multiplicative :meth:`project` scales
         it); a pixel outside every observation gets the factors of the observations around it, interpolated as
         :meth:`interpolate` interpolates densities. Multiplying a map by the factors of ``measured / pooled`` thus
-        makes it consistent and rescales the gaps between spots smoothly with their neighbours.
+        makes it consistent and rescales the gaps between spots smoothly with their neighbours. A pixel that no
+        observation reaches (every one further than ``6 sigma`` of :meth:`interpolate` along the rows or the
+        columns, 3 spot pitches by default: outside the measured area) gets 0, so the map is zeroed there.
 
         Parameters
         ----------

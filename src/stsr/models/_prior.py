@@ -20,6 +20,9 @@ from ..observation import ObservationModel
 PRIOR_MAP_STRENGTH = 0.25
 #: Ridge penalties searched by generalised cross-validation (features are standardised principal components).
 RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-2, 4, 13))
+#: Feature vectors (pixels) standardised or summed at once in float64 by :class:`FeatureMoments` and
+#: :func:`pca_scores`: 8192 pixels of the teacher's 390 features are 25 MB, a small part of one window's features.
+MOMENT_COLUMNS = 8192
 
 
 class FeatureMoments:
@@ -34,12 +37,30 @@ class FeatureMoments:
         self.total = np.zeros(n_features)
         self.outer = np.zeros((n_features, n_features))
 
-    def add(self, x: np.ndarray) -> None:
-        """Add feature vectors ``x`` ``(D, n)``."""
-        x = np.asarray(x, np.float64)
-        self.n += x.shape[1]
-        self.total += x.sum(axis=1)
-        self.outer += x @ x.T
+    def add(self, x: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Add feature vectors: the columns of ``x`` ``(D, n)``, or with ``mask`` (boolean, of the shape of
+        ``x.shape[1:]``) the pixels of ``x`` ``(D, ...)`` where it is True.
+
+        Summed in float64, :data:`MOMENT_COLUMNS` vectors at a time (no float64 copy, or copy of the selected
+        pixels, of the whole of ``x``).
+        """
+        x = np.asarray(x)
+        if mask is None:
+            x = x.reshape(x.shape[0], -1)
+            n = x.shape[1]
+        else:
+            m = np.asarray(mask, bool)
+            if m.shape != x.shape[1:]:
+                raise ValueError(f"mask must have the shape {x.shape[1:]} of the pixels, got {m.shape}.")
+            where = np.nonzero(m)
+            n = where[0].size
+        self.n += n
+        for i in range(0, n, MOMENT_COLUMNS):
+            j = i + MOMENT_COLUMNS
+            part = x[:, i:j] if mask is None else x[(slice(None), *(w[i:j] for w in where))]
+            part = np.asarray(part, np.float64)
+            self.total += part.sum(axis=1)
+            self.outer += part @ part.T
 
     def pca(self, n_components: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(mean (D,), scale (D,), axes (D, k))``: scores are ``axes.T @ ((x - mean) / scale)``.
@@ -70,17 +91,25 @@ class FeatureMoments:
 
 
 def pca_scores(x: np.ndarray, mean: np.ndarray, scale: np.ndarray, axes: np.ndarray) -> np.ndarray:
-    """Principal-component scores ``(k, ...)`` of features ``x`` ``(D, ...)``."""
+    """Principal-component scores ``(k, ...)`` of features ``x`` ``(D, ...)``.
+
+    Computed in float64, :data:`MOMENT_COLUMNS` pixels at a time: besides the ``(k, ...)`` result, memory holds one
+    block of standardised features, not a float64 copy of ``x``.
+    """
     d = x.shape[0]
-    flat = np.asarray(x, np.float64).reshape(d, -1)
-    return (axes.T @ ((flat - mean[:, None]) / scale[:, None])).reshape(axes.shape[1], *x.shape[1:])
+    flat = np.asarray(x).reshape(d, -1)
+    out = np.empty((axes.shape[1], flat.shape[1]))
+    for i in range(0, flat.shape[1], MOMENT_COLUMNS):
+        part = np.asarray(flat[:, i : i + MOMENT_COLUMNS], np.float64)
+        out[:, i : i + part.shape[1]] = axes.T @ ((part - mean[:, None]) / scale[:, None])
+    return out.reshape(axes.shape[1], *x.shape[1:])
 
 
 def tissue_components(features: np.ndarray, mask: np.ndarray, n_components: int) -> np.ndarray:
     """The first ``n_components`` principal-component scores ``(k, h, w)`` of features ``(D, h, w)``, the axes and
     standardisation fitted on the pixels of ``mask`` (tissue)."""
     moments = FeatureMoments(features.shape[0])
-    moments.add(features.reshape(features.shape[0], -1)[:, np.asarray(mask, bool).ravel()])
+    moments.add(features, np.asarray(mask, bool))
     return pca_scores(features, *moments.pca(n_components))
 
 

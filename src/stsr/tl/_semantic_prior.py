@@ -10,7 +10,7 @@ import numpy as np
 import zarr
 from tqdm.auto import tqdm
 
-from ..models._prior import (
+from ..models.prior import (
     FeatureMoments,
     fit_readout,
     pca_scores,
@@ -175,7 +175,11 @@ def slide_prior(
     (``inputs.mask``) for the principal axes; a second pass over every window stores the ``k`` scores per pixel and
     sums them per spot; the ridge is fitted on the spots. The features of the first pass are kept for the second up
     to :data:`PRIOR_FEATURE_CACHE_BYTES`, so a slide of a few windows goes through the teacher once. Memory: one
-    window through the teacher, the kept features and, without ``store``, ``k`` floats per HR pixel.
+    window through the teacher (its activations grow with the window's image pixels: about 850 MB for 2240 x 2240,
+    a full window at 7 image pixels per HR pixel), the kept features, the features of one window
+    (``TEACHER_CHANNELS`` float32 per pixel, 100 MB) and its scores, a few bytes per HR pixel (the tissue areas of
+    the spots are pooled from the mask) and, without ``store``, ``k`` floats per HR pixel
+    (``benchmarks/prior_map_memory.py``).
 
     With ``store`` (a path for a new zarr array, replaced if it exists), the scores are written there window by
     window and read back window by window: nothing slide-sized stays in memory, and a task that reads the prior on a
@@ -195,7 +199,8 @@ def slide_prior(
         image = source.region(ra, ca, rb - ra, cb - ca)
         whole = 16 * -(-max(image.shape[1:]) // 16)  # the window in one piece: no second halo inside
         f = teacher_features(image, (rb - ra, cb - ca), teacher=teacher, tile=whole)
-        return f[:, r0 - ra : r0 - ra + h, c0 - ca : c0 - ca + w]
+        # a copy of the window alone: a view would keep the halo's features alive (about 1.6 x the window's)
+        return np.ascontiguousarray(f[:, r0 - ra : r0 - ra + h, c0 - ca : c0 - ca + w])
 
     if not windows:
         raise ValueError(
@@ -215,11 +220,12 @@ def slide_prior(
         r0, c0, h, w = window
         f = features(*window)
         moments = FeatureMoments(f.shape[0]) if moments is None else moments
-        moments.add(f[:, mask[r0 : r0 + h, c0 : c0 + w]])
+        moments.add(f, mask[r0 : r0 + h, c0 : c0 + w])
         if f.nbytes <= room:
             kept[window], room = f, room - f.nbytes
+        del f  # not held while the teacher reads the next window
         bar.update()
-    n_pix = op.pool(mask.astype(np.float64)[None])[0]
+    n_pix = op.tissue_area(mask)
     mean, scale, axes = moments.pca(usable_components(n_components, n_pix))
     shape = (axes.shape[1], height, width)
     if store is None:
@@ -240,6 +246,7 @@ def slide_prior(
         z = pca_scores(f, mean, scale, axes)
         scores[:, r0 : r0 + h, c0 : c0 + w] = z.astype(np.float32)
         obs_sums += op.pool_window(z * mask[r0 : r0 + h, c0 : c0 + w], r0, c0)
+        del f, z
         bar.update()
     bar.close()
     coef, intercept = fit_readout(obs_sums / np.where(n_pix > 0, n_pix, 1.0), n_pix, inputs.lr)
