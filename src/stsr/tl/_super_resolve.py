@@ -241,7 +241,7 @@ def super_resolve(
         batch_size,
     )
     cache = RunCache(sdata, cache_dir, key_added)
-    prior = _fit_prior(inputs, cache, progress) if semantic_prior else None
+    prior = _fit_prior(inputs, cache, progress, dev) if semantic_prior else None
     if prior is not None:
         params["teacher_sha256"] = prior.teacher_hash
     store = TileStore(
@@ -305,7 +305,7 @@ def _check_int(value: Any, name: str, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer of at least {minimum}, got {value!r}.")
 
 
-def _fit_prior(inputs: SlideInputs, cache: RunCache, progress: bool) -> Any:
+def _fit_prior(inputs: SlideInputs, cache: RunCache, progress: bool, device: torch.device) -> Any:
     """The slide's semantic prior, its scores kept in the run folder (before the tiles: a missing teacher or a bad
     slide fails fast)."""
     from ._semantic_prior import slide_prior
@@ -313,7 +313,7 @@ def _fit_prior(inputs: SlideInputs, cache: RunCache, progress: bool) -> Any:
     scores = cache / "prior_scores.zarr"  # read window by window, removed with the run folder
     source = ImageSource(inputs.image_levels, inputs.grid, teacher_image_scale(inputs))
     try:
-        return slide_prior(inputs, source, progress=progress, store=scores)
+        return slide_prior(inputs, source, progress=progress, store=scores, device=device)
     except BaseException:
         cache.remove(scores)  # a finished tile store of an interrupted run stays for the next one
         raise
