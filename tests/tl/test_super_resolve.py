@@ -91,10 +91,17 @@ def test_cache_interval_is_recorded_checked_and_keeps_the_spot_sums(slide, model
 @pytest.mark.slow
 def test_distributed_cluster_runs_the_tiles_on_the_workers_with_the_same_result(slide, model, tmp_path):
     """With an active client the diffusion core runs on the workers (the cluster's task log shows the tile
-    batches) and the map equals the in-process one bit for bit; a worker killed mid-run costs only a retry."""
+    batches) and the map equals the in-process one bit for bit (with the same torch thread count: one, as each
+    worker of this cluster uses); a worker killed mid-run costs only a retry."""
+    import torch
     from dask.distributed import Client, LocalCluster, get_task_stream
 
-    _, ref = _run(slide, model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a convolution's sums follow the thread count
+    try:
+        _, ref = _run(slide, model)
+    finally:
+        torch.set_num_threads(threads)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         with Client(cluster) as client:
             with get_task_stream(client) as stream:

@@ -4,7 +4,8 @@
 store; the calling process flags them done when it returns. Without a ``dask.distributed`` client the batches run
 one after another in the calling process; with an active client they run on the workers: the job (model, image
 reader, spots) is sent to each worker once (``scatter(broadcast=True)``), and every batch task carries only its
-indices. A tile's result depends only on the job and its index, so both ways give the same map, and a batch whose
+indices. A tile's result depends only on the job and its index, so both ways give the same map (bit for bit when
+the processes use the same number of torch threads, which sets the order of a convolution's sums), and a batch whose
 worker died is simply recomputed (by the cluster, or by the next run, which resumes from the finished tiles).
 """
 
