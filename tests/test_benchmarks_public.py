@@ -1,0 +1,114 @@
+"""The accuracy benchmarks score what users run: the public ``stsr.tl`` functions on a SpatialData per case.
+
+``benchmarks/accuracy.py`` and ``benchmarks/native_resolution.py`` build each case as a user's slide (image, the LR
+observations as square bins, a table of their counts) and read the maps back from ``sdata[key]``; these tests check
+that they do, and that the map they score is the element the public function wrote.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import accuracy as A  # noqa: E402
+
+import stsr  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _dotted_names(path: Path) -> set[str]:
+    """Every dotted name (``a.b.c``) that the module's code refers to."""
+
+    def dotted(node: ast.AST) -> str | None:
+        if isinstance(node, ast.Name):
+            return node.id
+        if isinstance(node, ast.Attribute):
+            head = dotted(node.value)
+            return None if head is None else f"{head}.{node.attr}"
+        return None
+
+    tree = ast.parse(path.read_text())
+    return {d for node in ast.walk(tree) if isinstance(node, ast.Attribute) and (d := dotted(node))}
+
+
+@pytest.mark.parametrize("script", ["accuracy.py", "native_resolution.py"])
+def test_benchmarks_run_the_public_functions(script):
+    names = _dotted_names(BENCHMARKS / script)
+    assert {"stsr.tl.prior_map", "stsr.tl.super_resolve"} <= names, script
+    # the stsr rows no longer come from the in-memory shortcuts of the model internals
+    assert not names & {"B.stsr_predict", "stsr.models.prior_guide", "stsr.models.STSRModel.sample"}, script
+    assert not any(n.endswith("model.sample") for n in names), script
+
+
+def test_prior_map_of_a_case_slide_is_the_element_it_wrote(tiny_model):
+    pytest.importorskip("h5py")  # the image teacher's weights (extra "prior")
+    case = A.synthetic_case(200.0, 3, 4, public=True)
+    h, w = case.pair.shape
+    assert (h % 4, w % 4) == (0, 0)  # cropped to whole blocks: every block is one bin
+    user = A.case_sdata(case)
+    table = user.sdata["table"]
+    assert user.n_bins == table.n_obs and user.image_key in user.sdata.images
+    ids = table.obs["instance_id"].to_numpy()
+    np.testing.assert_array_equal(table.X.toarray().T, case.lr[:, ids])  # the LR input, nothing of the truth
+
+    stsr.tl.prior_map(user.sdata, user.image_key, user.genes, pixel_size=user.pixel_size, progress=False)
+    element = np.asarray(A._level0(user.sdata["stsr_prior"]).data)
+    pred = A.read_map(user.sdata, "stsr_prior", user.grid)
+    # the same pixels, found from the provenance of the call instead of the element's transformation
+    record = user.sdata.attrs["stsr"]["stsr_prior"]
+    assert record["method"] == "prior_map" and np.isclose(
+        record["grid_pixel_size_image_px"], user.grid.pixel_size
+    )
+    r0, c0 = np.rint((np.asarray(user.grid.origin) - record["grid_origin_image_px"]) / user.grid.pixel_size)
+    np.testing.assert_array_equal(pred, element[:, int(r0) : int(r0) + h, int(c0) : int(c0) + w])
+    # on the truth's grid: pooled over the case's blocks, it gives back every measured block
+    np.testing.assert_allclose(case.pair.observation.pool(pred), case.lr, rtol=1e-4, atol=1e-3)
+
+    # the benchmark's row is that map, scored; the element is removed afterwards
+    del user.sdata["stsr_prior"]
+    rows = A.prior_rows(case, user, None, "stsr")
+    assert [r.method for r in rows] == ["bicubic + mass × semantic prior", A.PRIOR_MAP_LABEL]
+    assert rows[1].values == A.score(case, pred) and rows[1].note == "prior_map()"
+    assert "stsr_prior" not in user.sdata
+
+    # super_resolve through the same slide: consistent with the blocks, so aligned with the truth's grid
+    sampled = user.super_resolve(model=tiny_model, steps=2)
+    assert sampled.shape == (3, h, w) and "stsr" not in user.sdata
+    np.testing.assert_allclose(case.pair.observation.pool(sampled), case.lr, rtol=1e-3, atol=1e-2)
+
+
+def test_whole_blocks_crops_the_partial_blocks_and_keeps_the_rest():
+    from stsr.models import TrainingPair
+    from stsr.observation import Grid, ObservationModel
+
+    rng = np.random.default_rng(0)
+    hr = rng.poisson(3.0, (2, 10, 11)).astype(np.float32)
+    image = rng.integers(0, 256, (3, 40, 44), dtype=np.uint8)
+    pair = TrainingPair(
+        image=image, hr=hr, observation=ObservationModel.blocks((10, 11), 4), genes=["a", "b"]
+    )
+    teacher = rng.integers(0, 256, (3, 80, 88), dtype=np.uint8)
+    slide = A.Slide(None, "he", Grid((10, 11), 2.5, (1.0, 2.0)))
+    case = A.Case("toy", pair, A.B.pair_lr(pair), teacher_image=teacher, slide=slide)
+    cropped = A.whole_blocks(case)
+    assert cropped.pair.shape == (8, 8) and cropped.pair.observation.params["lr_shape"] == (2, 2)
+    np.testing.assert_array_equal(cropped.pair.hr.numpy(), hr[:, :8, :8])
+    np.testing.assert_array_equal(cropped.pair.image.numpy(), image[:, :32, :32])
+    np.testing.assert_array_equal(cropped.teacher_image, teacher[:, :64, :64])
+    np.testing.assert_allclose(cropped.lr, hr[:, :8, :8].reshape(2, 2, 4, 2, 4).sum((2, 4)).reshape(2, 4))
+    assert cropped.slide.grid == Grid((8, 8), 2.5, (1.0, 2.0))
+    assert A.whole_blocks(cropped) is cropped
