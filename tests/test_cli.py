@@ -57,7 +57,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
 
 def sr_args(store: Path, weights: Path, *extra: str) -> list[str]:
     return ["super-resolve", str(store), "--image-key", "he", "--genes", "gene_000", "--model", str(weights),
-            "--steps", "1", "--tile-size", "32", "--overlap", "8", *extra]  # fmt: skip
+            "--steps", "1", "--tile-size", "32", "--overlap", "8", "--no-semantic-prior", *extra]  # fmt: skip
 
 
 def test_super_resolve_into_a_copy_leaves_the_input_untouched(store, tmp_path, weights, capsys):
@@ -99,9 +99,11 @@ def test_super_resolve_in_place_refuses_to_overwrite(store, weights, capsys):
     assert err.startswith("stsr: error: ") and "overwrite" in err and err.count("\n") == 1
     assert snapshot(store) == before
     assert main([*argv, "--overwrite"]) == 0
-    assert sd.read_zarr(store).attrs["stsr"]["stsr"]["semantic_prior"] is None
-    assert main([*argv, "--overwrite", "--semantic-prior"]) == 0
-    assert sd.read_zarr(store).attrs["stsr"]["stsr"]["semantic_prior"] == 0.5
+    assert sd.read_zarr(store).attrs["stsr"]["stsr"]["semantic_prior"] is False
+    with_prior = [a for a in argv if a != "--no-semantic-prior"]
+    assert main([*with_prior, "--overwrite", "--prior-strength", "0.5", "--no-self-check"]) == 0
+    prov = sd.read_zarr(store).attrs["stsr"]["stsr"]
+    assert prov["semantic_prior"] is True and prov["prior_strength"] == 0.5 and not prov["self_check"]
     assert main([*argv, "--overwrite", "--cache-interval", "2"]) == 0
     assert sd.read_zarr(store).attrs["stsr"]["stsr"]["cache_interval"] == 2
 

@@ -246,3 +246,38 @@ def test_pixel_factors_are_zero_far_from_every_spot():
     np.testing.assert_allclose(
         op.pixel_factors(ratio, window=(25, 25, 40, 40)), full[:, 25:65, 25:65], rtol=1e-9
     )
+
+
+def test_expected_counts_cut_the_rate_error_at_low_depth_and_keep_it_at_high_depth():
+    """Counts are Poisson draws of smooth rates: the expected counts are closer to the rates than the counts where
+    counts are low, and no further from them where counts are high."""
+    n, pitch = 24, 10
+    yy, xx = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    centres = np.stack([yy.ravel(), xx.ravel()], 1) * pitch + pitch / 2
+    op = ObservationModel.disks((n * pitch, n * pitch), centres, 4.0)
+    rr, cc = np.mgrid[: n * pitch, : n * pitch]
+    rng = np.random.default_rng(0)
+    errors = {}
+    for depth in (0.5, 2.0, 500.0):
+        ratios = []
+        for g in range(6):  # genes with smooth patterns of different directions
+            a = rng.uniform(0, 2 * np.pi)
+            field = 1.2 + np.sin((np.cos(a) * rr + np.sin(a) * cc) / 40.0 + g)
+            rate = op.pool(field[None])[0]
+            rate = rate / rate.mean() * depth
+            y = rng.poisson(rate)[None].astype(float)
+            shrunk = op.expected_counts(y)[0]
+            ratios.append(np.sqrt(((shrunk - rate) ** 2).mean()) / np.sqrt(((y[0] - rate) ** 2).mean()))
+        errors[depth] = float(np.mean(ratios))
+    assert errors[0.5] < 0.45 and errors[2.0] < 0.45  # low depth: the error falls
+    assert errors[500.0] <= 1.0  # high depth: not worse
+    # rates that jump from spot to spot (neighbours say little): at high depth the counts are kept as they are
+    rough = rng.gamma(2.0, 250.0, size=(4, op.n_obs))
+    y = rng.poisson(rough).astype(float)
+    shrunk = op.expected_counts(y)
+    assert np.sqrt(((shrunk - rough) ** 2).mean()) <= 1.01 * np.sqrt(((y - rough) ** 2).mean())
+    assert np.abs(shrunk - y).max() < 0.05 * y.max()
+    # totals are kept roughly, and observations stay non-negative
+    y = rng.poisson(np.full((2, op.n_obs), 0.3))
+    out = op.expected_counts(y)
+    assert out.min() >= 0 and abs(out.sum() - y.sum()) < 0.1 * y.sum()

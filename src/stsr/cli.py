@@ -302,6 +302,7 @@ def _prior_map(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir,
             tissue=args.tissue,
             integer_counts=not args.non_integer_counts,
+            poisson=not args.measured_counts,
             progress=not args.quiet,
             **options,
         )
@@ -330,7 +331,9 @@ def _super_resolve(args: argparse.Namespace) -> int:
             cache_interval=args.cache_interval,
             n_samples=args.n_samples,
             consistency=not args.no_consistency,
-            semantic_prior=args.semantic_prior,
+            semantic_prior=not args.no_semantic_prior,
+            prior_strength=args.prior_strength,
+            self_check=not args.no_self_check,
             tile_size=args.tile_size,
             overlap=args.overlap,
             batch_size=args.batch_size,
@@ -341,6 +344,7 @@ def _super_resolve(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir,
             tissue=args.tissue,
             integer_counts=not args.non_integer_counts,
+            poisson=not args.measured_counts,
             progress=not args.quiet,
         )
     _report(target, args.key_added, sdata)
@@ -420,6 +424,12 @@ def _slide_options(p: argparse.ArgumentParser, key_added: str, verb: str) -> Non
         action="store_true",
         help="accept non-integer counts (e.g. corrected for ambient RNA); log values are refused either way",
     )
+    p.add_argument(
+        "--measured-counts",
+        action="store_true",
+        help="the map pools to every spot's measured count exactly (default: to its expected count, the counts "
+        "treated as Poisson draws)",
+    )
     p.add_argument("--key-added", default=key_added, help="name of the new image element")
     p.add_argument("--overwrite", action="store_true", help="replace an existing element named --key-added")
     p.add_argument(
@@ -474,9 +484,20 @@ def _parser() -> argparse.ArgumentParser:
         "--no-consistency", action="store_true", help="do not project outputs onto the spot counts"
     )
     sr.add_argument(
-        "--semantic-prior",
+        "--no-semantic-prior",
         action="store_true",
-        help="reweight by the histology prior of a pretrained image model",
+        help="the diffusion core's map alone: no histology prior from the pretrained image model, no self-check",
+    )
+    sr.add_argument(
+        "--prior-strength",
+        type=float,
+        default=None,
+        help="exponent of the prior (default: chosen on the slide by the self-check)",
+    )
+    sr.add_argument(
+        "--no-self-check",
+        action="store_true",
+        help="skip the self-check on the slide (prior strength 0.5 unless given, the diffusion core's map kept whole)",
     )
     sr.add_argument("--tile-size", type=_int_at_least(1), default=64, help="tile side in HR pixels")
     sr.add_argument(

@@ -126,6 +126,85 @@ class ObservationModel:
         self._gram = gram
         self._torch_cache: dict[Any, Any] = {}
 
+    def expected_counts(self, lr: Any, area: np.ndarray | None = None) -> np.ndarray:
+        """Each observation's expected count given its measured count, treating counts as Poisson draws.
+
+        A measured count ``y`` is a Poisson draw of the observation's rate ``lambda``; the rates vary smoothly over
+        the slide, so the observations around one predict its rate: ``mu`` is the Gaussian-weighted mean density of
+        the other observations within 3 pitches (width one pitch), times its area. With a Gamma prior of mean ``mu``
+        and shape ``kappa`` per gene (``kappa`` by moments: ``E (y - mu)^2 = mu + mu^2 / kappa``), the posterior mean
+        is ``mu (kappa + y) / (kappa + mu)`` (empirical Bayes). Where counts are high (``mu >> kappa``) it is ``y``;
+        where they are low a zero among expressing neighbours, or a lone 3, moves toward what the neighbours say.
+        Genes whose spots vary far more than Poisson noise get a small ``kappa`` and stay near ``y``.
+
+        Parameters
+        ----------
+        lr
+            ``(G, n_obs)`` measured counts.
+        area
+            ``(n_obs,)`` area each count is spread over (default :attr:`support_area`; :meth:`tissue_area` for counts
+            per tissue pixel). Observations of zero area keep their counts.
+
+        Returns
+        -------
+        ``(G, n_obs)`` float64 expected counts (the same total per gene up to the shrinkage).
+        """
+        y = np.asarray(lr, np.float64)
+        self._check_lr(y)
+        if y.ndim != 2:
+            raise ValueError(f"lr must be (G, n_obs), got shape {y.shape}.")
+        area = self.support_area if area is None else np.asarray(area, np.float64)
+        valid = area > 0
+        if valid.sum() < 3:
+            return y.copy()
+        from scipy.spatial import cKDTree
+
+        idx = np.flatnonzero(valid)
+        sigma = self.pitch()
+        pairs = cKDTree(self.centres[idx]).query_pairs(3 * sigma, output_type="ndarray")
+        if not len(pairs):
+            return y.copy()
+        d2 = ((self.centres[idx][pairs[:, 0]] - self.centres[idx][pairs[:, 1]]) ** 2).sum(1)
+        w = np.exp(-0.5 * d2 / sigma**2)
+        n = len(idx)
+        weights = sparse.coo_matrix(
+            (
+                np.concatenate([w, w]),
+                (np.concatenate([pairs[:, 0], pairs[:, 1]]), np.concatenate([pairs[:, 1], pairs[:, 0]])),
+            ),
+            shape=(n, n),
+        ).tocsr()
+        total = np.asarray(weights.sum(1)).ravel()
+        dens = y[:, idx] / area[idx]
+        has = total > 0
+        mu = np.where(has, (weights @ dens.T).T / np.where(has, total, 1.0), dens) * area[idx]
+        resid = ((y[:, idx] - mu) ** 2 - mu).sum(1)
+        inv_kappa = np.clip(resid / np.maximum((mu**2).sum(1), 1e-12), 1e-6, None)[:, None]
+        out = y.copy()
+        # mu (kappa + y) / (kappa + mu), written with 1 / kappa so that kappa -> infinity stays finite
+        out[:, idx] = np.where(has, mu * (1 + inv_kappa * y[:, idx]) / (1 + inv_kappa * mu), y[:, idx])
+        return out
+
+    def grouped(self, groups: np.ndarray) -> ObservationModel:
+        """Coarser observations, each the union of some of these: observation ``j`` of the result pools the
+        observations ``i`` with ``groups[i] == j`` (a negative group leaves an observation out).
+
+        Its counts are ``group_sums(lr, groups)``; its centres are the area-weighted centres of its members.
+        """
+        groups = np.asarray(groups, np.int64)
+        if groups.shape != (self.n_obs,):
+            raise ValueError(
+                f"groups must give one group per observation ({self.n_obs},), got {groups.shape}."
+            )
+        ok = np.flatnonzero(groups >= 0)
+        n = int(groups.max()) + 1 if ok.size else 0
+        member = sparse.csr_matrix((np.ones(ok.size), (groups[ok], ok)), shape=(n, self.n_obs))
+        area = self.support_area
+        weight = member.multiply(area[None, :]).tocsr()
+        total = np.asarray(weight.sum(1)).ravel()
+        centres = (weight @ self.centres) / np.where(total > 0, total, 1.0)[:, None]
+        return ObservationModel(member @ self.matrix, self.shape, centres, "groups", {"members": groups})
+
     # ------------------------------------------------------------------ constructors
     @classmethod
     def blocks(cls, shape: tuple[int, int], factor: int) -> ObservationModel:
@@ -361,17 +440,13 @@ class ObservationModel:
             return (h2d + corr).reshape(*lead, *self.shape)
         if mode != "multiplicative":
             raise ValueError(f"mode must be 'additive' or 'multiplicative', got {mode!r}.")
-        ok = pooled > 0
+        ratio = self.consistency_factors(pooled, l2d)
         if _is_torch(h2d):
             import torch
 
-            ratio = torch.where(
-                ok, l2d / torch.where(ok, pooled, torch.ones_like(pooled)), torch.ones_like(pooled)
-            )
-            resid = torch.where(ok, torch.zeros_like(pooled), l2d - pooled)
+            resid = torch.where(pooled > 0, torch.zeros_like(pooled), l2d - pooled)
         else:
-            ratio = np.where(ok, l2d / np.where(ok, pooled, 1.0), 1.0)
-            resid = np.where(ok, 0.0, l2d - pooled)
+            resid = np.where(pooled > 0, 0.0, l2d - pooled)
         # Each pixel belongs to at most one observation: its scale is that observation's ratio (1 outside).
         owner = self._owner()
         if _is_torch(h2d):
@@ -385,6 +460,24 @@ class ObservationModel:
             scaled = np.asarray(h2d, np.float64) * ratio_ext[:, owner]
         out = scaled + self._apply(self._solve_gram(resid), transpose=True)
         return out.reshape(*lead, *self.shape)
+
+    @staticmethod
+    def consistency_factors(pooled: Any, lr: Any) -> Any:
+        """The consistency rescale's factor of each observation: ``lr / pooled`` where ``pooled > 0``, else 1.
+
+        The one rule behind every multiplicative rescale in stsr: :meth:`project`, the windowed passes of
+        ``stsr.tl`` (which pool a map chunk by chunk with :meth:`pool_window`, then multiply each chunk by
+        :meth:`pixel_factors` of these factors) and the prior's reweighting (:class:`stsr.models.prior.PriorReweighting`).
+        Numpy or torch, of the shape of ``pooled``.
+        """
+        ok = pooled > 0
+        if _is_torch(pooled):
+            import torch
+
+            one = torch.ones_like(pooled)
+            return torch.where(ok, lr / torch.where(ok, pooled, one), one)
+        pooled = np.asarray(pooled, np.float64)
+        return np.where(ok, np.asarray(lr, np.float64) / np.where(ok, pooled, 1.0), 1.0)
 
     def _owner(self) -> np.ndarray:
         if "owner" not in self._torch_cache:
@@ -533,15 +626,18 @@ class ObservationModel:
         """
         return self._owner().reshape(self.shape)
 
-    def pixel_factors(self, ratio: Any, window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    def pixel_factors(
+        self, ratio: Any, window: tuple[int, int, int, int] | None = None, gaps: Any = None
+    ) -> np.ndarray:
         """Spread one factor per observation over the HR grid: ``(..., h, w)``.
 
         Every pixel of an observation gets that observation's factor (as the multiplicative :meth:`project` scales
         it); a pixel outside every observation gets the factors of the observations around it, interpolated as
-        :meth:`interpolate` interpolates densities. Multiplying a map by the factors of ``measured / pooled`` thus
-        makes it consistent and rescales the gaps between spots smoothly with their neighbours. A pixel that no
-        observation reaches (every one further than ``6 sigma`` of :meth:`interpolate` along the rows or the
-        columns, 3 spot pitches by default: outside the measured area) gets 0, so the map is zeroed there.
+        :meth:`interpolate` interpolates densities. Multiplying a map by the factors of ``measured / pooled``
+        (:meth:`consistency_factors`) thus makes it consistent and rescales the gaps between spots smoothly with
+        their neighbours. A pixel that no observation reaches (every one further than ``6 sigma`` of
+        :meth:`interpolate` along the rows or the columns, 3 spot pitches by default: outside the measured area)
+        gets 0, so the map is zeroed there.
 
         Parameters
         ----------
@@ -550,6 +646,9 @@ class ObservationModel:
         window
             ``(row0, col0, height, width)``: only this window of the grid (it may reach beyond the grid, where every
             pixel counts as outside the observations).
+        gaps
+            The factors interpolated into the pixels outside every observation: ``None`` (default) those of
+            ``ratio``, another ``(..., n_obs)`` array, or ``False`` to leave those pixels unscaled (factor 1).
         """
         ratio = np.asarray(ratio, dtype=np.float64)
         self._check_lr(ratio)
@@ -562,8 +661,9 @@ class ObservationModel:
         ext = np.concatenate([ratio, np.ones((*ratio.shape[:-1], 1))], axis=-1)
         out = ext[..., owner]
         gap = owner == self.n_obs
-        if gap.any():
-            spread = self.interpolate(ratio * self.support_area, window=(r0, c0, h, w))
+        if gap.any() and gaps is not False:
+            between = ratio if gaps is None else np.asarray(gaps, np.float64)
+            spread = self.interpolate(between * self.support_area, window=(r0, c0, h, w))
             out = np.where(gap, spread, out)
         return out
 

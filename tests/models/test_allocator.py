@@ -156,6 +156,7 @@ def test_super_resolve_keeps_one_setting_for_all_batches(monkeypatch, tiny_model
         tile_size=32,
         overlap=12,
         batch_size=1,
+        semantic_prior=False,  # the diffusion core's batches
         progress=False,
     )
     assert sdata.attrs["stsr"]["stsr"]["n_tiles"] > 1  # several batches

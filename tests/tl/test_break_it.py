@@ -21,7 +21,15 @@ import stsr
 from stsr.models import STSRModel
 
 GENES = ["gene_000", "gene_001", "gene_002"]
-FAST = {"steps": 1, "tile_size": 32, "overlap": 12, "batch_size": 8, "progress": False}
+# the diffusion core alone (the semantic prior and the self-check have their own tests)
+FAST = {
+    "steps": 1,
+    "tile_size": 32,
+    "overlap": 12,
+    "batch_size": 8,
+    "progress": False,
+    "semantic_prior": False,
+}
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from stsr.tl._image_tiles import ImageSource
 from stsr.tl._inputs import estimate_memory, prepare_inputs
 
 GENES = ["gene_000", "gene_001", "gene_002"]
-FAST = {"steps": 1, "tile_size": 32, "overlap": 12, "progress": False}
+FAST = {"steps": 1, "tile_size": 32, "overlap": 12, "progress": False, "semantic_prior": False}
 
 
 @pytest.fixture(scope="module")

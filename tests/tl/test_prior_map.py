@@ -9,9 +9,10 @@ from spatialdata.transformations import get_transformation
 
 import stsr
 from stsr.models import prior_guide, semantic_prior, teacher_features
+from stsr.models.prior import tissue_windows
 from stsr.tl import _semantic_prior
 from stsr.tl._image_tiles import ImageSource
-from stsr.tl._inputs import prepare_inputs, teacher_image_scale
+from stsr.tl._inputs import expected_inputs, prepare_inputs, teacher_image_scale
 
 GENES = ["gene_000", "gene_001", "gene_002"]
 
@@ -26,8 +27,12 @@ def test_prior_map_is_the_slide_guide_and_keeps_the_spot_counts(slide, monkeypat
     sdata = sd.deepcopy(slide)
     stsr.tl.prior_map(sdata, "he", GENES, progress=False)
     out = np.asarray(sdata["stsr_prior"]["scale0"]["image"].values)
-    inputs = prepare_inputs(
+    measured = prepare_inputs(
         slide, "he", GENES, table_key=None, pixel_size=None, coordinate_system=None, image_channels=3
+    )
+    inputs = expected_inputs(measured)  # the counts as Poisson draws (poisson=True, the default)
+    assert not np.allclose(inputs.lr, measured.lr) and np.allclose(
+        inputs.lr.sum(), measured.lr.sum(), rtol=0.05
     )
     op, h, w = inputs.observation, *inputs.grid.shape
     assert out.shape == (3, h, w) and out.dtype == np.float32 and out.min() >= 0
@@ -38,7 +43,7 @@ def test_prior_map_is_the_slide_guide_and_keeps_the_spot_counts(slide, monkeypat
     expected = prior_guide(prior, inputs.lr, op, mask=inputs.mask, strength=0.25)
     np.testing.assert_allclose(out, expected, rtol=5e-3, atol=1e-4 * expected.max())
     assert not out[:, ~inputs.mask].any()  # nothing off the tissue
-    # it differs from the plain interpolation, and every spot keeps its measured counts
+    # it differs from the plain interpolation, and every spot keeps its expected counts
     assert not np.allclose(out, op.interpolate(inputs.lr) * inputs.mask, rtol=0.05)
     has = inputs.lr > 0
     np.testing.assert_allclose(op.pool(out.astype(np.float64))[has], inputs.lr[has], rtol=1e-4)
@@ -60,14 +65,14 @@ def test_slide_prior_reads_each_window_once_when_the_first_pass_fits_in_memory(s
         slide, "he", GENES, table_key=None, pixel_size=None, coordinate_system=None, image_channels=3
     )
     source = ImageSource(inputs.image_levels, inputs.grid, 4)
-    n_windows = len(_semantic_prior._windows(inputs.mask, 32))
+    n_windows = len(tissue_windows(inputs.mask, 32))
     calls = []
 
     def counted(image, *args, **kwargs):
         calls.append(image.shape)
         return teacher_features(image, *args, **kwargs)
 
-    monkeypatch.setattr(stsr.models, "teacher_features", counted)
+    monkeypatch.setattr(_semantic_prior, "teacher_features", counted)
     kept = _semantic_prior.slide_prior(inputs, source)
     assert n_windows > 4 and len(calls) == n_windows
     calls.clear()

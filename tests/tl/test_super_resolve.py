@@ -11,7 +11,7 @@ from spatialdata.transformations import get_transformation
 import stsr
 from stsr.models import ModelConfig, STSRModel
 from stsr.pp import spots_observation_model
-from stsr.tl._inputs import prepare_inputs, teacher_image_scale
+from stsr.tl._inputs import expected_inputs, prepare_inputs, teacher_image_scale
 from stsr.tl._tiling import plan_tiles
 
 GENES = ["gene_000", "gene_001", "gene_002"]
@@ -29,7 +29,16 @@ def slide() -> sd.SpatialData:
 
 def _run(sdata, model, **kw) -> np.ndarray:
     sdata = sd.deepcopy(sdata) if kw.pop("copy", True) else sdata
-    kw = {"steps": 2, "tile_size": 32, "overlap": 12, "batch_size": 4, "progress": False, **kw}
+    # the diffusion core alone unless a test asks for the prior (the self-check is tested on its own)
+    kw = {
+        "steps": 2,
+        "tile_size": 32,
+        "overlap": 12,
+        "batch_size": 4,
+        "progress": False,
+        "semantic_prior": False,
+        **kw,
+    }
     stsr.tl.super_resolve(sdata, "he", kw.pop("genes", GENES), model=model, **kw)
     return sdata, np.asarray(sdata[kw.get("key_added", "stsr")]["scale0"]["image"].values)
 
@@ -42,15 +51,21 @@ def test_output_overlays_image_and_reproduces_spot_counts(slide, model):
     # the raster sits on the HR grid of the image: its transformation maps grid pixel (i, j) to i * 5.5 um
     t = get_transformation(element, "global").to_affine_matrix(("x", "y"), ("x", "y"))
     np.testing.assert_allclose(np.diag(t)[:2], 5.5, rtol=1e-6)
-    # consistency: pooling the output over each spot gives the measured counts
+    # consistency: pooling the output over each spot gives its expected count (the counts as Poisson draws)
     grid = stsr.pp.hr_grid(sdata, "he", 5.5)
     op = spots_observation_model(sdata, "spots", grid, "he")
     table = sdata["table"]
     counts = table[:, GENES].X
     counts = counts.toarray() if hasattr(counts, "toarray") else np.asarray(counts)
     pooled = op.pool(out.astype(np.float64))
+    want = op.expected_counts(counts.T)
+    assert not np.allclose(want, counts.T)  # a low-count slide: the expected counts differ from the counts
     has = counts.T > 0
-    np.testing.assert_allclose(pooled[has], counts.T[has], rtol=1e-4)
+    np.testing.assert_allclose(pooled[has], want[has], rtol=1e-4)
+    # with poisson=False every spot keeps its measured count
+    measured, raw = _run(slide, model, poisson=False)
+    np.testing.assert_allclose(op.pool(raw.astype(np.float64))[has], counts.T[has], rtol=1e-4)
+    assert measured["stsr"].attrs["stsr"]["counts"] == "measured"
     # provenance
     prov = sdata["stsr"].attrs["stsr"]
     assert prov["genes"] == GENES and prov["steps"] == 2 and prov["stsr_version"] == stsr.__version__
@@ -82,7 +97,9 @@ def test_cache_interval_is_recorded_checked_and_keeps_the_spot_sums(slide, model
     op = spots_observation_model(cached_sdata, "spots", grid, "he")
     counts = np.asarray(cached_sdata["table"][:, GENES].X.todense()).T
     has = counts > 0
-    np.testing.assert_allclose(op.pool(cached.astype(np.float64))[has], counts[has], rtol=1e-4)
+    np.testing.assert_allclose(
+        op.pool(cached.astype(np.float64))[has], op.expected_counts(counts)[has], rtol=1e-4
+    )
     for bad in (0, 1.5):
         with pytest.raises(ValueError, match="interval"):
             stsr.tl.super_resolve(sd.deepcopy(slide), "he", GENES, model=model, cache_interval=bad)
@@ -283,8 +300,10 @@ def _whole_slide_prior(slide):
     from stsr.models import semantic_prior, teacher_features
     from stsr.tl._image_tiles import ImageSource
 
-    inputs = prepare_inputs(
-        slide, "he", GENES, table_key=None, pixel_size=None, coordinate_system=None, image_channels=3
+    inputs = expected_inputs(
+        prepare_inputs(
+            slide, "he", GENES, table_key=None, pixel_size=None, coordinate_system=None, image_channels=3
+        )
     )
     h, w = inputs.grid.shape
     image = ImageSource(inputs.image_levels, inputs.grid, teacher_image_scale(inputs)).region(0, 0, h, w)
@@ -301,7 +320,7 @@ def test_semantic_prior_reweights_the_mean_and_keeps_the_spot_sums(slide, model,
 
     _, plain = _run(slide, model)
     monkeypatch.setattr(_semantic_prior, "PRIOR_WINDOW", 48)  # several windows with halos
-    sdata, out = _run(slide, model, semantic_prior=True)
+    sdata, out = _run(slide, model, semantic_prior=True, self_check=False)
     inputs, prior = _whole_slide_prior(slide)
     op = inputs.observation
     expected = apply_prior(plain, prior, inputs.lr, op) * inputs.mask
@@ -310,10 +329,10 @@ def test_semantic_prior_reweights_the_mean_and_keeps_the_spot_sums(slide, model,
     has = inputs.lr > 0
     np.testing.assert_allclose(op.pool(out.astype(np.float64))[has], inputs.lr[has], rtol=1e-4)
     prov = sdata["stsr"].attrs["stsr"]
-    assert prov["semantic_prior"] == 0.5 and len(prov["teacher_sha256"]) == 64
+    assert prov["semantic_prior"] and prov["prior_strength"] == 0.5 and len(prov["teacher_sha256"]) == 64
     # on large slides the principal axes come from a subset of the windows: nearly the same map, same spot sums
     monkeypatch.setattr(_semantic_prior, "PRIOR_PCA_WINDOWS", 2)
-    _, sub = _run(slide, model, semantic_prior=True)
+    _, sub = _run(slide, model, semantic_prior=True, self_check=False)
     assert np.corrcoef(sub.ravel(), out.ravel())[0, 1] > 0.98
     np.testing.assert_allclose(op.pool(sub.astype(np.float64))[has], inputs.lr[has], rtol=1e-4)
     with pytest.raises(ValueError, match="prior_strength"):
@@ -327,12 +346,17 @@ def test_a_failed_semantic_prior_removes_its_scores_but_keeps_an_earlier_runs_ti
     still holds the tile store of an interrupted run (kept so that the next run resumes)."""
     from stsr.tl import _semantic_prior
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("teacher failed")
+    teacher = _semantic_prior.teacher_features
 
-    monkeypatch.setattr(_semantic_prior, "pca_scores", broken)  # after the scores' store is created
+    def broken(*args, **kwargs):  # fails once the scores' store is created (the second pass over the windows)
+        if any((tmp_path / "cache").rglob("prior_scores.zarr")):
+            raise RuntimeError("teacher failed")
+        return teacher(*args, **kwargs)
+
+    monkeypatch.setattr(_semantic_prior, "PRIOR_FEATURE_CACHE_BYTES", 0)  # every window read again
+    monkeypatch.setattr(_semantic_prior, "teacher_features", broken)
     with pytest.raises(RuntimeError, match="teacher failed"):
-        _run(slide, model, semantic_prior=True, cache_dir=tmp_path / "cache")
+        _run(slide, model, semantic_prior=True, self_check=False, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
     from stsr.tl._cache import MARKER
 
@@ -340,7 +364,7 @@ def test_a_failed_semantic_prior_removes_its_scores_but_keeps_an_earlier_runs_ti
     earlier.mkdir(parents=True)
     (earlier.parent / MARKER).touch()  # an interrupted run's folder
     with pytest.raises(RuntimeError, match="teacher failed"):
-        _run(slide, model, semantic_prior=True, cache_dir=tmp_path / "cache")
+        _run(slide, model, semantic_prior=True, self_check=False, cache_dir=tmp_path / "cache")
     assert sorted(p.name for p in (tmp_path / "cache" / "stsr").iterdir()) == [MARKER, "tiles.zarr"]
 
 
@@ -353,5 +377,5 @@ def test_experimental_lr_inputs_are_refused_before_any_work(slide, model):
     guided.config = guided.config.replace(extra={"lr_input": "prior_guide", "prior_strength": 0.5})
     sdata = sd.deepcopy(slide)
     with pytest.raises(ValueError, match="shipped 'default' or 'fast'"):
-        _run(sdata, guided, copy=False, semantic_prior=True)
+        _run(sdata, guided, copy=False, semantic_prior=True, self_check=False)
     assert "stsr" not in sdata

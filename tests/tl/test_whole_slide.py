@@ -58,8 +58,9 @@ def _check_whole_slide_map(sdata: sd.SpatialData, key: str) -> None:
     ]
     assert far_windows
     assert np.isfinite(out).all() and out.min() >= 0
-    # consistency: pooled over each spot (stsr's own operator, on the element's grid), the measured counts
-    np.testing.assert_allclose(op.pool(out), lr, rtol=1e-4, atol=1e-3)
+    # consistency: pooled over each spot (stsr's own operator, on the element's grid), its expected count (the
+    # counts as Poisson draws)
+    np.testing.assert_allclose(op.pool(out), op.expected_counts(lr), rtol=1e-4, atol=1e-3)
     # zero outside the measured area: nothing further than a spot pitch from every spot centre
     rr, cc = np.meshgrid(np.arange(grid.shape[0]) + 0.5, np.arange(grid.shape[1]) + 0.5, indexing="ij")
     dist, _ = tree.query(np.stack([rr.ravel(), cc.ravel()], 1))
@@ -85,12 +86,11 @@ def test_prior_map_on_the_whole_her2st_slide(whole_c2):
 
 def test_super_resolve_with_the_semantic_prior_on_the_whole_her2st_slide(whole_c2, monkeypatch):
     monkeypatch.setattr("stsr.tl._super_resolve.teacher_image_scale", lambda inputs: 2)  # a cheap teacher
-    stsr.tl.super_resolve(
+    stsr.tl.super_resolve(  # the default call, with a short core
         whole_c2,
         "he",
         GENES,
         model="fast",
-        semantic_prior=True,
         steps=2,
         tile_size=64,
         overlap=8,
@@ -98,5 +98,12 @@ def test_super_resolve_with_the_semantic_prior_on_the_whole_her2st_slide(whole_c
         progress=False,
     )
     prov = whole_c2["stsr"].attrs["stsr"]
-    assert prov["semantic_prior"] == 0.5 and len(prov["teacher_sha256"]) == 64
+    assert prov["semantic_prior"] and len(prov["teacher_sha256"]) == 64
+    # the self-check ran on the slide: groups of spots predicted back, a strength chosen, an estimate recorded
+    check = prov["self_check"]
+    assert check["spot_groups"] > 40 and prov["prior_strength"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert check["self_estimated_r"] > 0.6 and prov["diffusion_residual"] == 0.0  # a 2-step core adds nothing
+    std = np.asarray(whole_c2["stsr_std"]["scale0"]["image"].values)
+    out = np.asarray(whole_c2["stsr"]["scale0"]["image"].values)
+    np.testing.assert_allclose(std, out * np.sqrt(prov["dispersion"])[:, None, None], rtol=1e-5, atol=1e-6)
     _check_whole_slide_map(whole_c2, "stsr")

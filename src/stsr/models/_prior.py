@@ -9,6 +9,8 @@ with a closed-form ridge instead of a neural network). :func:`apply_prior` turns
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -191,12 +193,161 @@ def semantic_prior(
         raise ValueError(f"mask must be {(h, w)}, got {m.shape}.")
     if n_components < 1:
         raise ValueError(f"n_components must be at least 1, got {n_components}.")
-    weight = m.astype(np.float64)
-    n_pix = observation.pool(weight[None])[0]
-    scores = tissue_components(feats, m, usable_components(n_components, n_pix))  # (k, h, w)
-    obs_scores = observation.pool(scores * weight) / np.where(n_pix > 0, n_pix, 1.0)
-    coef, intercept = fit_readout(obs_scores, n_pix, lr, alphas)
-    return readout(scores, coef, intercept)
+    # the whole slide as one window of the windowed fit
+    fitted = fit_prior(
+        lambda r0, c0, hh, ww: feats[:, r0 : r0 + hh, c0 : c0 + ww],
+        observation,
+        lr,
+        m,
+        window=max(h, w),
+        n_components=n_components,
+        alphas=alphas,
+    )
+    return readout(np.asarray(fitted.scores), fitted.coef, fitted.intercept)
+
+
+@dataclass
+class SlidePrior:
+    """The read-out of one slide: principal-component scores of the histology features on the HR grid and the
+    per-gene ridge coefficients fitted on the observations (:func:`fit_prior`).
+
+    Attributes
+    ----------
+    scores
+        ``(k, height, width)`` float32 scores (zero outside the windows that hold tissue): in memory, or an array
+        on disk (e.g. zarr) read window by window.
+    coef, intercept
+        ``(k, G)`` and ``(G,)`` read-out of ``log1p(count per pixel)``.
+    teacher_hash
+        Fingerprint of the features (the image teacher's weights), for provenance.
+    """
+
+    scores: Any
+    coef: np.ndarray
+    intercept: np.ndarray
+    teacher_hash: str = ""
+
+    def weights(self, r0: int, c0: int, h: int, w: int, strength: float) -> np.ndarray:
+        """``(G, h, w)`` prior weights ``(prior + 1e-3) ** strength`` of a window (1 where it leaves the grid)."""
+        out = np.ones((self.coef.shape[1], h, w))
+        height, width = self.scores.shape[1:]
+        ra, ca = max(r0, 0), max(c0, 0)
+        rb, cb = min(r0 + h, height), min(c0 + w, width)
+        if rb > ra and cb > ca:
+            prior = readout(self.scores[:, ra:rb, ca:cb], self.coef, self.intercept)
+            out[:, ra - r0 : rb - r0, ca - c0 : cb - c0] = prior_weights(prior, strength)
+        return out
+
+    def refit(
+        self, observation: ObservationModel, lr: np.ndarray, mask: np.ndarray, window: int
+    ) -> SlidePrior:
+        """The same scores read out by a ridge fitted on other observations of the same grid (e.g. coarser groups
+        of the spots, for a self-check): no features are computed again."""
+        n_pix = observation.tissue_area(mask)
+        sums = np.zeros((self.scores.shape[0], observation.n_obs))
+        height, width = mask.shape
+        for r0 in range(0, height, window):
+            for c0 in range(0, width, window):
+                m = mask[r0 : r0 + window, c0 : c0 + window]
+                if m.any():
+                    z = np.asarray(self.scores[:, r0 : r0 + window, c0 : c0 + window], np.float64)
+                    sums += observation.pool_window(z * m, r0, c0)
+        k = usable_components(self.scores.shape[0], n_pix)
+        coef, intercept = fit_readout(sums[:k] / np.where(n_pix > 0, n_pix, 1.0), n_pix, lr)
+        coef = np.concatenate([coef, np.zeros((self.scores.shape[0] - k, coef.shape[1]))])
+        return SlidePrior(self.scores, coef, intercept, self.teacher_hash)
+
+
+def tissue_windows(mask: np.ndarray, size: int) -> list[tuple[int, int, int, int]]:
+    """The ``size`` x ``size`` windows (row-major, cut at the edges) of a grid that hold tissue (``mask``)."""
+    h, w = mask.shape
+    return [
+        (r, c, min(size, h - r), min(size, w - c))
+        for r in range(0, h, size)
+        for c in range(0, w, size)
+        if mask[r : r + size, c : c + size].any()
+    ]
+
+
+def fit_prior(
+    features: Callable[[int, int, int, int], np.ndarray],
+    observation: ObservationModel,
+    lr: np.ndarray,
+    mask: np.ndarray,
+    *,
+    window: int,
+    n_components: int = 5,
+    pca_windows: int = 8,
+    cache_bytes: int = 256 * 2**20,
+    scores: Any = None,
+    alphas: tuple[float, ...] = RIDGE_ALPHAS,
+    progress: Any = None,
+    fingerprint: str = "",
+) -> SlidePrior:
+    """Fit the semantic prior window by window (the one implementation; :func:`semantic_prior` is its one-window
+    case, ``stsr.tl`` runs it over the image teacher's windows of a whole slide).
+
+    A first pass over at most ``pca_windows`` windows spread over the tissue accumulates the feature moments of the
+    tissue pixels for the principal axes; a second pass over every window stores the ``k`` scores per pixel and sums
+    them per observation; the ridge is fitted on the observations. The features of the first pass are kept for the
+    second up to ``cache_bytes``, so a slide of a few windows is read once.
+
+    Parameters
+    ----------
+    features
+        ``features(r0, c0, h, w)`` gives the ``(D, h, w)`` features of a window of the grid.
+    observation, lr, mask
+        The operator on the ``(height, width)`` grid, the ``(G, n_obs)`` counts and the tissue mask.
+    window
+        Side of the windows in grid pixels.
+    scores
+        A ``(k, height, width)`` float32 array to write the scores into (e.g. zarr, chunked by ``window``), or a
+        function ``k -> array``; default: a new array in memory.
+    progress
+        A tqdm-like bar, updated once per window read.
+    """
+    height, width = mask.shape
+    windows = tissue_windows(mask, window)
+    if not windows:
+        raise ValueError(
+            "the slide has no tissue pixels to fit the semantic prior on; check the image and spots, or leave "
+            "semantic_prior off."
+        )
+    chosen = [
+        windows[i] for i in np.unique(np.linspace(0, len(windows) - 1, pca_windows).round().astype(int))
+    ]
+    kept: dict[tuple[int, int, int, int], np.ndarray] = {}
+    room = cache_bytes
+    moments: FeatureMoments | None = None
+    for win in chosen:
+        r0, c0, h, w = win
+        f = features(*win)
+        moments = FeatureMoments(f.shape[0]) if moments is None else moments
+        moments.add(f, mask[r0 : r0 + h, c0 : c0 + w])
+        if f.nbytes <= room:
+            kept[win], room = f, room - f.nbytes
+        del f  # not held while the next window is read
+        if progress is not None:
+            progress.update()
+    n_pix = observation.tissue_area(mask)
+    mean, scale, axes = moments.pca(usable_components(n_components, n_pix))
+    shape = (axes.shape[1], height, width)
+    if scores is None:
+        scores = np.zeros(shape, np.float32)
+    elif callable(scores):
+        scores = scores(shape)
+    obs_sums = np.zeros((axes.shape[1], observation.n_obs))
+    for win in sorted(windows, key=lambda x: x not in kept):  # the kept ones first, to free them early
+        r0, c0, h, w = win
+        f = kept.pop(win) if win in kept else features(*win)
+        z = pca_scores(f, mean, scale, axes)
+        scores[:, r0 : r0 + h, c0 : c0 + w] = z.astype(np.float32)
+        obs_sums += observation.pool_window(z * mask[r0 : r0 + h, c0 : c0 + w], r0, c0)
+        del f, z
+        if progress is not None:
+            progress.update()
+    coef, intercept = fit_readout(obs_sums / np.where(n_pix > 0, n_pix, 1.0), n_pix, lr, alphas)
+    return SlidePrior(scores, coef, intercept, fingerprint)
 
 
 def usable_components(n_components: int, n_pix: np.ndarray) -> int:
@@ -295,27 +446,82 @@ def apply_prior(
     consistent.
     """
     check_strength(strength)
-    tissue = tissue_weights(mask, observation)
-    raw = np.clip(np.asarray(base, np.float64), 0.0, None)
-    base = np.clip(raw, 1e-9, None)  # zero-predicted spots can still be scaled up to their counts
+    base = np.clip(np.asarray(base, np.float64), 0.0, None)
     weights = prior_weights(prior, strength)
     if weights.shape != base.shape:
         raise ValueError(f"prior {weights.shape} and base {base.shape} must have the same shape.")
-    if tissue is not None:
-        raw, weights = raw * tissue, weights * tissue
-    lr = np.asarray(lr, np.float64)
-    reweighted = base * weights
-    out = np.asarray(observation.project(reweighted, lr, mode="multiplicative"), np.float64)
-    gap = observation.coverage == 0
-    if (
-        gap.any()
-    ):  # factors of the observations that the prediction covers (1 where it is zero: nothing to correct)
-        pooled = observation.pool(raw * weights)
-        ratio = np.where(pooled > 0, lr / np.where(pooled > 0, pooled, 1.0), 1.0)
-        out = np.where(gap, reweighted * observation.pixel_factors(ratio), out)
-    if tissue is not None:  # observations without tissue fell back to the additive correction: drop it
-        out = out * tissue
-    return np.clip(out, 0.0, None)
+    h, w = observation.shape
+    rw = PriorReweighting(
+        observation,
+        lr,
+        lambda r0, c0, hh, ww: weights[:, r0 : r0 + hh, c0 : c0 + ww],
+        tissue_weights(mask, observation),
+    )
+    rw.fit(*rw.pooled(base, 0, 0))  # the whole slide as one window
+    return rw.apply(base, 0, 0)
+
+
+@dataclass
+class PriorReweighting:
+    """Reweight an HR map by prior weights and restore the observations' counts: the one implementation, run on
+    one window (:func:`apply_prior`, :func:`prior_guide`) or chunk by chunk over a slide (``stsr.tl``).
+
+    Two passes: :meth:`pooled` of every chunk of the base map, summed, then :meth:`fit`; :meth:`apply` then gives
+    any chunk. Inside an observation the reweighted map is rescaled by ``measured / pooled``
+    (:meth:`~stsr.observation.ObservationModel.consistency_factors`); between observations by the factors of the
+    observations around them (:meth:`~stsr.observation.ObservationModel.pixel_factors`), fitted on the base as it
+    is, so that the weights' absolute scale cancels there too (a constant prior only makes the base consistent).
+    The base is floored at ``1e-9`` inside observations, so an observation the base leaves at zero can still
+    receive its count; off the tissue (``mask``) nothing is kept.
+    """
+
+    observation: ObservationModel
+    lr: Any
+    #: ``weights(r0, c0, h, w) -> (G, h, w)`` prior weights of a window (e.g. :meth:`SlidePrior.weights`)
+    weights: Callable[[int, int, int, int], np.ndarray]
+    #: ``(height, width)`` 0/1 tissue weights on the grid, or None for all
+    mask: np.ndarray | None = None
+    #: ``(G, n_obs)`` factors inside the observations and between them (set by :meth:`fit`)
+    scale: np.ndarray | None = None
+    gap_scale: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.lr = np.asarray(self.lr, np.float64)
+
+    def _reweighted(self, base: np.ndarray, r0: int, c0: int) -> tuple[np.ndarray, np.ndarray]:
+        h, w = base.shape[-2:]
+        wts = self.weights(r0, c0, h, w)
+        if self.mask is not None:
+            tissue = np.zeros((h, w))
+            height, width = self.mask.shape
+            ra, ca, rb, cb = max(r0, 0), max(c0, 0), min(r0 + h, height), min(c0 + w, width)
+            if rb > ra and cb > ca:
+                tissue[ra - r0 : rb - r0, ca - c0 : cb - c0] = self.mask[ra:rb, ca:cb]
+            wts = wts * tissue
+        raw = np.clip(np.asarray(base, np.float64), 0.0, None)
+        return raw * wts, np.clip(raw, 1e-9, None) * wts
+
+    def pooled(self, base: np.ndarray, r0: int, c0: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(G, n_obs)`` sums of a chunk of the base map, reweighted as it is and floored, over the observations."""
+        raw, floored = self._reweighted(base, r0, c0)
+        op = self.observation
+        if base.shape[-2:] == tuple(op.shape) and r0 == 0 and c0 == 0:
+            return op.pool(raw), op.pool(floored)
+        return op.pool_window(raw, r0, c0), op.pool_window(floored, r0, c0)
+
+    def fit(self, pooled_raw: np.ndarray, pooled_floored: np.ndarray) -> None:
+        """Set the factors from the summed :meth:`pooled` of the whole map."""
+        self.scale = self.observation.consistency_factors(pooled_floored, self.lr)
+        self.gap_scale = self.observation.consistency_factors(pooled_raw, self.lr)
+
+    def apply(self, base: np.ndarray, r0: int, c0: int) -> np.ndarray:
+        """``(G, h, w)`` float64 reweighted, consistent chunk of the base map at ``(r0, c0)``."""
+        if self.scale is None:
+            raise RuntimeError("call fit() with the pooled sums of the whole map first.")
+        _, floored = self._reweighted(base, r0, c0)
+        h, w = base.shape[-2:]
+        factors = self.observation.pixel_factors(self.scale, window=(r0, c0, h, w), gaps=self.gap_scale)
+        return np.clip(floored * factors, 0.0, None)
 
 
 def prior_guide(

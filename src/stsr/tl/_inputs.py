@@ -91,6 +91,14 @@ class SlideInputs:
         return self.pixel_size * self.um_per_unit
 
 
+def expected_inputs(inputs: SlideInputs) -> SlideInputs:
+    """``inputs`` with each spot's expected count in place of its measured count
+    (:meth:`stsr.observation.ObservationModel.expected_counts`: counts as Poisson draws of the expression)."""
+    from dataclasses import replace
+
+    return replace(inputs, lr=inputs.observation.expected_counts(inputs.lr))
+
+
 def teacher_image_scale(inputs: SlideInputs) -> int:
     """Image pixels per HR pixel at which the image teacher reads the slide: about
     :data:`stsr.models.TEACHER_UM_PER_PX` micrometres per teacher pixel, whatever the grid (at least 1)."""

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
-import numpy as np
 import spatialdata as sd
 
 from .. import __version__
@@ -14,12 +12,11 @@ from .._constants import KEY_PRIOR_MAP
 from .._validate import check_element
 from ..models.prior import PRIOR_MAP_STRENGTH, check_strength
 from ..pp._transforms import raster_levels
-from . import _semantic_prior
 from ._cache import RunCache
 from ._image_tiles import ImageSource
-from ._inputs import SlideInputs, prepare_inputs, teacher_image_scale
-from ._semantic_prior import SlidePrior, slide_guide, slide_prior
-from ._super_resolve import _describe_tissue, _raster, _restrict, resolve_device
+from ._inputs import SlideInputs, expected_inputs, prepare_inputs, teacher_image_scale
+from ._semantic_prior import SlidePrior, slide_prior
+from ._super_resolve import _describe_tissue, _prior_map_array, _raster, resolve_device
 from ._write import add_elements, check_new_keys
 
 
@@ -38,6 +35,7 @@ def prior_map(
     cache_dir: str | Path | None = None,
     tissue: Any = None,
     integer_counts: bool = True,
+    poisson: bool = True,
     device: Any = "auto",
     progress: bool = True,
 ) -> sd.SpatialData:
@@ -75,9 +73,10 @@ def prior_map(
         Replace an existing element named ``key_added``.
     cache_dir
         Where the result is staged before it is added (default: next to the zarr store when ``sdata`` is backed).
-    tissue, integer_counts
+    tissue, integer_counts, poisson
         As in :func:`super_resolve`: the tissue to map instead of the image's Otsu mask (a labels or shapes key, or
-        a boolean array), and whether raw integer counts are required.
+        a boolean array), whether raw integer counts are required, and whether the map pools to each spot's
+        expected count given the Poisson noise of counts (default) or to its measured count.
     device
         Where the image teacher runs: ``"auto"`` (cuda when available, else cpu), ``"cpu"``, ``"cuda"``, ...
     progress
@@ -115,6 +114,7 @@ def prior_map(
         integer_counts=integer_counts,
         tissue=tissue,
     )
+    inputs = expected_inputs(inputs) if poisson else inputs
     image_scale = teacher_image_scale(inputs) if image_scale is None else image_scale
     check_new_keys(sdata, [key_added], overwrite, inputs=(image_key, inputs.table_key, inputs.spots_key))
     source = ImageSource(inputs.image_levels, inputs.grid, image_scale)
@@ -133,6 +133,7 @@ def prior_map(
             overwrite,
             cache,
             _describe_tissue(tissue),
+            poisson,
         )
     finally:
         cache.remove()
@@ -150,21 +151,11 @@ def _write_map(
     overwrite: bool,
     cache: RunCache,
     tissue: str | None = None,
+    poisson: bool = True,
 ) -> None:
     """Compute the map of ``prior`` window by window and add it to ``sdata`` (staged in ``cache``)."""
-    guide = slide_guide(inputs, prior, strength)
-
-    def block(b: np.ndarray, block_info=None) -> np.ndarray:
-        (r0, r1), (c0, c1) = block_info[0]["array-location"][1:]
-        return guide.window(r0, c0, r1 - r0, c1 - c0)
-
-    n_genes, (height, width) = len(inputs.genes), inputs.grid.shape
-    template = da.zeros(
-        (n_genes, height, width),
-        dtype=np.float32,
-        chunks=(n_genes, _semantic_prior.PRIOR_WINDOW, _semantic_prior.PRIOR_WINDOW),
-    )
-    mapped = _restrict(template.map_blocks(block, dtype=np.float32), inputs.mask)
+    mapped = _prior_map_array(inputs, prior, strength)
+    height, width = inputs.grid.shape
     provenance = {
         "method": "prior_map",
         "image_key": image_key,
@@ -175,6 +166,7 @@ def _write_map(
         "coordinate_system": inputs.coordinate_system,
         "prior_strength": strength,
         "tissue": tissue,
+        "counts": "expected (poisson)" if poisson else "measured",
         "image_scale": image_scale,
         "teacher_sha256": prior.teacher_hash,
         "grid_shape": [height, width],

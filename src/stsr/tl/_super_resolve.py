@@ -16,9 +16,10 @@ from .._constants import KEY_SUPER_RESOLVE
 from ..models import gene_ids_from_names
 from ..models.network import FeatureCache
 from ..observation import ObservationModel
+from . import _semantic_prior
 from ._cache import RunCache
 from ._image_tiles import ImageSource
-from ._inputs import SlideInputs, prepare_inputs, teacher_image_scale
+from ._inputs import SlideInputs, expected_inputs, prepare_inputs, teacher_image_scale
 from ._store import TileStore, input_fingerprint
 from ._tile_job import TileJob, compute_tiles
 from ._tiling import TilePlan, assemble, fit_tiles, plan_tiles
@@ -62,8 +63,9 @@ def super_resolve(
     cache_interval: int = 1,
     n_samples: int = 1,
     consistency: bool = True,
-    semantic_prior: bool = False,
-    prior_strength: float = 0.5,
+    semantic_prior: bool | None = None,
+    prior_strength: float | None = None,
+    self_check: bool = True,
     tile_size: int = 64,
     overlap: int = 16,
     batch_size: int = 8,
@@ -74,6 +76,7 @@ def super_resolve(
     cache_dir: str | Path | None = None,
     tissue: Any = None,
     integer_counts: bool = True,
+    poisson: bool = True,
     progress: bool = True,
 ) -> sd.SpatialData:
     """Super-resolve spot-level expression into an HR raster guided by the histology image.
@@ -110,17 +113,24 @@ def super_resolve(
         Project every denoising step (and the output) so that pooling the HR map over each spot reproduces its
         measured counts.
     semantic_prior
+        Default (``None``): on for RGB and greyscale images (H&E, bright field), off for others (fluorescence).
         Reweight the result by a histology prior read from a pretrained image model: the features of an ImageNet
-        DenseNet121 trunk (:func:`stsr.models.teacher_features`), read out by a ridge fitted
-        on this slide's spots alone (:func:`stsr.models.semantic_prior`); the spot sums are restored afterwards.
-        On the HER2ST benchmark it raises within-spot-block structure markedly (``docs/benchmarks/accuracy.md``,
-        rows "× semantic prior"). The teacher reads every window of the tissue once (the up to 8 windows of
-        the principal axes a second time where their features do not fit in 256 MiB): about 3 min for a full
-        Visium capture area on 2 CPU cores, 1.0-1.3 GB of memory whatever the slide size
-        (``benchmarks/semantic_prior_cost.py``). The ``_std`` layer stays that of the
-        samples.
+        DenseNet121 trunk (:func:`stsr.models.teacher_features`), read out by a ridge fitted on this slide's spots
+        alone (:func:`stsr.models.semantic_prior`); the spot sums are restored afterwards. The teacher reads every
+        window of the tissue once (``benchmarks/semantic_prior_cost.py``). ``False`` returns the diffusion core's
+        map alone (and skips the self-check).
     prior_strength
-        Exponent of the prior weights (0 = no effect, 1 = the full read-out); 0.5 was chosen on HER2ST C2.
+        Exponent of the prior weights (0 = no effect, 1 = the full read-out); default: chosen by the self-check.
+    self_check
+        Before anything is written, measure the method on this slide (``stsr.tl._self_check``): the spots are hidden
+        behind coarser groups of them (2 x 2 on a square lattice, about 7 on Visium's) and predicted back from the
+        groups by each configuration: the prior's strength, and how much of the diffusion core's map to keep over the
+        prior map (down to none, in which case the core is not run at all and the result is the prior map of
+        :func:`prior_map`). The best configuration is used; its scores (Pearson r across spots, r within the groups)
+        are logged and kept in the provenance as ``self_check`` (the self-estimate of the result's accuracy). The
+        same predictions calibrate ``f"{key_added}_std"``: per gene, the standard deviation ``sqrt(phi) x map`` of a
+        Gamma spread of the rate whose negative-binomial 90 % interval (variance ``m + phi m^2`` for a pixel
+        count of mean ``m``) covers 90 % of the hidden spots; ``phi`` is in the provenance as ``dispersion``.
     tile_size, overlap
         Tile side and overlap in HR pixels; overlaps are blended with smooth weights. Keep ``overlap`` at least a
         spot diameter (10 HR pixels at the default pixel size) so that every spot lies whole inside some tile.
@@ -154,6 +164,12 @@ def super_resolve(
     integer_counts
         Require raw integer counts (default); ``False`` accepts non-integer counts (e.g. corrected for ambient
         RNA). Normalised or log-transformed values are refused either way.
+    poisson
+        Treat the spot counts as Poisson draws of the underlying expression (default): the map pools over each spot
+        to its expected count given its measurement and its neighbours
+        (:meth:`stsr.observation.ObservationModel.expected_counts`), so that a zero-count spot inside expressing
+        tissue or a lone high count on a low-count gene does not print the spot lattice into the map; where counts
+        are high this is the measured count. ``False`` keeps every spot's measured count exactly.
     progress
         Show a progress bar over tiles.
 
@@ -164,7 +180,13 @@ def super_resolve(
     ``sdata.attrs["stsr"][key_added]`` (kept in the store: read it there after :func:`spatialdata.read_zarr`). When ``sdata`` is backed by a zarr store the new elements are written to it
     and nothing else in the store is touched.
     """
-    out_keys = [key_added] + ([f"{key_added}_std"] if n_samples > 1 else [])
+    if semantic_prior is None:  # on for the images the teacher reads
+        from .._validate import check_element
+        from ..pp._transforms import raster_levels
+
+        semantic_prior = raster_levels(check_element(sdata, image_key, "images"))[0].shape[0] in (1, 3)
+    checked = semantic_prior and self_check
+    out_keys = [key_added] + ([f"{key_added}_std"] if n_samples > 1 or checked else [])
     check_new_keys(sdata, out_keys, overwrite, inputs=(image_key, table_key))  # before any path or work
     _check_int(n_samples, "n_samples", 1)
     _check_int(steps, "steps", 1)
@@ -172,7 +194,7 @@ def super_resolve(
     _check_int(tile_size, "tile_size", 8)
     _check_int(overlap, "overlap", 0)
     FeatureCache(cache_interval)  # a bad interval fails before any work
-    if semantic_prior:
+    if prior_strength is not None:
         from ..models.prior import check_strength
 
         check_strength(prior_strength, "prior_strength")
@@ -196,6 +218,8 @@ def super_resolve(
         tissue=tissue,
     )
     check_new_keys(sdata, out_keys, overwrite, inputs=(image_key, inputs.table_key, inputs.spots_key))
+    measured = inputs.lr
+    inputs = expected_inputs(inputs) if poisson else inputs
     tile_size, overlap = fit_tiles(inputs.grid.shape, tile_size, overlap, getattr(net, "tile_multiple", 4))
     plan = plan_tiles(inputs.grid.shape, tile_size, overlap, inputs.mask)
     params = {
@@ -212,34 +236,16 @@ def super_resolve(
         "cache_interval": cache_interval,
         "n_samples": n_samples,
         "consistency": consistency,
-        "semantic_prior": prior_strength if semantic_prior else None,
         "tile_size": tile_size,
         "overlap": overlap,
         "seed": seed,
         "tissue": _describe_tissue(tissue),
+        "counts": "expected (poisson)" if poisson else "measured",
         "stsr_version": __version__,
     }
+    # the tiles do not depend on the prior or the self-check: a rerun with another prior resumes them
     fingerprint = {**params, "inputs_sha256": input_fingerprint(inputs)}
-    est_mb = plan.n_tiles * len(inputs.genes) * tile_size**2 * 4 * (2 if n_samples > 1 else 1) / 2**20
-    log.info(
-        "super_resolve: %d tiles of %dx%d HR px (overlap %d) on a %dx%d grid of %.3g (units of %s) per px, %d genes, "
-        "%d step(s), "
-        "%d sample(s), device %s; tile store ~%.0f MB on disk, peak memory ~%.0f MB per batch of %d",
-        plan.n_tiles,
-        tile_size,
-        tile_size,
-        overlap,
-        *inputs.grid.shape,
-        inputs.pixel_size,
-        inputs.coordinate_system,
-        len(inputs.genes),
-        steps,
-        n_samples,
-        dev,
-        est_mb,
-        _batch_memory_mb(net, len(inputs.genes), tile_size, batch_size),
-        batch_size,
-    )
+    params.update(semantic_prior=semantic_prior, self_check=checked)
     cache = RunCache(sdata, cache_dir, key_added)
     prior = _fit_prior(inputs, cache, progress, dev) if semantic_prior else None
     if prior is not None:
@@ -252,7 +258,7 @@ def super_resolve(
         source=ImageSource(inputs.image_levels, inputs.grid, net.config.image_scale),
         observation=inputs.observation,
         lr=inputs.lr,
-        normalizer=_normalizer(inputs),
+        normalizer=_normalizer(inputs.lr, inputs.observation),
         gene_ids=gene_ids_from_names(inputs.genes),
         origins=plan.origins,
         tile_size=tile_size,
@@ -264,15 +270,72 @@ def super_resolve(
         consistency=consistency,
         seed=seed,
     )
-    compute_tiles(job, store, batch_size, progress)
-    mean = _final_map(store, plan, inputs, prior, prior_strength, consistency)
-    elements = {key_added: _raster(mean, inputs)}
-    if n_samples > 1:
+    check = None
+    strength, residual = (0.5 if prior_strength is None else prior_strength), 1.0
+    if checked:
+        from ._self_check import STRENGTHS, run_self_check
+
+        check = run_self_check(
+            inputs.observation,
+            inputs.lr,
+            inputs.mask,
+            prior,
+            window=_semantic_prior.PRIOR_WINDOW,
+            coarse_tiles=lambda op, lr, origins: _coarse_tiles(job, cache, op, lr, origins, batch_size),
+            tile_origins=plan.origins,
+            tile_size=tile_size,
+            strengths=STRENGTHS if prior_strength is None else (prior_strength,),
+            measured=measured,
+        )
+        strength, residual = check.strength, check.residual
+    if prior is not None:
+        params["prior_strength"] = strength
+        params["diffusion_residual"] = residual
+    if residual > 0:
+        est_mb = plan.n_tiles * len(inputs.genes) * tile_size**2 * 4 * (2 if n_samples > 1 else 1) / 2**20
+        log.info(
+            "super_resolve: %d tiles of %dx%d HR px (overlap %d) on a %dx%d grid of %.3g (units of %s) per px, "
+            "%d genes, %d step(s), %d sample(s), device %s; tile store ~%.0f MB on disk, peak memory ~%.0f MB per "
+            "batch of %d",
+            plan.n_tiles,
+            tile_size,
+            tile_size,
+            overlap,
+            *inputs.grid.shape,
+            inputs.pixel_size,
+            inputs.coordinate_system,
+            len(inputs.genes),
+            steps,
+            n_samples,
+            dev,
+            est_mb,
+            _batch_memory_mb(net, len(inputs.genes), tile_size, batch_size),
+            batch_size,
+        )
+        compute_tiles(job, store, batch_size, progress)
+        mean = _final_map(store, plan, inputs, prior, strength, consistency)
+        if prior is not None and residual < 1:
+            mean = (1 - residual) * _prior_map_array(inputs, prior, strength) + residual * mean
+    else:
+        log.info(
+            "super_resolve: the self-check keeps none of the diffusion core's map; the result is the prior map"
+        )
+        mean = _prior_map_array(inputs, prior, strength)
+    elements = {key_added: _raster(mean.astype(np.float32), inputs)}
+    if check is not None:
+        phi = da.from_array(np.sqrt(check.dispersion).astype(np.float32)[:, None, None])
+        std = mean * phi
+        if n_samples > 1 and residual > 0:
+            sample_std = _restrict(assemble(store.std, plan), inputs.mask)
+            std = da.sqrt(std**2 + (residual * sample_std) ** 2)
+        elements[f"{key_added}_std"] = _raster(std.astype(np.float32), inputs)
+        params["self_check"] = check.provenance()
+        params["dispersion"] = [float(f"{v:.7g}") for v in check.dispersion]
+    elif n_samples > 1:
         elements[f"{key_added}_std"] = _raster(_restrict(assemble(store.std, plan), inputs.mask), inputs)
     provenance = {
         **params,
-        "weights_sha256": params["weights_sha256"],
-        "n_tiles": plan.n_tiles,
+        "n_tiles": plan.n_tiles if residual > 0 else 0,
         "grid_shape": list(inputs.grid.shape),
         "grid_origin_image_px": list(inputs.grid.origin),
         "grid_pixel_size_image_px": inputs.grid.pixel_size,
@@ -283,16 +346,53 @@ def super_resolve(
     return sdata
 
 
+def _coarse_tiles(
+    job: TileJob, cache: RunCache, op: ObservationModel, lr: np.ndarray, origins: np.ndarray, batch_size: int
+) -> np.ndarray:
+    """The diffusion core's mean map of the tiles at ``origins`` with the spot groups ``op`` / ``lr`` as its input
+    (the self-check's run; in the run folder, removed with it)."""
+    from dataclasses import replace
+
+    params = {"self_check": True, "origins": origins.tolist(), "lr": float(lr.sum()), "steps": job.steps}
+    store = TileStore(cache / "self_check.zarr", len(origins), lr.shape[0], job.tile_size, params, False)
+    coarse = replace(
+        job,
+        observation=op,
+        lr=lr,
+        normalizer=_normalizer(lr, op),
+        origins=np.asarray(origins),
+        store_path=str(store.path),
+        n_samples=1,
+    )
+    compute_tiles(coarse, store, batch_size, progress=False)
+    return np.asarray(store.mean[:])
+
+
+def _prior_map_array(inputs: SlideInputs, prior: Any, strength: float) -> da.Array:
+    """The prior map of the slide (:func:`prior_map`'s result) as a lazy array, window by window."""
+    guide = _semantic_prior.slide_guide(inputs, prior, strength)
+
+    def block(b: np.ndarray, block_info=None) -> np.ndarray:
+        (r0, r1), (c0, c1) = block_info[0]["array-location"][1:]
+        return guide.window(r0, c0, r1 - r0, c1 - c0)
+
+    window = _semantic_prior.PRIOR_WINDOW
+    template = da.zeros(
+        (len(inputs.genes), *inputs.grid.shape), dtype=np.float32, chunks=(-1, window, window)
+    )
+    return _restrict(template.map_blocks(block, dtype=np.float32), inputs.mask)
+
+
 def _describe_tissue(tissue: Any) -> str | None:
     """How the tissue was given, for provenance: its key, ``"array"``, or ``None`` (the image's Otsu mask)."""
     return tissue if tissue is None or isinstance(tissue, str) else "array"
 
 
-def _normalizer(inputs: SlideInputs) -> Any:
+def _normalizer(lr: np.ndarray, observation: ObservationModel) -> Any:
     """Slide-level gene scales, computed exactly as in training (so results do not depend on tiling)."""
     from ..models import GeneNormalizer
 
-    return GeneNormalizer.from_observations(inputs.lr, inputs.observation.support_area)
+    return GeneNormalizer.from_observations(lr, observation.support_area)
 
 
 def _batch_memory_mb(net: Any, n_genes: int, tile: int, batch: int) -> float:
@@ -330,11 +430,22 @@ def _final_map(
     """Blend the tiles into the slide's map (lazy), restore the spot sums and apply the prior's reweighting."""
     mean = _restrict(assemble(store.mean, plan), inputs.mask)
     if consistency or prior is not None:
-        mean = _global_consistency(mean, inputs.observation, inputs.lr)
+        mean = _consistent(mean, inputs.observation, inputs.lr)
     if prior is not None:
         # reweight the consistent map and restore the spot sums; the gaps between spots follow their neighbours
-        reweighted = prior.reweight(mean, strength)
-        mean = _global_consistency(reweighted, inputs.observation, inputs.lr, between_spots=True)
+        from ..models.prior import PriorReweighting
+
+        reweighting = PriorReweighting(
+            inputs.observation,
+            inputs.lr,
+            lambda r0, c0, h, w: prior.weights(r0, c0, h, w, strength),
+            np.asarray(inputs.mask, np.float64),
+        )
+        reweighting.fit(*_pooled(mean, reweighting.pooled, inputs.observation.n_obs, 2))
+        mean = mean.map_blocks(
+            lambda b, block_info=None: reweighting.apply(b, *_origin(block_info)).astype(np.float32),
+            dtype=np.float32,
+        )
     return mean
 
 
@@ -348,42 +459,40 @@ def _restrict(arr: da.Array, mask: np.ndarray) -> da.Array:
     return arr.map_blocks(block, dtype=arr.dtype)
 
 
-def _global_consistency(
-    mean: da.Array, op: ObservationModel, lr: np.ndarray, between_spots: bool = False
-) -> da.Array:
+def _origin(block_info: dict) -> tuple[int, int]:
+    """``(row0, col0)`` of a ``(genes, y, x)`` chunk in ``map_blocks``."""
+    return block_info[0]["array-location"][1][0], block_info[0]["array-location"][2][0]
+
+
+def _pooled(arr: da.Array, pool: Any, n_obs: int, n_out: int = 1) -> list[np.ndarray]:
+    """Sum ``pool(chunk, row0, col0)`` (``n_out`` arrays of ``(G, n_obs)``) over the chunks of ``arr``."""
+
+    def block(b: np.ndarray, block_info=None) -> np.ndarray:
+        parts = pool(b, *_origin(block_info))
+        return np.stack(parts if n_out > 1 else [parts])[:, :, None, None, :]
+
+    parts = arr.map_blocks(
+        block, dtype=np.float64, chunks=(n_out, arr.shape[0], 1, 1, n_obs), new_axis=(0, 4)
+    )
+    return list(parts.sum(axis=(2, 3)).compute())
+
+
+def _consistent(mean: da.Array, op: ObservationModel, lr: np.ndarray) -> da.Array:
     """Rescale each spot's pixels so that pooling the blended output reproduces the measured spot counts.
 
     Blending neighbouring tiles mixes predictions that were each consistent inside their own tile; this final,
-    tile-independent pass restores exact consistency: one pass pools the output chunk by chunk, a second scales
-    each spot's pixels by ``measured / pooled`` (:meth:`ObservationModel.project`, multiplicative, per chunk). With
-    ``between_spots`` the pixels between spots are rescaled too, by the interpolated factors of the spots around
-    them (:meth:`ObservationModel.pixel_factors`; used after the prior's reweighting, which changes every pixel).
+    tile-independent pass restores exact consistency: one pass pools the output chunk by chunk
+    (:meth:`ObservationModel.pool_window`), a second scales each spot's pixels by
+    :meth:`ObservationModel.consistency_factors` (the factors of :meth:`ObservationModel.project`, spread by
+    :meth:`ObservationModel.pixel_factors`; the pixels between spots are left as they are).
     """
-
-    def pooled_block(block: np.ndarray, block_info=None) -> np.ndarray:
-        r0, c0 = block_info[0]["array-location"][1][0], block_info[0]["array-location"][2][0]
-        return op.pool_window(block, r0, c0)[:, None, None, :]
-
-    parts = mean.map_blocks(
-        pooled_block, dtype=np.float64, chunks=(mean.shape[0], 1, 1, op.n_obs), new_axis=3
-    )
-    pooled = parts.sum(axis=(1, 2)).compute()
-    ok = pooled > 0
-    ratio = np.where(ok, lr / np.where(ok, pooled, 1.0), 1.0)
-    if between_spots:
-
-        def scale_block(block: np.ndarray, block_info=None) -> np.ndarray:
-            (r0, r1), (c0, c1) = block_info[0]["array-location"][1:]
-            factors = op.pixel_factors(ratio, window=(r0, c0, r1 - r0, c1 - c0))
-            return (block * factors).astype(np.float32)
-
-        return mean.map_blocks(scale_block, dtype=np.float32)
-    ratio = np.concatenate([ratio, np.ones((ratio.shape[0], 1))], axis=1).astype(np.float32)
-    owner = op.owner_map()
+    (pooled,) = _pooled(mean, op.pool_window, op.n_obs)
+    ratio = op.consistency_factors(pooled, lr)
 
     def scale_block(block: np.ndarray, block_info=None) -> np.ndarray:
-        (r0, r1), (c0, c1) = block_info[0]["array-location"][1:]
-        return block * ratio[:, owner[r0:r1, c0:c1]]
+        r0, c0 = _origin(block_info)
+        h, w = block.shape[-2:]
+        return (block * op.pixel_factors(ratio, window=(r0, c0, h, w), gaps=False)).astype(np.float32)
 
     return mean.map_blocks(scale_block, dtype=np.float32)
 

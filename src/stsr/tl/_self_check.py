@@ -1,0 +1,333 @@
+"""``super_resolve`` checks itself on the user's slide: the spots are hidden behind coarser groups of them and
+predicted back, with no truth needed.
+
+The spots are grouped (2 x 2 on a square lattice such as legacy ST, about 7 on a hexagonal one such as Visium) and
+each candidate configuration maps the slide from the groups alone, exactly as ``super_resolve`` maps it from the
+spots: the interpolated group densities reweighted by the semantic prior (its read-out refitted on the groups, on
+the histology scores already computed), optionally blended with the diffusion core's map of a few tiles. Pooling
+each candidate's map over the spots gives a prediction of every measured spot; the configuration whose prediction
+correlates best with the measured spots (Pearson r across spots plus r within the groups, mean over genes) is used
+for the real run, and its scores are the run's self-estimate. The same predictions calibrate the uncertainty: a
+Gamma-Poisson (negative binomial) spread per gene whose central 90 % interval covers 90 % of the spots.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..metrics import _corr_rows
+from ..models.prior import PriorReweighting, SlidePrior, tissue_windows
+from ..observation import ObservationModel
+
+log = logging.getLogger("stsr")
+
+#: Exponents of the prior tried by the self-check (0 = the interpolated spots alone).
+STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: Shares of the diffusion core's residual tried (0 = the prior map alone, 1 = the core's map x the prior).
+RESIDUALS = (0.0, 0.5, 1.0)
+#: Tiles the diffusion core runs on for the self-check (spread over the tissue).
+CHECK_TILES = 6
+#: The diffusion residual is kept only when it raises r + within-group r of the checked spots by at least this much
+#: over the prior map on the same spots (a few tiles' spots: smaller differences are within chance), raises the
+#: within-group r (the structure the core is there to add) and does not lower r.
+MIN_GAIN = 0.02
+#: Central interval whose coverage the spread is calibrated to.
+INTERVAL = 0.9
+
+
+def spot_groups(observation: ObservationModel) -> np.ndarray:
+    """``(n_obs,)`` group of each spot: square cells of 2 x 2 spots on a square lattice, cells of about 7 spots
+    (the area of a 7-spot hexagon) on a hexagonal one, laid from the lattice's corner."""
+    centres = observation.centres
+    pitch = observation.pitch()
+    if len(centres) < 2:
+        return np.zeros(len(centres), np.int64)
+    from scipy.spatial import cKDTree
+
+    neighbours = cKDTree(centres).query_ball_point(centres, 1.2 * pitch, return_length=True) - 1
+    hexagonal = float(np.median(neighbours)) >= 5
+    cell = pitch * (np.sqrt(7 * np.sqrt(3) / 2) if hexagonal else 2.0)
+    key = np.floor((centres - centres.min(0) + pitch / 2) / cell).astype(np.int64)
+    _, groups = np.unique(key, axis=0, return_inverse=True)
+    return groups.ravel().astype(np.int64)
+
+
+def group_sums(lr: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """``(G, n_groups)`` sums of ``lr`` ``(G, n_obs)`` over the groups (negative groups left out)."""
+    ok = groups >= 0
+    out = np.zeros((lr.shape[0], int(groups.max()) + 1 if ok.any() else 0))
+    np.add.at(out.T, groups[ok], np.asarray(lr, np.float64)[:, ok].T)
+    return out
+
+
+def spot_scores(pred: np.ndarray, lr: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
+    """Mean over genes of Pearson r across spots, and of r within the groups (each group's mean removed from
+    prediction and measurement), between predicted and measured spot counts ``(G, n)``."""
+    ok = groups >= 0
+    p, y, g = np.asarray(pred, np.float64)[:, ok], np.asarray(lr, np.float64)[:, ok], groups[ok]
+    r = _corr_rows(p, y)
+    size = np.bincount(g)
+    multi = size[g] > 1  # single-spot groups have no structure inside
+
+    def centred(x: np.ndarray) -> np.ndarray:
+        sums = np.zeros((x.shape[0], len(size)))
+        np.add.at(sums.T, g, x.T)
+        return (x - sums[:, g] / size[g])[:, multi]
+
+    within = _corr_rows(centred(p), centred(y), np.linalg.norm(p, axis=1), np.linalg.norm(y, axis=1))
+    return float(np.nanmean(r)), float(np.nanmean(within)) if multi.any() else float("nan")
+
+
+def calibrate_dispersion(pred: np.ndarray, lr: np.ndarray, level: float = INTERVAL) -> np.ndarray:
+    """Per-gene dispersion ``phi`` of a negative binomial (variance ``mu + phi mu^2``) around the predicted spot
+    counts, by moments, then scaled by one factor so that the central ``level`` interval covers that share of the
+    measured spots."""
+    from scipy.stats import nbinom
+
+    mu = np.clip(np.asarray(pred, np.float64), 1e-9, None)
+    y = np.asarray(lr, np.float64)
+    phi = np.clip(((y - mu) ** 2 - mu).sum(1) / (mu**2).sum(1), 1e-4, None)
+    tail = (1 - level) / 2
+
+    def coverage(c: float) -> float:
+        n = 1.0 / (c * phi[:, None])
+        prob = n / (n + mu)
+        lo, hi = nbinom.ppf(tail, n, prob), nbinom.ppf(1 - tail, n, prob)
+        return float(((y >= lo) & (y <= hi)).mean())
+
+    lo_c, hi_c = 1.0 / 64, 64.0
+    for _ in range(18):  # bisection on log c: coverage grows with c
+        mid = np.sqrt(lo_c * hi_c)
+        lo_c, hi_c = (mid, hi_c) if coverage(mid) < level else (lo_c, mid)
+    return phi * np.sqrt(lo_c * hi_c)
+
+
+@dataclass
+class Candidate:
+    strength: float
+    residual: float
+    r: float
+    within_r: float
+
+    @property
+    def score(self) -> float:
+        return self.r + (0.0 if np.isnan(self.within_r) else self.within_r)
+
+
+@dataclass
+class SelfCheck:
+    """The configuration chosen on the slide and what the check measured."""
+
+    strength: float
+    residual: float
+    r: float
+    within_r: float
+    dispersion: np.ndarray
+    n_groups: int
+    candidates: list[Candidate] = field(default_factory=list)
+
+    def provenance(self) -> dict[str, Any]:
+        """JSON-ready record for the element's provenance."""
+        return {
+            "prior_strength": self.strength,
+            "diffusion_residual": self.residual,
+            "self_estimated_r": round(self.r, 4),
+            "self_estimated_within_r": None if np.isnan(self.within_r) else round(self.within_r, 4),
+            "spot_groups": self.n_groups,
+            "candidates": [
+                [
+                    c.strength,
+                    c.residual,
+                    round(c.r, 4),
+                    None if np.isnan(c.within_r) else round(c.within_r, 4),
+                ]
+                for c in self.candidates
+            ],
+        }
+
+
+class CoarseSlide:
+    """The slide seen through the spot groups: their operator, counts and prior, and the spot pixels' windows."""
+
+    def __init__(
+        self, observation: ObservationModel, lr: np.ndarray, mask: np.ndarray, prior: SlidePrior, window: int
+    ) -> None:
+        self.spots, self.lr, self.mask, self.window = observation, np.asarray(lr, np.float64), mask, window
+        self.groups = spot_groups(observation)
+        self.op = observation.grouped(self.groups)
+        self.group_lr = group_sums(self.lr, self.groups)
+        self.area = self.op.tissue_area(mask)
+        self.prior = prior.refit(self.op, self.group_lr, mask, window)
+        self.windows = tissue_windows(observation.coverage.reshape(mask.shape) > 0, window)
+
+    def base(self, r0: int, c0: int, h: int, w: int) -> np.ndarray:
+        return self.op.interpolate(self.group_lr, window=(r0, c0, h, w), area=self.area)
+
+    def prior_map(self, strength: float) -> PriorReweighting:
+        """The prior map from the groups (fitted over the windows that hold spots)."""
+        rw = PriorReweighting(
+            self.op,
+            self.group_lr,
+            lambda r0, c0, h, w: self.prior.weights(r0, c0, h, w, strength),
+            np.asarray(self.mask, np.float64),
+        )
+        sums = [np.zeros_like(self.group_lr) for _ in range(2)]
+        for r0, c0, h, w in self.windows:
+            for total, part in zip(sums, rw.pooled(self.base(r0, c0, h, w), r0, c0)):
+                total += part
+        rw.fit(*sums)
+        return rw
+
+    def predicted_spots(self, rw: PriorReweighting) -> np.ndarray:
+        """``(G, n_spots)`` spot counts of the prior map ``rw``."""
+        out = np.zeros_like(self.lr)
+        for r0, c0, h, w in self.windows:
+            out += self.spots.pool_window(rw.apply(self.base(r0, c0, h, w), r0, c0), r0, c0)
+        return out
+
+
+def run_self_check(
+    observation: ObservationModel,
+    lr: np.ndarray,
+    mask: np.ndarray,
+    prior: SlidePrior,
+    *,
+    window: int,
+    coarse_tiles: Callable[[ObservationModel, np.ndarray, np.ndarray], np.ndarray] | None = None,
+    tile_origins: np.ndarray | None = None,
+    tile_size: int = 0,
+    strengths: tuple[float, ...] = STRENGTHS,
+    residuals: tuple[float, ...] = RESIDUALS,
+    measured: np.ndarray | None = None,
+) -> SelfCheck:
+    """Choose the prior's strength (and, given ``coarse_tiles``, the share of the diffusion residual) on the slide.
+
+    Parameters
+    ----------
+    observation, lr, mask
+        The spots on the HR grid, their ``(G, n_obs)`` counts and the tissue mask.
+    prior
+        The slide's semantic prior (fitted on the spots; refitted here on the groups).
+    window
+        Side of the windows the maps are computed in.
+    coarse_tiles
+        ``coarse_tiles(group_operator, group_counts, origins) -> (n, G, t, t)``: the diffusion core's mean map of
+        the tiles at ``origins`` given the groups in place of the spots; None checks the prior map alone.
+    tile_origins, tile_size
+        The tiles of the run's plan, of which up to :data:`CHECK_TILES` are checked.
+    measured
+        The measured counts, when ``lr`` are expected counts: the spread is calibrated to cover the measurements.
+    """
+    slide = CoarseSlide(observation, lr, mask, prior, window)
+    groups = slide.groups
+    candidates: list[Candidate] = []
+    maps: dict[float, PriorReweighting] = {}
+    preds: dict[tuple[float, float], np.ndarray] = {}
+    for s in strengths:
+        maps[s] = slide.prior_map(s)
+        preds[(s, 0.0)] = slide.predicted_spots(maps[s])
+        candidates.append(Candidate(s, 0.0, *spot_scores(preds[(s, 0.0)], slide.lr, groups)))
+    best = max(candidates, key=lambda c: c.score)
+    chosen_pred = preds[(best.strength, 0.0)]
+    if coarse_tiles is not None and tile_origins is not None and len(tile_origins) and any(residuals):
+        tiles = _check_tiles(observation, slide.groups, tile_origins, tile_size)
+        if len(tiles):
+            origins = tile_origins[tiles]
+            diffusion = coarse_tiles(slide.op, slide.group_lr, origins)
+            seen, spot_idx, parts = np.zeros(observation.n_obs, bool), [], []
+            s = best.strength
+            for (r, c), d in zip(origins, diffusion):
+                r, c = int(r), int(c)
+                sub, keep = observation.crop(r, c, tile_size, tile_size)
+                whole = _whole_groups(slide.groups, keep)
+                take = whole & ~seen[keep]
+                if not take.any():
+                    continue
+                seen[keep[take]] = True
+                gsub, gkeep = slide.op.crop(r, c, tile_size, tile_size)
+                wts = slide.prior.weights(r, c, tile_size, tile_size, s) * _window_of(mask, r, c, tile_size)
+                dp = gsub.project(
+                    np.clip(d, 0, None) * wts + 1e-12 * wts, slide.group_lr[:, gkeep], "multiplicative"
+                )
+                pm = maps[s].apply(slide.base(r, c, tile_size, tile_size), r, c)
+                parts.append((sub.pool(pm)[:, take], sub.pool(dp)[:, take]))
+                spot_idx.append(keep[take])
+            if spot_idx:
+                idx = np.concatenate(spot_idx)
+                pm_spots = np.concatenate([p for p, _ in parts], axis=1)
+                dp_spots = np.concatenate([d for _, d in parts], axis=1)
+                sub_groups = slide.groups[idx]
+                base_on_tiles = None
+                for a in residuals:
+                    pred = (1 - a) * pm_spots + a * dp_spots
+                    r_a, w_a = spot_scores(pred, slide.lr[:, idx], sub_groups)
+                    if a == 0:
+                        base_on_tiles = Candidate(s, 0.0, r_a, w_a)
+                    else:
+                        candidates.append(Candidate(s, a, r_a, w_a))
+                # the residual is kept only where it beats the prior map on the same spots
+                gain = [
+                    c
+                    for c in candidates
+                    if c.residual > 0
+                    and c.score >= base_on_tiles.score + MIN_GAIN
+                    and c.within_r > base_on_tiles.within_r
+                    and c.r >= base_on_tiles.r - 0.005
+                ]
+                if gain:
+                    top = max(gain, key=lambda c: c.score)
+                    # the whole-slide estimate of the prior map, moved by the gain measured on the tiles
+                    best = Candidate(
+                        s,
+                        top.residual,
+                        min(best.r + top.r - base_on_tiles.r, 1.0),
+                        min(best.within_r + top.within_r - base_on_tiles.within_r, 1.0),
+                    )
+    dispersion = calibrate_dispersion(chosen_pred, slide.lr if measured is None else measured)
+    check = SelfCheck(
+        best.strength, best.residual, best.r, best.within_r, dispersion, int(groups.max()) + 1, candidates
+    )
+    log.info(
+        "super_resolve self-check (%d spot groups predicting %d spots): prior strength %g, diffusion residual %g; "
+        "self-estimated r %.3f, within-group r %.3f",
+        check.n_groups,
+        observation.n_obs,
+        check.strength,
+        check.residual,
+        check.r,
+        check.within_r,
+    )
+    return check
+
+
+def _whole_groups(groups: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Of the spots ``keep`` (inside a tile), those whose whole group is inside too."""
+    inside = np.zeros(int(groups.max()) + 1, np.int64)
+    np.add.at(inside, groups[keep], 1)
+    return inside[groups[keep]] == np.bincount(groups, minlength=len(inside))[groups[keep]]
+
+
+def _window_of(mask: np.ndarray, r: int, c: int, size: int) -> np.ndarray:
+    out = np.zeros((size, size))
+    part = mask[max(r, 0) : r + size, max(c, 0) : c + size]
+    out[: part.shape[0], : part.shape[1]] = part
+    return out
+
+
+def _check_tiles(
+    observation: ObservationModel, groups: np.ndarray, origins: np.ndarray, size: int
+) -> np.ndarray:
+    """Up to :data:`CHECK_TILES` tiles of the plan holding the most whole spot groups, spread over the slide."""
+    counts = np.array(
+        [_whole_groups(groups, observation.crop(int(r), int(c), size, size)[1]).sum() for r, c in origins]
+    )
+    if counts.max(initial=0) == 0:
+        return np.array([], np.int64)
+    good = np.flatnonzero(counts >= 0.5 * counts.max())
+    pick = np.unique(np.linspace(0, len(good) - 1, min(CHECK_TILES, len(good))).round().astype(int))
+    return good[pick]

@@ -1,0 +1,132 @@
+"""The self-check of ``super_resolve``: spots hidden behind groups of spots and predicted back, no truth needed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import spatialdata as sd
+
+import stsr
+from stsr.models.prior import SlidePrior
+from stsr.observation import ObservationModel
+from stsr.tl._self_check import calibrate_dispersion, run_self_check, spot_groups
+
+
+def _square_spots(n: int = 12, pitch: int = 10, radius: float = 3.5) -> ObservationModel:
+    shape = (n * pitch, n * pitch)
+    yy, xx = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    centres = np.stack([yy.ravel(), xx.ravel()], 1) * pitch + pitch / 2
+    return ObservationModel.disks(shape, centres, radius)
+
+
+def _field(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """A positive field with structure at the scale of a spot (what the prior should find inside the spots)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    f = 1 + 0.8 * np.sin(yy / 3.1 + rng.uniform(0, 6)) * np.cos(xx / 2.3 + rng.uniform(0, 6))
+    return f + 0.5 * (xx / shape[1])
+
+
+def _case(seed: int = 0):
+    op = _square_spots()
+    truth = np.stack([_field(op.shape, seed + g) * (g + 1) * 40 for g in range(3)])  # (3, h, w) rates
+    lr = op.pool(truth)  # high counts: exact sums
+    mask = np.ones(op.shape, bool)
+    return op, truth, lr, mask
+
+
+def _prior(scores: np.ndarray, n_genes: int) -> SlidePrior:
+    # coefficients are refitted by the self-check; these only carry the shapes
+    return SlidePrior(
+        scores.astype(np.float32), np.zeros((scores.shape[0], n_genes)), np.zeros(n_genes), "test"
+    )
+
+
+def test_spot_groups_are_2x2_on_a_square_lattice_and_about_7_on_a_hexagonal_one():
+    groups = spot_groups(_square_spots(8))
+    assert np.bincount(groups).tolist() == [4] * 16
+    # hexagonal lattice (Visium): rows offset by half a pitch, rows sqrt(3)/2 apart
+    pitch, centres = 10.0, []
+    for i in range(16):
+        for j in range(16):
+            centres.append((i * pitch * np.sqrt(3) / 2 + 5, j * pitch + (pitch / 2 if i % 2 else 0) + 5))
+    op = ObservationModel.disks((150, 175), np.array(centres), 3.0)
+    sizes = np.bincount(spot_groups(op))
+    inner = sizes[sizes >= 3]  # groups cut by the slide's edge aside
+    assert 6.0 <= inner.mean() <= 8.0
+
+
+def test_a_prior_that_carries_the_truth_is_chosen_and_one_of_noise_is_not():
+    op, truth, lr, mask = _case()
+    good = _prior(np.log1p(truth.mean(0))[None], 3)
+    rng = np.random.default_rng(1)
+    noise = _prior(rng.normal(size=(1, *op.shape)), 3)
+    with_truth = run_self_check(op, lr, mask, good, window=64)
+    with_noise = run_self_check(op, lr, mask, noise, window=64)
+    assert with_truth.strength >= 0.75
+    assert with_noise.strength <= 0.25
+    # the self-estimate says which one helps: within-group r far higher with the informative prior
+    assert with_truth.within_r > with_noise.within_r + 0.2
+    by_strength = {c.strength: c for c in with_noise.candidates}
+    assert with_noise.r == pytest.approx(
+        max(c.r + c.within_r for c in by_strength.values()) - with_noise.within_r
+    )
+
+
+def test_the_diffusion_residual_is_kept_only_when_it_predicts_the_hidden_spots_better():
+    op, truth, lr, mask = _case(3)
+    flat = _prior(np.zeros((1, *op.shape)), 3)
+
+    def oracle(group_op, group_lr, origins):  # a core that knows the truth
+        return np.stack([truth[:, r : r + 40, c : c + 40] for r, c in origins])
+
+    def noise(group_op, group_lr, origins):  # a core that invents structure
+        rng = np.random.default_rng(0)
+        return np.stack([truth.mean() * rng.gamma(0.3, size=(3, 40, 40)) for _ in origins])
+
+    origins = np.array([(r, c) for r in range(0, 120, 40) for c in range(0, 120, 40)])
+    kw = {"window": 64, "tile_origins": origins, "tile_size": 40}
+    helped = run_self_check(op, lr, mask, flat, coarse_tiles=oracle, **kw)
+    harmed = run_self_check(op, lr, mask, flat, coarse_tiles=noise, **kw)
+    assert helped.residual == 1.0 and harmed.residual == 0.0
+    assert helped.within_r > harmed.within_r + 0.2
+
+
+def test_the_dispersion_is_calibrated_to_cover_90_percent():
+    rng = np.random.default_rng(0)
+    mu = rng.gamma(2.0, 20.0, size=(4, 3000))
+    phi = np.array([0.05, 0.2, 0.5, 1.0])
+    rate = rng.gamma(1 / phi[:, None], mu * phi[:, None])
+    y = rng.poisson(rate)
+    got = calibrate_dispersion(mu, y)
+    from scipy.stats import nbinom
+
+    n = 1 / got[:, None]
+    lo, hi = nbinom.ppf(0.05, n, n / (n + mu)), nbinom.ppf(0.95, n, n / (n + mu))
+    assert ((y >= lo) & (y <= hi)).mean() == pytest.approx(0.9, abs=0.01)
+    assert np.corrcoef(np.log(got), np.log(phi))[0, 1] > 0.95  # the genes' order of spread is kept
+
+
+def test_default_super_resolve_checks_itself_and_never_does_worse_than_the_prior_map(tiny_model):
+    """With an untrained core, the self-check keeps none of its map: the result is the prior map with the chosen
+    strength, the spot counts are kept, and the self-estimate and the calibrated spread are recorded."""
+    slide = stsr.datasets.synthetic(size_um=(600, 600), n_genes=3, seed=2)
+    genes = ["gene_000", "gene_001"]
+    sdata = sd.deepcopy(slide)
+    stsr.tl.super_resolve(
+        sdata, "he", genes, model=tiny_model, steps=2, tile_size=32, overlap=12, progress=False
+    )
+    prov = sdata.attrs["stsr"]["stsr"]
+    check = prov["self_check"]
+    assert prov["diffusion_residual"] == 0.0 and prov["n_tiles"] == 0
+    assert -1 <= check["self_estimated_r"] <= 1 and check["spot_groups"] > 4
+    assert len(check["candidates"]) >= 5 and len(prov["dispersion"]) == 2
+    out = np.asarray(sdata["stsr"]["scale0"]["image"].values)
+    ref = sd.deepcopy(slide)
+    stsr.tl.prior_map(ref, "he", genes, prior_strength=prov["prior_strength"], progress=False)
+    np.testing.assert_allclose(
+        out, np.asarray(ref["stsr_prior"]["scale0"]["image"].values), rtol=1e-5, atol=1e-6
+    )
+    std = np.asarray(sdata["stsr_std"]["scale0"]["image"].values)
+    phi = np.sqrt(np.asarray(prov["dispersion"]))[:, None, None]
+    np.testing.assert_allclose(std, out * phi, rtol=1e-5, atol=1e-7)
