@@ -849,7 +849,7 @@ def prior_rows(
 
     def reweighted() -> np.ndarray:
         feats = stsr.models.teacher_features(case.teacher_image, op.shape)
-        prior = stsr.models.semantic_prior(feats, lr, op, mask=case.mask)
+        prior = stsr.models.semantic_prior(feats, lr, op)  # the user's slide has no truth positions
         return stsr.models.apply_prior(B.bicubic_mass(lr, op), prior, lr, op)
 
     rows = [run(case, names[0], reweighted, note=f"teacher image {k} px per HR pixel")]

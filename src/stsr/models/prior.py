@@ -10,6 +10,7 @@ the size of its features are here too.
 
 from __future__ import annotations
 
+from ._features import DenseNetEncoder, ModuleEncoder, NucleiEncoder, resolve_image_features
 from ._prior import (
     PRIOR_MAP_STRENGTH,
     RIDGE_ALPHAS,
@@ -45,6 +46,10 @@ __all__ = [
     "tissue_windows",
     "SlidePrior",
     "PriorReweighting",
+    "resolve_image_features",
+    "DenseNetEncoder",
+    "NucleiEncoder",
+    "ModuleEncoder",
     "TEACHER_CHANNELS",
     "DenseNetTrunk",
 ]

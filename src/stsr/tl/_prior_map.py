@@ -15,7 +15,7 @@ from ..pp._transforms import raster_levels
 from ._cache import RunCache
 from ._image_tiles import ImageSource
 from ._inputs import SlideInputs, expected_inputs, prepare_inputs, teacher_image_scale
-from ._semantic_prior import SlidePrior, slide_prior
+from ._semantic_prior import SlidePrior, describe_features, slide_prior
 from ._super_resolve import _describe_tissue, _prior_map_array, _raster, resolve_device
 from ._write import add_elements, check_new_keys
 
@@ -37,6 +37,7 @@ def prior_map(
     integer_counts: bool = True,
     poisson: bool = True,
     device: Any = "auto",
+    image_features: Any = "densenet121",
     progress: bool = True,
 ) -> sd.SpatialData:
     """Histology-guided HR map without diffusion: the spot densities interpolated onto the tissue of the HR grid,
@@ -79,6 +80,14 @@ def prior_map(
         expected count given the Poisson noise of counts (default) or to its measured count.
     device
         Where the image teacher runs: ``"auto"`` (cuda when available, else cpu), ``"cpu"``, ``"cuda"``, ...
+    image_features
+        What the prior reads from the image: ``"densenet121"`` (default: the ImageNet DenseNet121 teacher that ships
+        offline), ``"nuclei"`` (nuclear density, size, shape and stain from the H&E by colour deconvolution and
+        scikit-image, no weights), a ``torch.nn.Module`` or callable mapping an RGB tile ``(B, 3, H, W)`` in
+        ``[0, 1]`` to a feature map ``(B, C, h, w)`` (e.g. a pathology foundation model you have; wrap it in
+        :class:`stsr.models.prior.ModuleEncoder` to set its resolution and normalisation), the key of an image element
+        of precomputed embeddings in ``sdata`` (``c`` = features, any resolution, placed by its transformation, e.g.
+        from ``sopa.patches.compute_embeddings``), or a list of these (concatenated). As in :func:`super_resolve`; see ``docs/image_features.md``.
     progress
         Show a progress bar over the teacher's windows.
 
@@ -121,7 +130,14 @@ def prior_map(
     cache = RunCache(sdata, cache_dir, key_added)
     try:
         # the scores live in the cache, read window by window (no slide-sized array in memory or in the graph)
-        prior = slide_prior(inputs, source, progress=progress, store=cache / "prior_scores.zarr", device=dev)
+        prior = slide_prior(
+            inputs,
+            source,
+            progress=progress,
+            store=cache / "prior_scores.zarr",
+            device=dev,
+            image_features=image_features,
+        )
         _write_map(
             sdata,
             inputs,
@@ -134,6 +150,7 @@ def prior_map(
             cache,
             _describe_tissue(tissue),
             poisson,
+            image_features,
         )
     finally:
         cache.remove()
@@ -152,6 +169,7 @@ def _write_map(
     cache: RunCache,
     tissue: str | None = None,
     poisson: bool = True,
+    image_features: Any = "densenet121",
 ) -> None:
     """Compute the map of ``prior`` window by window and add it to ``sdata`` (staged in ``cache``)."""
     mapped = _prior_map_array(inputs, prior, strength)
@@ -169,6 +187,7 @@ def _write_map(
         "counts": "expected (poisson)" if poisson else "measured",
         "image_scale": image_scale,
         "teacher_sha256": prior.teacher_hash,
+        "image_features": describe_features(image_features),
         "grid_shape": [height, width],
         "grid_origin_image_px": list(inputs.grid.origin),
         "grid_pixel_size_image_px": inputs.grid.pixel_size,

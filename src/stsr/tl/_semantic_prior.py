@@ -10,8 +10,17 @@ import numpy as np
 import zarr
 from tqdm.auto import tqdm
 
-from ..models import load_teacher, teacher_features
-from ..models.prior import PriorReweighting, SlidePrior, fit_prior, tissue_windows
+from ..models import teacher_features
+from ..models.prior import (
+    DenseNetEncoder,
+    NucleiEncoder,
+    PriorReweighting,
+    SlidePrior,
+    fit_prior,
+    resolve_image_features,
+    tissue_windows,
+)
+from ._embeddings import EmbeddingSource
 from ._image_tiles import ImageSource
 from ._inputs import SlideInputs
 
@@ -80,6 +89,45 @@ def slide_guide(inputs: SlideInputs, prior: SlidePrior, strength: float) -> Slid
     return guide
 
 
+def image_encoders(inputs: SlideInputs, image_features: Any, device: Any = "cpu") -> list[Any]:
+    """The feature extractors of ``image_features`` for a slide: ``"densenet121"`` (the ImageNet DenseNet teacher),
+    ``"nuclei"`` (nuclear morphology, no weights), a torch module or callable (RGB tile -> feature map), the key of
+    an image element of precomputed embeddings in ``inputs.sdata`` (read on the grid), or a list of these
+    (:func:`stsr.models.prior.resolve_image_features`)."""
+    out = []
+    for enc in resolve_image_features(image_features, device=device):
+        if isinstance(enc, str):
+            enc = EmbeddingSource.from_sdata(
+                inputs.sdata,
+                enc,
+                inputs.grid,
+                inputs.coordinate_system,
+                frame_to_cs=inputs.spots.frame.to_cs,
+                mask=inputs.mask,
+            )
+        elif isinstance(enc, NucleiEncoder):  # areas in µm² at the resolution the window is read at
+            k = max(1, int(round(inputs.um_per_px / enc.um_per_px)))
+            enc = NucleiEncoder(inputs.um_per_px / k, threshold=enc.threshold)
+        out.append(enc)
+    return out
+
+
+def features_fingerprint(encoders: list[Any]) -> str:
+    """One SHA-256 for the features: the teacher's weights hash when it is the DenseNet alone."""
+    if len(encoders) == 1 and isinstance(encoders[0], DenseNetEncoder):
+        return encoders[0].fingerprint
+    import hashlib
+
+    return hashlib.sha256("|".join(e.fingerprint for e in encoders).encode()).hexdigest()
+
+
+def describe_features(image_features: Any) -> Any:
+    """``image_features`` for provenance: names and keys as they are, modules by their class."""
+    items = image_features if isinstance(image_features, list | tuple) else [image_features]
+    out = [x if isinstance(x, str) else type(x).__name__ for x in items]
+    return out[0] if len(out) == 1 else out
+
+
 def slide_prior(
     inputs: SlideInputs,
     source: ImageSource,
@@ -88,6 +136,7 @@ def slide_prior(
     progress: bool = False,
     store: str | Path | None = None,
     device: Any = "cpu",
+    image_features: Any = "densenet121",
 ) -> SlidePrior:
     """Fit the semantic prior of a slide (:func:`stsr.models.semantic_prior`, window by window).
 
@@ -108,23 +157,40 @@ def slide_prior(
     window and read back window by window: nothing slide-sized stays in memory, and a task that reads the prior on a
     dask cluster carries a reference to the array, not the array (the workers must see the path, as they see the
     staging store the results are written to). The teacher runs on ``device`` (a torch device or its name).
-    """
-    teacher = load_teacher()
-    if str(device) != "cpu":  # a copy: the cached teacher stays on the CPU
-        import copy
 
-        teacher = copy.deepcopy(teacher).to(device)
+    ``image_features`` chooses the features (:func:`image_encoders`): the DenseNet teacher reads the image through
+    ``source``; other encoders read it at their own resolution; embedding elements are read on the grid.
+    """
+    encoders = image_encoders(inputs, image_features, device)
     op, mask = inputs.observation, inputs.mask
     height, width = mask.shape
+    sources: dict[float, ImageSource] = {}
+    for enc in encoders:
+        um = getattr(enc, "um_per_px", None)
+        if um is not None and not isinstance(enc, DenseNetEncoder) and um not in sources:
+            sources[um] = ImageSource(
+                inputs.image_levels, inputs.grid, max(1, int(round(inputs.um_per_px / um)))
+            )
 
     def features(r0: int, c0: int, h: int, w: int) -> np.ndarray:
         ra, ca = max(r0 - PRIOR_HALO, 0), max(c0 - PRIOR_HALO, 0)
         rb, cb = min(r0 + h + PRIOR_HALO, height), min(c0 + w + PRIOR_HALO, width)
-        image = source.region(ra, ca, rb - ra, cb - ca)
-        whole = 16 * -(-max(image.shape[1:]) // 16)  # the window in one piece: no second halo inside
-        f = teacher_features(image, (rb - ra, cb - ca), teacher=teacher, tile=whole)
-        # a copy of the window alone: a view would keep the halo's features alive (about 1.6 x the window's)
-        return np.ascontiguousarray(f[:, r0 - ra : r0 - ra + h, c0 - ca : c0 - ca + w])
+        images: dict[Any, Any] = {}
+        parts = []
+        for enc in encoders:
+            if isinstance(enc, EmbeddingSource):
+                f = enc.window(ra, ca, rb - ra, cb - ca)
+            elif isinstance(enc, DenseNetEncoder):
+                image = images.setdefault("teacher", source.region(ra, ca, rb - ra, cb - ca))
+                whole = 16 * -(-max(image.shape[1:]) // 16)  # the window in one piece: no second halo inside
+                f = teacher_features(image, (rb - ra, cb - ca), teacher=enc.teacher, tile=whole)
+            else:
+                um = enc.um_per_px
+                image = images.setdefault(um, sources[um].region(ra, ca, rb - ra, cb - ca))
+                f = enc.features(image, (rb - ra, cb - ca))
+            # a copy of the window alone: a view would keep the halo's features alive (about 1.6 x the window's)
+            parts.append(f[:, r0 - ra : r0 - ra + h, c0 - ca : c0 - ca + w])
+        return np.ascontiguousarray(np.concatenate(parts) if len(parts) > 1 else parts[0])
 
     def on_disk(shape: tuple[int, int, int]) -> zarr.Array:  # one chunk per window
         return zarr.create_array(
@@ -155,7 +221,7 @@ def slide_prior(
             cache_bytes=PRIOR_FEATURE_CACHE_BYTES,
             scores=None if store is None else on_disk,
             progress=bar,
-            fingerprint=teacher.weights_hash,
+            fingerprint=features_fingerprint(encoders),
         )
     finally:
         bar.close()

@@ -66,6 +66,7 @@ def super_resolve(
     semantic_prior: bool | None = None,
     prior_strength: float | None = None,
     self_check: bool = True,
+    image_features: Any = "densenet121",
     tile_size: int = 64,
     overlap: int = 16,
     batch_size: int = 8,
@@ -121,6 +122,14 @@ def super_resolve(
         map alone (and skips the self-check).
     prior_strength
         Exponent of the prior weights (0 = no effect, 1 = the full read-out); default: chosen by the self-check.
+    image_features
+        What the prior reads from the image: ``"densenet121"`` (default: the ImageNet DenseNet121 teacher that ships
+        offline), ``"nuclei"`` (nuclear density, size, shape and stain from the H&E by colour deconvolution and
+        scikit-image, no weights), a ``torch.nn.Module`` or callable mapping an RGB tile ``(B, 3, H, W)`` in
+        ``[0, 1]`` to a feature map ``(B, C, h, w)`` (e.g. a pathology foundation model you have; wrap it in
+        :class:`stsr.models.prior.ModuleEncoder` to set its resolution and normalisation), the key of an image element
+        of precomputed embeddings in ``sdata`` (``c`` = features, any resolution, placed by its transformation, e.g.
+        from ``sopa.patches.compute_embeddings``), or a list of these (concatenated). See ``docs/image_features.md``.
     self_check
         Before anything is written, measure the method on this slide (``stsr.tl._self_check``): the spots are hidden
         behind coarser groups of them (2 x 2 on a square lattice, about 7 on Visium's) and predicted back from the
@@ -247,9 +256,10 @@ def super_resolve(
     fingerprint = {**params, "inputs_sha256": input_fingerprint(inputs)}
     params.update(semantic_prior=semantic_prior, self_check=checked)
     cache = RunCache(sdata, cache_dir, key_added)
-    prior = _fit_prior(inputs, cache, progress, dev) if semantic_prior else None
+    prior = _fit_prior(inputs, cache, progress, dev, image_features) if semantic_prior else None
     if prior is not None:
         params["teacher_sha256"] = prior.teacher_hash
+        params["image_features"] = _semantic_prior.describe_features(image_features)
     store = TileStore(
         cache / "tiles.zarr", plan.n_tiles, len(inputs.genes), tile_size, fingerprint, n_samples > 1
     )
@@ -405,7 +415,13 @@ def _check_int(value: Any, name: str, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer of at least {minimum}, got {value!r}.")
 
 
-def _fit_prior(inputs: SlideInputs, cache: RunCache, progress: bool, device: torch.device) -> Any:
+def _fit_prior(
+    inputs: SlideInputs,
+    cache: RunCache,
+    progress: bool,
+    device: torch.device,
+    image_features: Any = "densenet121",
+) -> Any:
     """The slide's semantic prior, its scores kept in the run folder (before the tiles: a missing teacher or a bad
     slide fails fast)."""
     from ._semantic_prior import slide_prior
@@ -413,7 +429,9 @@ def _fit_prior(inputs: SlideInputs, cache: RunCache, progress: bool, device: tor
     scores = cache / "prior_scores.zarr"  # read window by window, removed with the run folder
     source = ImageSource(inputs.image_levels, inputs.grid, teacher_image_scale(inputs))
     try:
-        return slide_prior(inputs, source, progress=progress, store=scores, device=device)
+        return slide_prior(
+            inputs, source, progress=progress, store=scores, device=device, image_features=image_features
+        )
     except BaseException:
         cache.remove(scores)  # a finished tile store of an interrupted run stays for the next one
         raise
