@@ -45,7 +45,7 @@ def _dotted_names(path: Path) -> set[str]:
     return {d for node in ast.walk(tree) if isinstance(node, ast.Attribute) and (d := dotted(node))}
 
 
-@pytest.mark.parametrize("script", ["accuracy.py", "native_resolution.py"])
+@pytest.mark.parametrize("script", ["accuracy.py", "native_resolution.py", "default_call.py"])
 def test_benchmarks_run_the_public_functions(script):
     names = _dotted_names(BENCHMARKS / script)
     assert {"stsr.tl.prior_map", "stsr.tl.super_resolve"} <= names, script
@@ -75,8 +75,10 @@ def test_prior_map_of_a_case_slide_is_the_element_it_wrote(tiny_model):
     )
     r0, c0 = np.rint((np.asarray(user.grid.origin) - record["grid_origin_image_px"]) / user.grid.pixel_size)
     np.testing.assert_array_equal(pred, element[:, int(r0) : int(r0) + h, int(c0) : int(c0) + w])
-    # on the truth's grid: pooled over the case's blocks, it gives back every measured block
-    np.testing.assert_allclose(case.pair.observation.pool(pred), case.lr, rtol=1e-4, atol=1e-3)
+    # on the truth's grid: pooled over the case's blocks, it gives back every block's expected count (the counts as
+    # Poisson draws, the default)
+    op = case.pair.observation
+    np.testing.assert_allclose(op.pool(pred), op.expected_counts(case.lr), rtol=1e-4, atol=1e-3)
 
     # the benchmark's row is that map, scored; the element is removed afterwards
     del user.sdata["stsr_prior"]
@@ -88,7 +90,7 @@ def test_prior_map_of_a_case_slide_is_the_element_it_wrote(tiny_model):
     # super_resolve through the same slide: consistent with the blocks, so aligned with the truth's grid
     sampled = user.super_resolve(model=tiny_model, steps=2)
     assert sampled.shape == (3, h, w) and "stsr" not in user.sdata
-    np.testing.assert_allclose(case.pair.observation.pool(sampled), case.lr, rtol=1e-3, atol=1e-2)
+    np.testing.assert_allclose(op.pool(sampled), op.expected_counts(case.lr), rtol=1e-3, atol=1e-2)
 
 
 def test_whole_blocks_crops_the_partial_blocks_and_keeps_the_rest():

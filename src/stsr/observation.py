@@ -136,6 +136,8 @@ class ObservationModel:
         is ``mu (kappa + y) / (kappa + mu)`` (empirical Bayes). Where counts are high (``mu >> kappa``) it is ``y``;
         where they are low a zero among expressing neighbours, or a lone 3, moves toward what the neighbours say.
         Genes whose spots vary far more than Poisson noise get a small ``kappa`` and stay near ``y``.
+        The result stays within two Poisson standard deviations of the measurement (``2 sqrt(y + 1)``), so a
+        spot the neighbours do not describe (off the tissue's edge, across a boundary) keeps about its count.
 
         Parameters
         ----------
@@ -182,7 +184,12 @@ class ObservationModel:
         inv_kappa = np.clip(resid / np.maximum((mu**2).sum(1), 1e-12), 1e-6, None)[:, None]
         out = y.copy()
         # mu (kappa + y) / (kappa + mu), written with 1 / kappa so that kappa -> infinity stays finite
-        out[:, idx] = np.where(has, mu * (1 + inv_kappa * y[:, idx]) / (1 + inv_kappa * mu), y[:, idx])
+        post = mu * (1 + inv_kappa * y[:, idx]) / (1 + inv_kappa * mu)
+        # robust to spots the neighbours do not describe (a tissue edge, a boundary between regions): the expected
+        # count stays within what the Poisson measurement allows, about two standard deviations of it
+        bound = 2.0 * np.sqrt(y[:, idx] + 1.0)
+        post = np.clip(post, np.clip(y[:, idx] - bound, 0.0, None), y[:, idx] + bound)
+        out[:, idx] = np.where(has, post, y[:, idx])
         return out
 
     def grouped(self, groups: np.ndarray) -> ObservationModel:

@@ -1,0 +1,92 @@
+"""``benchmarks/default_call.py``: what the default ``super_resolve`` call gives, its self-estimate and coverage."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import nbinom
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import accuracy as A  # noqa: E402
+import default_call as D  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _by_ppf(mean: np.ndarray, phi: np.ndarray, y: np.ndarray, level: float) -> np.ndarray:
+    """The hand computation: is each count within [ppf(a), ppf(1 - a)] of scipy's nbinom(1/phi, n/(n+m))?"""
+    n = (1.0 / phi)[:, None, None]
+    p = n / (n + mean)
+    a = (1 - level) / 2
+    return (y >= nbinom.ppf(a, n, p)) & (y <= nbinom.ppf(1 - a, n, p))
+
+
+def test_nb_coverage_matches_the_intervals_and_is_nominal_when_the_model_is_right():
+    rng = np.random.default_rng(0)
+    phi = np.array([0.05, 0.3, 1.0])
+    rates = rng.uniform(0.5, 30.0, (3, 40, 50))
+    n = (1.0 / phi)[:, None, None]
+    counts = rng.negative_binomial(n, n / (n + rates)).astype(float)  # numpy's (n, p): mean n (1-p)/p = rates
+    mask = np.ones((40, 50), bool)
+    mask[:5] = False
+    cov = D.coverage(rates, phi, counts, mask)
+    for level in D.LEVELS:
+        hand = _by_ppf(rates, phi, counts, level)[:, mask]
+        assert cov.pooled[level] == pytest.approx(hand.mean(), abs=1e-4)
+        np.testing.assert_allclose(cov.per_gene[level], hand.mean(1), atol=1e-4)
+        assert cov.gene_mean[level] == pytest.approx(hand.mean(1).mean(), abs=1e-4)
+    # the exact probability mass of the intervals (at least the level, a discrete distribution) ...
+    a = (1 - 0.9) / 2
+    p = n / (n + rates)
+    lo, hi = nbinom.ppf(a, n, p), nbinom.ppf(1 - a, n, p)
+    mass = (nbinom.cdf(hi, n, p) - nbinom.cdf(lo - 1, n, p))[:, mask].mean()
+    assert 0.9 <= mass < 0.94
+    # ... is what the simulated counts show, within sampling error (3 sd of a binomial share)
+    assert abs(cov.pooled[0.9] - mass) < 3 * np.sqrt(0.1 * 0.9 / cov.n_values)
+    assert cov.n_values == 3 * 35 * 50
+    # too small a dispersion: the intervals are too narrow and cover far less
+    narrow = D.coverage(rates, np.full(3, 0.005), counts, mask)
+    assert narrow.pooled[0.9] < 0.7
+    # a mean of zero is the point mass at zero
+    zero = D.coverage(np.zeros((1, 1, 2)), np.array([0.5]), np.array([[[0.0, 1.0]]]), np.ones((1, 2), bool))
+    assert zero.per_gene[0.5].tolist() == [0.5]
+
+
+def test_default_call_case_reports_the_calls_own_provenance(tiny_model):
+    pytest.importorskip("h5py")  # the image teacher's weights (extra "prior")
+    case = A.synthetic_case(200.0, 3, 4, public=True)
+    res = D.evaluate_case(case, model=tiny_model, tesla=False)
+    assert [r.method for r in res.rows] == ["bicubic + mass", D.PRIOR_LABEL, D.DEFAULT_LABEL]
+    assert all(r.values is not None for r in res.rows)
+    call = res.default
+    # the scored map is the element super_resolve wrote, which is gone from the slide afterwards
+    assert res.row(D.DEFAULT_LABEL).values == A.score(case, call.map)
+    assert res.truth_scores == (
+        res.row(D.DEFAULT_LABEL).values["pearson"][0],
+        res.row(D.DEFAULT_LABEL).values["within_block"][0],
+    )
+    rec = call.provenance
+    assert rec["method"] == "super_resolve" and rec["self_check"]["self_estimated_r"] == res.self_estimate[0]
+    assert res.self_estimate[1] == rec["self_check"]["self_estimated_within_r"]
+    assert rec["prior_strength"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    np.testing.assert_allclose(res.phi, [rec["dispersion"][rec["genes"].index(g)] for g in case.pair.genes])
+    # the _std layer is sqrt(phi) x map, and the coverage is that of the truth counts by its intervals
+    assert res.std_deviation < 1e-5
+    hand = _by_ppf(call.map, res.phi, case.pair.hr.double().numpy(), 0.9)[:, case.mask]
+    assert res.coverage.pooled[0.9] == pytest.approx(hand.mean(), abs=1e-4)
+    assert 0.5 < res.coverage.pooled[0.9] <= 1.0
+
+    text = D.report([res], header=["# t", ""], figure=None, out=None)
+    est_r = res.self_estimate[0]
+    assert f"{est_r:.3f}" in text and f"{res.coverage.pooled[0.9]:.3f}" in text
