@@ -4,7 +4,7 @@ The python block of ``README.md`` is executed as written (in a temporary folder,
 checked: the prior map holds the genes, Leiden finds a handful of spatially coherent regions that each span many
 spots (not single spot disks), Moran's I is computed on the pixel grid, the clusters are drawn with spatialdata-plot,
 and none of the scanpy/squidpy calls warns that it is deprecated. About 5 minutes on 2 CPU cores, most of it in
-``prior_map``, so it is marked slow; it stays in CI.
+``super_resolve``, so it is marked slow; it stays in CI.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def test_readme_has_one_quick_start_block_and_clone_installs():
     )
     code = blocks[0]
     compile(code, "README.md", "exec")
-    for call in ('stsr.datasets.her2st("C2")', "stsr.tl.prior_map(", "stsr.tl.to_table(", "sc.tl.leiden("):
+    for call in ('stsr.datasets.her2st("C2")', "stsr.tl.super_resolve(", "stsr.tl.to_table(", "sc.tl.leiden("):
         assert call in code, call
     # stsr installs from a clone, not from PyPI
     assert not re.search(r"pip install\s+[\"']?stsr", text), "stsr is not on PyPI: install it from the clone"
@@ -91,11 +91,11 @@ def test_readme_quick_start_gives_regional_clusters_on_her2st_c2(data_dir, tmp_p
     sdata, adata = namespace["sdata"], namespace["adata"]
 
     # the map: the default 50 genes on the 10 µm grid, non-negative counts, one table row per tissue pixel
-    hr = sdata["stsr_prior"]["scale0"]["image"]
+    hr = sdata["stsr"]["scale0"]["image"]
     genes = [str(g) for g in hr.coords["c"].values]
     assert len(genes) == 50 and "ERBB2" in genes
     assert list(adata.var_names) == genes
-    assert sdata.attrs["stsr"]["stsr_prior"]["pixel_size"] == pytest.approx(10.0)
+    assert sdata.attrs["stsr"]["stsr"]["pixel_size"] == pytest.approx(10.0)
     values = np.asarray(hr.values)
     assert np.isfinite(values).all() and values.min() >= 0 and values.sum() > 0
     assert 50_000 < adata.n_obs < 100_000  # about 180 lattice cells of 200 x 200 µm at 10 µm pixels
@@ -127,8 +127,8 @@ def test_readme_quick_start_gives_regional_clusters_on_her2st_c2(data_dir, tmp_p
     assert np.median(moran["I"]) > 0.5 and moran["I"].max() <= 1.0
 
     # the clusters were drawn over the H&E through the labels element that to_table added
-    assert "stsr_prior_labels" in sdata.labels
-    assert sdata["stsr_prior_table"].obs["leiden"].equals(adata.obs["leiden"])
+    assert "stsr_labels" in sdata.labels
+    assert sdata["stsr_table"].obs["leiden"].equals(adata.obs["leiden"])
     figure = tmp_path / "figures" / "clusters.png"
     assert figure.is_file() and figure.stat().st_size > 20_000
 

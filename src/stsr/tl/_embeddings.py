@@ -1,5 +1,6 @@
-"""Precomputed image embeddings (an image element whose channels are features, e.g. the output of
-``sopa.patches.compute_embeddings``) read onto stsr's HR grid window by window.
+"""Precomputed image embeddings (an image element whose channels are features, e.g. patch embeddings of a
+foundation model; ``docs/image_features.md`` turns sopa's table of patch embeddings into one) read onto stsr's HR grid
+window by window.
 
 :class:`~stsr.tl._image_tiles.ImageSource` is not used: it brings values to ``[0, 1]`` with
 :func:`stsr._validate.image_value_scale` (which refuses arbitrary float ranges) and clamps them, and it resamples

@@ -86,8 +86,8 @@ def prior_map(
         scikit-image, no weights), a ``torch.nn.Module`` or callable mapping an RGB tile ``(B, 3, H, W)`` in
         ``[0, 1]`` to a feature map ``(B, C, h, w)`` (e.g. a pathology foundation model you have; wrap it in
         :class:`stsr.models.prior.ModuleEncoder` to set its resolution and normalisation), the key of an image element
-        of precomputed embeddings in ``sdata`` (``c`` = features, any resolution, placed by its transformation, e.g.
-        from ``sopa.patches.compute_embeddings``), or a list of these (concatenated). As in :func:`super_resolve`; see ``docs/image_features.md``.
+        of precomputed embeddings in ``sdata`` (``c`` = features, any resolution, placed by its transformation; sopa
+        2 writes its patch embeddings as a table: ``docs/image_features.md`` turns it into one), or a list of these (concatenated). As in :func:`super_resolve`; see ``docs/image_features.md``.
     progress
         Show a progress bar over the teacher's windows.
 

@@ -79,8 +79,17 @@ def spot_scores(pred: np.ndarray, lr: np.ndarray, groups: np.ndarray) -> tuple[f
         np.add.at(sums.T, g, x.T)
         return (x - sums[:, g] / size[g])[:, multi]
 
+    if not multi.any():
+        return _nanmean(r), float("nan")
     within = _corr_rows(centred(p), centred(y), np.linalg.norm(p, axis=1), np.linalg.norm(y, axis=1))
-    return float(np.nanmean(r)), float(np.nanmean(within)) if multi.any() else float("nan")
+    return _nanmean(r), _nanmean(within)
+
+
+def _nanmean(x: np.ndarray) -> float:
+    """Mean of the finite values (NaN, without a warning, when there are none: e.g. every gene constant)."""
+    x = np.asarray(x, np.float64)
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if x.size else float("nan")
 
 
 def calibrate_dispersion(pred: np.ndarray, lr: np.ndarray, level: float = INTERVAL) -> np.ndarray:

@@ -38,6 +38,9 @@ PRIOR_PCA_WINDOWS = 8
 #: them on slides of a few windows, which then go through the teacher once; larger slides keep some and read the
 #: rest again).
 PRIOR_FEATURE_CACHE_BYTES = 256 * 2**20
+#: Largest piece of image (pixels a side, plus the teacher's halo) the teacher reads at once: bounds its memory when
+#: a window of HR pixels holds many image pixels (coarse HR pixels, e.g. 200 µm on legacy ST at 0.75 µm per pixel).
+TEACHER_TILE = 2048
 
 
 @dataclass
@@ -182,8 +185,10 @@ def slide_prior(
                 f = enc.window(ra, ca, rb - ra, cb - ca)
             elif isinstance(enc, DenseNetEncoder):
                 image = images.setdefault("teacher", source.region(ra, ca, rb - ra, cb - ca))
-                whole = 16 * -(-max(image.shape[1:]) // 16)  # the window in one piece: no second halo inside
-                f = teacher_features(image, (rb - ra, cb - ca), teacher=enc.teacher, tile=whole)
+                # the window in one piece (no second halo inside) up to TEACHER_TILE image pixels a side: beyond it
+                # the teacher's activations (about 850 MB at 2240 x 2240) would grow with the window
+                tile = min(16 * -(-max(image.shape[1:]) // 16), TEACHER_TILE)
+                f = teacher_features(image, (rb - ra, cb - ca), teacher=enc.teacher, tile=tile)
             else:
                 um = enc.um_per_px
                 image = images.setdefault(um, sources[um].region(ra, ca, rb - ra, cb - ca))

@@ -104,9 +104,8 @@ def super_resolve(
     cache_interval
         Steps per full network evaluation: with ``2``, every other step recomputes only the model's
         full-resolution level and reuses the deep features of the step before (:class:`stsr.models.network.FeatureCache`,
-        after DeepCache): 20 steps run 1.55x faster, and on the benchmark cases r and within-block r stay within
-        -0.002 to +0.007 of the exact run (``docs/benchmarks/feature_cache.md``). ``1`` (default) evaluates the
-        whole network at every step.
+        after DeepCache; speed and accuracy in ``docs/benchmarks.md``). ``1`` (default) evaluates the whole network
+        at every step.
     n_samples
         Number of samples; with more than one, the mean is returned and ``f"{key_added}_std"`` holds the per-pixel
         standard deviation.
@@ -128,8 +127,8 @@ def super_resolve(
         scikit-image, no weights), a ``torch.nn.Module`` or callable mapping an RGB tile ``(B, 3, H, W)`` in
         ``[0, 1]`` to a feature map ``(B, C, h, w)`` (e.g. a pathology foundation model you have; wrap it in
         :class:`stsr.models.prior.ModuleEncoder` to set its resolution and normalisation), the key of an image element
-        of precomputed embeddings in ``sdata`` (``c`` = features, any resolution, placed by its transformation, e.g.
-        from ``sopa.patches.compute_embeddings``), or a list of these (concatenated). See ``docs/image_features.md``.
+        of precomputed embeddings in ``sdata`` (``c`` = features, any resolution, placed by its transformation; sopa
+        2 writes its patch embeddings as a table: ``docs/image_features.md`` turns it into one), or a list of these (concatenated). See ``docs/image_features.md``.
     self_check
         Before anything is written, measure the method on this slide (``stsr.tl._self_check``): the spots are hidden
         behind coarser groups of them (2 x 2 on a square lattice, about 7 on Visium's) and predicted back from the
@@ -143,10 +142,8 @@ def super_resolve(
     tile_size, overlap
         Tile side and overlap in HR pixels; overlaps are blended with smooth weights. Keep ``overlap`` at least a
         spot diameter (10 HR pixels at the default pixel size) so that every spot lies whole inside some tile.
-        Larger tiles waste less work on overlaps: on a CPU, ``tile_size=248, overlap=12, batch_size=1`` runs a
-        Visium capture area x 50 genes about 1.8x faster than the default, for a little more memory (about 2.8 GB
-        with 50 genes) and r lower by about 0.005 (``docs/benchmarks/scaling.md``). With ``model="fast"`` and
-        ``cache_interval=2`` too, a full capture area x 50 genes x 20 steps took 13.1 min on 2 CPU cores.
+        Larger tiles waste less work on overlaps (on a CPU, ``tile_size=248, overlap=12, batch_size=1`` is faster
+        for a little more memory; measured in ``docs/benchmarks.md``, "Memory and scale").
     batch_size
         Tiles per model batch.
     device
