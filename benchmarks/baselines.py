@@ -268,11 +268,10 @@ def stsr_predict(
     sample_offset: int = 0,
     cache_interval: int = 1,
     guide: np.ndarray | None = None,
-    start: float = 1.0,
 ) -> np.ndarray:
     """Super-resolve a whole case with the stsr model (one tile, LR-consistent DDIM); ``(G, H, W)`` counts.
 
-    ``sample_offset``, ``cache_interval`` and ``start`` are passed to :meth:`stsr.models.STSRModel.sample`. A prior-guided
+    ``sample_offset`` and ``cache_interval`` are passed to :meth:`stsr.models.STSRModel.sample`. A prior-guided
     model (``model.lr_input == "prior_guide"``) needs its ``guide`` (:func:`stsr.models.prior_guide`) as LR input.
     """
     lr = np.asarray(lr, np.float64)
@@ -293,7 +292,6 @@ def stsr_predict(
         n_samples=n_samples,
         sample_offset=sample_offset,
         cache_interval=cache_interval,
-        start=start,
         consistency=True,
     )
     return mean[0, :, : op.shape[0], : op.shape[1]].double().numpy()

@@ -9,12 +9,14 @@ metrics and truth:
 - bicubic + mass and bicubic + mass × semantic prior (the strongest deterministic baseline of ``accuracy.py``);
 - the guide itself (deterministic);
 - every ``--models`` weight (shipped name or path): 1 sample and the mean of 4, each given the input it was trained
-  with (the guide for guided models; the interpolation, and the mean × prior, for the others); with ``--starts``,
-  also sampled from that input noised to a diffusion time below 1 (SDEdit: ``STSRModel.sample(start=...)``).
+  with (the guide for guided models; the interpolation, and the mean × prior, for the others).
+
+SDEdit rows (sampling from the input noised to a time below 1) were measured with an earlier version
+(``benchmarks/results/guided.md``); the option left the shipped sampler with the experiment.
 
 Run::
 
-    python benchmarks/guided.py --models default path/to/guided [--genes 20] [--starts 1 0.2]
+    python benchmarks/guided.py --models default path/to/guided [--genes 20]
         [--cases her2st dbit vizgen synthetic] [--out benchmarks/results/guided.md]
 
 TESLA and the noise ceiling of every case are in ``docs/benchmarks/accuracy.md`` (same cases, genes and truth).
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import itertools
 import platform
 import sys
 import time
@@ -51,7 +52,6 @@ def case_scores(
     models: dict[str, stsr.models.STSRModel],
     steps: int,
     cache_interval: int,
-    starts: tuple[float, ...] = (1.0,),
 ) -> dict[str, dict[str, tuple[float, float, int]]]:
     """Method label -> metrics on one case."""
     pair, lr, op = case.pair, case.lr, case.pair.observation
@@ -65,7 +65,7 @@ def case_scores(
         "bicubic + mass × semantic prior": A.score(case, stsr.models.apply_prior(bm, prior, lr, op)),
         "guide: interpolation × semantic prior": A.score(case, guide),
     }
-    for (name, model), start in itertools.product(models.items(), starts):
+    for name, model in models.items():
         guided = model.lr_input == "prior_guide"
         samples = [
             B.stsr_predict(
@@ -74,16 +74,15 @@ def case_scores(
                 op,
                 lr,
                 genes,
-                steps=max(1, round(steps * start)),
+                steps=steps,
                 sample_offset=s,
                 cache_interval=cache_interval,
                 guide=guide if guided else None,
-                start=start,
             )
             for s in range(N_SAMPLES)
         ]
         mean = np.mean(samples, axis=0)
-        label = name if start == 1.0 else f"{name} from its input noised to t = {start:g}"
+        label = name
         out[f"{label}, 1 sample"] = A.score(case, samples[0])
         out[f"{label}, mean of {N_SAMPLES}"] = A.score(case, mean)
         if not guided:
@@ -99,14 +98,6 @@ def main(argv: list[str] | None = None) -> str:  # noqa: D103
     p.add_argument("--genes", type=int, default=20)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cache-interval", type=int, default=1)
-    p.add_argument(
-        "--starts",
-        type=float,
-        nargs="+",
-        default=[1.0],
-        help="diffusion times to start sampling from (1 = pure noise; below 1 the model's LR input noised to that "
-        "time, SDEdit), with round(steps x start) steps",
-    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cases", nargs="+", default=["her2st", "dbit", "vizgen", "synthetic"])
     p.add_argument("--out", type=Path, default=None, help="also write the report here (markdown)")
@@ -123,7 +114,7 @@ def main(argv: list[str] | None = None) -> str:  # noqa: D103
     cases = FC.build_cases(set(args.cases), args.genes, scales.pop())
     scores = []
     for case in cases:
-        scores.append(case_scores(case, models, args.steps, args.cache_interval, tuple(args.starts)))
+        scores.append(case_scores(case, models, args.steps, args.cache_interval))
         print(f"[{time.time() - t_start:5.0f} s] scored {case.name}", file=sys.stderr, flush=True)
     trained = {name: (m.metadata.get("training") or {}).get("train_pairs") for name, m in models.items()}
     out = [

@@ -40,7 +40,9 @@ from stsr.tl._super_resolve import _prior_map_array, _raster  # noqa: E402
 
 def level_scores(op, lr, mask, prior) -> dict[float, tuple[float, float]]:
     slide = CoarseSlide(op, lr, mask, prior, PRIOR_WINDOW)
-    return {s: spot_scores(slide.predicted_spots(slide.prior_map(s)), slide.lr, slide.groups) for s in STRENGTHS}
+    return {
+        s: spot_scores(slide.predicted_spots(slide.prior_map(s)), slide.lr, slide.groups) for s in STRENGTHS
+    }
 
 
 def case_rows(case) -> list[tuple]:

@@ -34,11 +34,10 @@ import baselines as B  # noqa: E402
 import stsr  # noqa: E402
 from stsr.models.prior import TEACHER_CHANNELS  # noqa: E402
 from stsr.tl._image_tiles import ImageSource  # noqa: E402
-from stsr.tl._inputs import prepare_inputs  # noqa: E402
+from stsr.tl._inputs import prepare_inputs, teacher_image_scale  # noqa: E402
 from stsr.tl._semantic_prior import (  # noqa: E402
     PRIOR_FEATURE_CACHE_BYTES,
     PRIOR_HALO,
-    PRIOR_IMAGE_SCALE,
     PRIOR_PCA_WINDOWS,
     PRIOR_WINDOW,
     slide_prior,
@@ -83,10 +82,11 @@ def main(argv: list[str] | None = None) -> None:  # noqa: D103
         inputs = prepare_inputs(
             sdata, "he", genes, table_key=None, pixel_size=None, coordinate_system=None, image_channels=3
         )
-        source = ImageSource(inputs.image_levels, inputs.grid, PRIOR_IMAGE_SCALE)
+        scale = teacher_image_scale(inputs)
+        source = ImageSource(inputs.image_levels, inputs.grid, scale)
         with B.Timer() as t:
             slide_prior(inputs, source)
-        mp = inputs.mask.sum() * PRIOR_IMAGE_SCALE**2 / 1e6  # image megapixels of the tissue
+        mp = inputs.mask.sum() * scale**2 / 1e6  # image megapixels of the tissue
         t0 = time.perf_counter()
         stsr.tl.prior_map(sdata, "he", genes, progress=False)
         mapped = time.perf_counter() - t0

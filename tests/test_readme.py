@@ -41,7 +41,12 @@ def test_readme_has_one_quick_start_block_and_clone_installs():
     )
     code = blocks[0]
     compile(code, "README.md", "exec")
-    for call in ('stsr.datasets.her2st("C2")', "stsr.tl.super_resolve(", "stsr.tl.to_table(", "sc.tl.leiden("):
+    for call in (
+        'stsr.datasets.her2st("C2")',
+        "stsr.tl.super_resolve(",
+        "stsr.tl.to_table(",
+        "sc.tl.leiden(",
+    ):
         assert call in code, call
     # stsr installs from a clone, not from PyPI
     assert not re.search(r"pip install\s+[\"']?stsr", text), "stsr is not on PyPI: install it from the clone"

@@ -282,30 +282,6 @@ def test_sample_several_samples(model):
     np.testing.assert_allclose(op.pool(mean.double().numpy()), lr, rtol=1e-4, atol=1e-6)
 
 
-def test_sample_from_a_noised_input_keeps_its_structure(model):
-    """``start < 1`` (SDEdit): the sampler starts from the LR input noised to ``start``; the lower ``start``, the
-    closer the result stays to the (projected) input, and the spot sums hold at any ``start``."""
-    op = ObservationModel.blocks((32, 32), 4)
-    image, dens, norm, obs, lr = _tile_inputs(op, batch=1)
-    kw = dict(observations=obs, origins=[(0, 0)], gene_ids=torch.tensor([1, 2, 3]), steps=4, seed=3)
-    full, _ = model.sample(image, dens, norm, **kw)
-    explicit, _ = model.sample(image, dens, norm, start=1.0, **kw)
-    assert torch.equal(full, explicit)  # start=1 is the default run
-    target = op.project(dens.double().numpy()[0], lr[0], mode="multiplicative")
-
-    def dist(x):
-        return float(np.abs(x[0].double().numpy() - target).mean() / np.abs(target).mean())
-
-    low, _ = model.sample(image, dens, norm, start=0.01, **kw)
-    mid, _ = model.sample(image, dens, norm, start=0.5, **kw)
-    assert dist(low) < 0.1 < dist(full)
-    assert dist(low) < dist(mid) < dist(full)
-    for out in (low, mid):
-        np.testing.assert_allclose(op.pool(out.double().numpy()), lr, rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match="starting diffusion time"):
-        model.sample(image, dens, norm, start=0.0, **kw)
-
-
 def test_sample_rejects_bad_input(model):
     op = ObservationModel.blocks((32, 32), 4)
     image, dens, norm, obs, _ = _tile_inputs(op)

@@ -15,7 +15,7 @@ from ..observation import ObservationModel
 from ._allocator import reuse_freed_memory
 from ._config import ModelConfig
 from ._denoiser import FeatureCache
-from ._diffusion import NoiseSchedule, check_start, ddim_sample, noised
+from ._diffusion import NoiseSchedule, ddim_sample
 from ._noise import gaussian_field
 from ._normalize import GeneNormalizer
 
@@ -155,7 +155,6 @@ class STSRModel(nn.Module):
         sample_offset: int = 0,
         consistency: bool = True,
         cache_interval: int = 1,
-        start: float = 1.0,
         device: str | torch.device | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Super-resolve a batch of tiles with deterministic DDIM.
@@ -194,14 +193,9 @@ class STSRModel(nn.Module):
             the final output is projected too, so pooling it reproduces the measurements.
         cache_interval
             Steps per full network evaluation (:class:`~stsr.models.network.FeatureCache`): with ``2`` every other
-            step recomputes only the full-resolution level and reuses the deep features of the step before: 1.55x
-            faster, with r within -0.002 to +0.007 of the exact run on the benchmark cases
-            (``docs/benchmarks/feature_cache.md``); ``1`` (default) evaluates the whole network at every step.
-        start
-            Diffusion time the sampling starts from. ``1`` (default) starts from pure noise; below 1 it starts from
-            the LR input (``lr_density``) noised to that time and denoises from there in ``steps`` steps (SDEdit,
-            Meng et al., ICLR 2022): the input's structure above the noise scale is kept and the model redraws the
-            finer detail.
+            step recomputes only the full-resolution level and reuses the deep features of the step before (speed
+            and accuracy in ``docs/benchmarks/feature_cache.md``); ``1`` (default) evaluates the whole network at
+            every step.
         device
             Device to run on (the model is moved there); default the model's device.
 
@@ -243,7 +237,6 @@ class STSRModel(nn.Module):
         if int(n_samples) < 1:
             raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
         FeatureCache(cache_interval)  # validates the interval before any work
-        check_start(start)
         obs = self._check_observations(observations, b, g, (h, w)) if observations is not None else None
         if consistency and obs is None:
             raise ValueError(
@@ -281,9 +274,7 @@ class STSRModel(nn.Module):
                             for r, c in org
                         ]
                     )
-                    if start < 1.0:
-                        noise = noised(self.schedule, lr_z.clamp(-1.0, _Z_MAX), noise, start)
-                    x0 = ddim_sample(model_fn, noise, self.schedule, steps, cfg.prediction, hook, start)
+                    x0 = ddim_sample(model_fn, noise, self.schedule, steps, cfg.prediction, hook)
                     counts = normalizer.denormalize(x0.double())
                     if consistency:
                         counts = self._project(counts, obs)

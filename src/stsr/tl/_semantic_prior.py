@@ -24,9 +24,6 @@ from ._embeddings import EmbeddingSource
 from ._image_tiles import ImageSource
 from ._inputs import SlideInputs
 
-#: Image pixels per HR pixel that the teacher reads by default: 0.69 µm per pixel at the 5.5 µm HR pixel of Visium,
-#: near :data:`stsr.models.TEACHER_UM_PER_PX`.
-PRIOR_IMAGE_SCALE = 8
 #: HR pixels per side of the windows the teacher reads, and the context read around each window (multiples of 16, so
 #: that the teacher's stride-16 cells of every window line up with those of the whole image at any image scale).
 PRIOR_WINDOW = 256
@@ -143,8 +140,8 @@ def slide_prior(
 ) -> SlidePrior:
     """Fit the semantic prior of a slide (:func:`stsr.models.semantic_prior`, window by window).
 
-    The teacher reads the image through ``source`` (:data:`PRIOR_IMAGE_SCALE` image pixels per HR pixel in
-    ``super_resolve`` and ``prior_map``) in windows of :data:`PRIOR_WINDOW` HR
+    The teacher reads the image through ``source`` (at :func:`stsr.tl._inputs.teacher_image_scale` image pixels per
+    HR pixel in ``super_resolve`` and ``prior_map``: about :data:`stsr.models.TEACHER_UM_PER_PX` µm each) in windows of :data:`PRIOR_WINDOW` HR
     pixels with :data:`PRIOR_HALO` pixels of context. A first pass over at most :data:`PRIOR_PCA_WINDOWS` windows
     spread over the tissue (all of them on small slides) accumulates the feature moments of the tissue pixels
     (``inputs.mask``) for the principal axes; a second pass over every window stores the ``k`` scores per pixel and
