@@ -277,6 +277,17 @@ def test_expected_counts_cut_the_rate_error_at_low_depth_and_keep_it_at_high_dep
     shrunk = op.expected_counts(y)
     assert np.sqrt(((shrunk - rough) ** 2).mean()) <= 1.01 * np.sqrt(((y - rough) ** 2).mean())
     assert np.abs(shrunk - y).max() < 0.05 * y.max()
+    # observations marked empty (no count of any gene: off the tissue) keep their counts and are no neighbours
+    y = rng.poisson(np.full((2, op.n_obs), 1.0)).astype(float)
+    empty = np.zeros(op.n_obs, bool)
+    empty[: n * 4] = True  # the first four rows of spots
+    y[:, empty] = 0.0
+    out = op.expected_counts(y, empty=empty)
+    assert not out[:, empty].any()
+    assert out[:, n * 4 : n * 5].mean() > 0.7  # the next row is not pulled toward the empty ones
+    assert op.expected_counts(y)[:, : n * 4].mean() > 0.05  # unmarked, zeros among zeros move toward the edge
+    with pytest.raises(ValueError, match="empty must be"):
+        op.expected_counts(y, empty=empty[:-1])
     # totals are kept roughly, and observations stay non-negative
     y = rng.poisson(np.full((2, op.n_obs), 0.3))
     out = op.expected_counts(y)

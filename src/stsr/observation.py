@@ -126,7 +126,9 @@ class ObservationModel:
         self._gram = gram
         self._torch_cache: dict[Any, Any] = {}
 
-    def expected_counts(self, lr: Any, area: np.ndarray | None = None) -> np.ndarray:
+    def expected_counts(
+        self, lr: Any, area: np.ndarray | None = None, empty: np.ndarray | None = None
+    ) -> np.ndarray:
         """Each observation's expected count given its measured count, treating counts as Poisson draws.
 
         A measured count ``y`` is a Poisson draw of the observation's rate ``lambda``; the rates vary smoothly over
@@ -138,6 +140,8 @@ class ObservationModel:
         Genes whose spots vary far more than Poisson noise get a small ``kappa`` and stay near ``y``.
         The result stays within two Poisson standard deviations of the measurement (``2 sqrt(y + 1)``), so a
         spot the neighbours do not describe (off the tissue's edge, across a boundary) keeps about its count.
+        Observations marked ``empty`` (no count of any gene: off the tissue, or failed) are no Poisson draws of the
+        tissue's rates: they keep their counts and are no neighbours of the others.
 
         Parameters
         ----------
@@ -146,6 +150,9 @@ class ObservationModel:
         area
             ``(n_obs,)`` area each count is spread over (default :attr:`support_area`; :meth:`tissue_area` for counts
             per tissue pixel). Observations of zero area keep their counts.
+        empty
+            ``(n_obs,)`` bool: observations without a count of any gene (e.g. from the table's total counts per
+            spot, as :func:`stsr.tl.super_resolve` passes it); default none.
 
         Returns
         -------
@@ -157,6 +164,11 @@ class ObservationModel:
             raise ValueError(f"lr must be (G, n_obs), got shape {y.shape}.")
         area = self.support_area if area is None else np.asarray(area, np.float64)
         valid = area > 0
+        if empty is not None:
+            empty = np.asarray(empty, bool)
+            if empty.shape != (self.n_obs,):
+                raise ValueError(f"empty must be ({self.n_obs},) bool, got shape {empty.shape}.")
+            valid &= ~empty
         if valid.sum() < 3:
             return y.copy()
         from scipy.spatial import cKDTree

@@ -47,6 +47,10 @@ def test_prior_map_is_the_slide_guide_and_keeps_the_spot_counts(slide, monkeypat
     assert not np.allclose(out, op.interpolate(inputs.lr) * inputs.mask, rtol=0.05)
     has = inputs.lr > 0
     np.testing.assert_allclose(op.pool(out.astype(np.float64))[has], inputs.lr[has], rtol=1e-4)
+    # spots without a count of any gene (off the tissue) are no Poisson draws: they stay empty in the map
+    totals = np.asarray(slide["table"].X.sum(1)).ravel()
+    assert (totals == 0).sum() >= 3 and not inputs.lr[:, totals == 0].any()
+    assert not op.pool(out.astype(np.float64))[:, totals == 0].any()
     # the raster overlays the image on the same HR grid as super_resolve, with its provenance
     t = get_transformation(sdata["stsr_prior"], "global").to_affine_matrix(("x", "y"), ("x", "y"))
     np.testing.assert_allclose(np.diag(t)[:2], 5.5, rtol=1e-6)

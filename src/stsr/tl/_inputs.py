@@ -93,10 +93,21 @@ class SlideInputs:
 
 def expected_inputs(inputs: SlideInputs) -> SlideInputs:
     """``inputs`` with each spot's expected count in place of its measured count
-    (:meth:`stsr.observation.ObservationModel.expected_counts`: counts as Poisson draws of the expression)."""
+    (:meth:`stsr.observation.ObservationModel.expected_counts`: counts as Poisson draws of the expression). Spots
+    without a count of any gene of the table (all of its genes, not only those mapped) are empty: they keep their
+    zeros."""
     from dataclasses import replace
 
-    return replace(inputs, lr=inputs.observation.expected_counts(inputs.lr))
+    empty = spot_totals(inputs.sdata, inputs.table_key, inputs.spots_key) <= 0
+    return replace(inputs, lr=inputs.observation.expected_counts(inputs.lr, empty=empty))
+
+
+def spot_totals(sdata: sd.SpatialData, table_key: str, spots_key: str) -> np.ndarray:
+    """``(n_spots,)`` total count of every gene of the table per spot, in the order of the spots' operator (the
+    table's rows annotating ``spots_key``): zero for an empty spot (off the tissue, or failed)."""
+    table, spots_key, region_key, _ = table_region(sdata, table_key, spots_key)
+    rows = np.flatnonzero((table.obs[region_key] == spots_key).to_numpy())
+    return np.asarray(table.X[rows].sum(1), np.float64).ravel()
 
 
 def teacher_image_scale(inputs: SlideInputs) -> int:
@@ -238,8 +249,10 @@ def prepare_inputs(
         )
     pitch = spots.pitch_on(grid)
     if given is None:
+        # the lattice around the spots that caught anything is tissue; empty spots (off the tissue) are not
+        occupied = spot_totals(sdata, table_key, spots_key) > 0
         mask = (tissue_mask(sdata, image_key, grid=grid, coordinate_system=cs) & _near_spots(op, pitch)) | (
-            _between_spots(op, pitch)
+            _between_spots(op, pitch, occupied)
         )
     else:
         mask = given & _near_spots(op, pitch)
@@ -419,13 +432,21 @@ def _near_spots(op: ObservationModel, pitch: float | None = None) -> np.ndarray:
     return np.isfinite(dist).reshape(h, w)
 
 
-def _between_spots(op: ObservationModel, pitch: float | None = None) -> np.ndarray:
+def _between_spots(
+    op: ObservationModel, pitch: float | None = None, occupied: np.ndarray | None = None
+) -> np.ndarray:
     """Grid pixels covered by a spot or lying in the gap between neighbouring spots (a morphological closing of the
-    spot footprint; ``pitch`` the spot pitch in grid pixels, default ``op.pitch()``). The gaps of a lattice of in-tissue spots are tissue, whatever the image's contrast (e.g. a
-    fluorescence image where sparse, dim nuclei read as background); the outer border is not extended."""
+    spot footprint; ``pitch`` the spot pitch in grid pixels, default ``op.pitch()``; ``occupied``: ``(n_obs,)``
+    bool, the spots taken, default all). The gaps of a lattice of in-tissue spots are tissue, whatever the image's
+    contrast (e.g. a fluorescence image where sparse, dim nuclei read as background); the outer border is not
+    extended."""
     from scipy.ndimage import distance_transform_edt
 
-    covered = op.coverage > 0
+    if occupied is None:
+        covered = op.coverage > 0
+    else:
+        taken = op.matrix[np.flatnonzero(np.asarray(occupied, bool))]
+        covered = np.asarray(taken.sum(0)).reshape(op.shape) > 0
     if op.n_obs < 2 or not covered.any():
         return covered
     radius = np.sqrt(np.median(op.support_area[op.support_area > 0]) / np.pi)
