@@ -467,10 +467,12 @@ def report(results: list[CaseResult], *, header: list[str], figure: Path | None,
         detail_table(results),
         "## 2. Self-estimate against the truth",
         "",
-        "The self-check scores spot counts predicted from groups of spots (r across spots; r within the groups), the "
-        "truth scores HR pixels (r; r within the LR blocks): they are different quantities, and the table shows how "
-        "far one stands for the other. Real cases only in the summary line above; the synthetic case is listed for "
-        "reference.",
+        "The self-check scores spot counts predicted from groups of spots (r across spots; r within the groups: "
+        "`spot_level_r` / `spot_level_within_r` in the provenance); the self-estimate carries those scores to the "
+        "map's pixels, whose counts hold less signal against the same Poisson noise "
+        "(`stsr.tl._self_check.pixel_factors`; `self_estimated_r` / `self_estimated_within_r`). The truth scores the "
+        "HR pixels (r; r within the LR blocks). Real cases only in the summary line above; the synthetic case is "
+        "listed for reference.",
         "",
         self_estimate_table(results),
         "## 3. Coverage of the truth counts",

@@ -7,8 +7,10 @@ spots: the interpolated group densities reweighted by the semantic prior (its re
 the histology scores already computed), optionally blended with the diffusion core's map of a few tiles. Pooling
 each candidate's map over the spots gives a prediction of every measured spot; the configuration whose prediction
 correlates best with the measured spots (Pearson r across spots plus r within the groups, mean over genes) is used
-for the real run, and its scores are the run's self-estimate. The same predictions calibrate the uncertainty: a
-Gamma-Poisson (negative binomial) spread per gene whose central 90 % interval covers 90 % of the spots.
+for the real run. Its scores are against the spots' counts; the run's self-estimate carries them to the map's
+pixels (:func:`pixel_factors`: a pixel's count holds ``k`` times less signal against the same Poisson noise as a
+spot's, ``k`` pixels per spot). The same predictions calibrate the uncertainty: a Gamma-Poisson (negative binomial)
+spread per gene whose central 90 % interval covers 90 % of the spots.
 """
 
 from __future__ import annotations
@@ -65,12 +67,20 @@ def group_sums(lr: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return out
 
 
-def spot_scores(pred: np.ndarray, lr: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
+def spot_scores(
+    pred: np.ndarray,
+    lr: np.ndarray,
+    groups: np.ndarray,
+    factors: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[float, float]:
     """Mean over genes of Pearson r across spots, and of r within the groups (each group's mean removed from
-    prediction and measurement), between predicted and measured spot counts ``(G, n)``."""
+    prediction and measurement), between predicted and measured spot counts ``(G, n)``; with ``factors`` (per
+    gene, for r and for within r: :func:`pixel_factors`) each gene's r is multiplied by its factor first."""
     ok = groups >= 0
     p, y, g = np.asarray(pred, np.float64)[:, ok], np.asarray(lr, np.float64)[:, ok], groups[ok]
     r = _corr_rows(p, y)
+    fr, fw = (1.0, 1.0) if factors is None else factors
+    r = r * fr
     size = np.bincount(g)
     multi = size[g] > 1  # single-spot groups have no structure inside
 
@@ -81,8 +91,41 @@ def spot_scores(pred: np.ndarray, lr: np.ndarray, groups: np.ndarray) -> tuple[f
 
     if not multi.any():
         return _nanmean(r), float("nan")
-    within = _corr_rows(centred(p), centred(y), np.linalg.norm(p, axis=1), np.linalg.norm(y, axis=1))
+    within = _corr_rows(centred(p), centred(y), np.linalg.norm(p, axis=1), np.linalg.norm(y, axis=1)) * fw
     return _nanmean(r), _nanmean(within)
+
+
+def pixel_factors(
+    lr: np.ndarray, groups: np.ndarray, pixels_per_spot: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene factors that carry a score against spot counts to one against the counts of pixels of
+    ``1 / pixels_per_spot`` of a spot (the map's pixels, or the truth of a benchmark), for r and for within r.
+
+    A measured count is the rate plus Poisson noise, so its correlation with any prediction is the correlation with
+    the rate times ``sqrt(reliability)``, ``reliability = signal variance / (signal + noise variance)``. Across
+    spots the signal variance of the counts ``y`` (``(G, n)``, measured) is ``V = var(y) - mean(y)``; within the
+    groups, ``W`` = the within-group variance less its Poisson share. A pixel of ``1 / k`` of a spot, with the
+    spot's relative variation, has signal ``V / k^2`` against noise ``mean / k``: its reliability is
+    ``V / (V + k mean)``, against ``V / (V + mean)`` for the spot. The factor is the square root of their ratio
+    (likewise with ``W``); 1 for ``k <= 1``. It assumes the map predicts the pixels' rates as well as it predicts
+    the spots' (the self-check's premise, across one level of scale).
+    """
+    ok = groups >= 0
+    y, g = np.asarray(lr, np.float64)[:, ok], groups[ok]
+    k = max(float(pixels_per_spot), 1.0)
+    m = y.mean(1)
+    V = np.clip(y.var(1) - m, 1e-12, None)
+    size = np.bincount(g)
+    multi = size[g] > 1
+    sums = np.zeros((y.shape[0], len(size)))
+    np.add.at(sums.T, g, y.T)
+    resid = (y - sums[:, g] / size[g])[:, multi]
+    if resid.shape[1]:
+        share = float(np.mean(1.0 - 1.0 / size[g][multi]))  # E (y - group mean)^2 = share (W + m)
+        W = np.clip((resid**2).mean(1) / share - m, 1e-12, None)
+    else:
+        W = V
+    return np.sqrt((V + m) / (V + k * m)), np.sqrt((W + m) / (W + k * m))
 
 
 def _nanmean(x: np.ndarray) -> float:
@@ -130,7 +173,8 @@ class Candidate:
 
 @dataclass
 class SelfCheck:
-    """The configuration chosen on the slide and what the check measured."""
+    """The configuration chosen on the slide and what the check measured: ``r``, ``within_r`` against the hidden
+    spots' counts; ``pixel_r``, ``pixel_within_r`` the same carried to the map's pixels (the self-estimate)."""
 
     strength: float
     residual: float
@@ -139,14 +183,24 @@ class SelfCheck:
     dispersion: np.ndarray
     n_groups: int
     candidates: list[Candidate] = field(default_factory=list)
+    pixel_r: float = float("nan")
+    pixel_within_r: float = float("nan")
+    pixels_per_spot: float = 1.0
 
     def provenance(self) -> dict[str, Any]:
         """JSON-ready record for the element's provenance."""
+
+        def rounded(x: float) -> float | None:
+            return None if np.isnan(x) else round(float(x), 4)
+
         return {
             "prior_strength": self.strength,
             "diffusion_residual": self.residual,
-            "self_estimated_r": round(self.r, 4),
-            "self_estimated_within_r": None if np.isnan(self.within_r) else round(self.within_r, 4),
+            "self_estimated_r": rounded(self.pixel_r),
+            "self_estimated_within_r": rounded(self.pixel_within_r),
+            "spot_level_r": rounded(self.r),
+            "spot_level_within_r": rounded(self.within_r),
+            "pixels_per_spot": round(float(self.pixels_per_spot), 2),
             "spot_groups": self.n_groups,
             "candidates": [
                 [
@@ -230,19 +284,22 @@ def run_self_check(
     tile_origins, tile_size
         The tiles of the run's plan, of which up to :data:`CHECK_TILES` are checked.
     measured
-        The measured counts, when ``lr`` are expected counts: the spread is calibrated to cover the measurements.
+        The measured counts, when ``lr`` are expected counts: the predictions are scored against them and the
+        spread is calibrated to cover them.
     """
     slide = CoarseSlide(observation, lr, mask, prior, window)
     groups = slide.groups
+    target = slide.lr if measured is None else np.asarray(measured, np.float64)
     candidates: list[Candidate] = []
     maps: dict[float, PriorReweighting] = {}
     preds: dict[tuple[float, float], np.ndarray] = {}
     for s in strengths:
         maps[s] = slide.prior_map(s)
         preds[(s, 0.0)] = slide.predicted_spots(maps[s])
-        candidates.append(Candidate(s, 0.0, *spot_scores(preds[(s, 0.0)], slide.lr, groups)))
+        candidates.append(Candidate(s, 0.0, *spot_scores(preds[(s, 0.0)], target, groups)))
     best = max(candidates, key=lambda c: c.score)
     chosen_pred = preds[(best.strength, 0.0)]
+    gain = (0.0, 0.0)  # of the chosen diffusion residual over the prior map, on the checked tiles' spots
     if coarse_tiles is not None and tile_origins is not None and len(tile_origins) and any(residuals):
         tiles = _check_tiles(observation, slide.groups, tile_origins, tile_size)
         if len(tiles):
@@ -274,13 +331,13 @@ def run_self_check(
                 base_on_tiles = None
                 for a in residuals:
                     pred = (1 - a) * pm_spots + a * dp_spots
-                    r_a, w_a = spot_scores(pred, slide.lr[:, idx], sub_groups)
+                    r_a, w_a = spot_scores(pred, target[:, idx], sub_groups)
                     if a == 0:
                         base_on_tiles = Candidate(s, 0.0, r_a, w_a)
                     else:
                         candidates.append(Candidate(s, a, r_a, w_a))
                 # the residual is kept only where it beats the prior map on the same spots
-                gain = [
+                gainers = [
                     c
                     for c in candidates
                     if c.residual > 0
@@ -288,8 +345,9 @@ def run_self_check(
                     and c.within_r > base_on_tiles.within_r
                     and c.r >= base_on_tiles.r - 0.005
                 ]
-                if gain:
-                    top = max(gain, key=lambda c: c.score)
+                if gainers:
+                    top = max(gainers, key=lambda c: c.score)
+                    gain = (top.r - base_on_tiles.r, top.within_r - base_on_tiles.within_r)
                     # the whole-slide estimate of the prior map, moved by the gain measured on the tiles
                     best = Candidate(
                         s,
@@ -297,19 +355,39 @@ def run_self_check(
                         min(best.r + top.r - base_on_tiles.r, 1.0),
                         min(best.within_r + top.within_r - base_on_tiles.within_r, 1.0),
                     )
-    dispersion = calibrate_dispersion(chosen_pred, slide.lr if measured is None else measured)
+    dispersion = calibrate_dispersion(chosen_pred, target)
+    # the self-estimate: the chosen configuration's scores carried from the spots to the map's pixels
+    area = observation.support_area
+    k = float(np.median(area[area > 0])) if (area > 0).any() else 1.0
+    factors = pixel_factors(target, groups, k)
+    px_r, px_w = spot_scores(chosen_pred, target, groups, factors)
+    px_r = min(px_r + gain[0] * _nanmean(factors[0]), 1.0)
+    px_w = min(px_w + gain[1] * _nanmean(factors[1]), 1.0)
     check = SelfCheck(
-        best.strength, best.residual, best.r, best.within_r, dispersion, int(groups.max()) + 1, candidates
+        best.strength,
+        best.residual,
+        best.r,
+        best.within_r,
+        dispersion,
+        int(groups.max()) + 1,
+        candidates,
+        px_r,
+        px_w,
+        k,
     )
     log.info(
         "super_resolve self-check (%d spot groups predicting %d spots): prior strength %g, diffusion residual %g; "
-        "self-estimated r %.3f, within-group r %.3f",
+        "r %.3f, within-group r %.3f against the spots; self-estimated on the map's pixels (%.0f per spot): r %.3f, "
+        "within-spot r %.3f",
         check.n_groups,
         observation.n_obs,
         check.strength,
         check.residual,
         check.r,
         check.within_r,
+        k,
+        check.pixel_r,
+        check.pixel_within_r,
     )
     return check
 
