@@ -255,3 +255,28 @@ def test_semantic_prior_adds_structure_inside_the_spots_on_her2st(her2st_c2):
     assert after["within_block"][0] > before["within_block"][0] + 0.05
     assert after["pearson"][0] > before["pearson"][0] - 0.005
     assert after["lr_rel_error"][0] < 1e-9
+
+
+def test_feature_blocks_weigh_the_same_in_the_principal_axes():
+    """A list of encoders: 10 informative channels next to 500 of another, correlated signal. Standardised alone,
+    the 500 fill the first axes and the 10 barely show; with blocks each encoder weighs the same and the 10 get an
+    axis of their own."""
+    from stsr.models._prior import FeatureMoments, pca_scores
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    big_signal, small_signal = rng.normal(size=n), rng.normal(size=n)
+    big = big_signal[None] * rng.uniform(0.5, 1.5, (500, 1)) + rng.normal(size=(500, n))
+    big = np.concatenate([big, rng.normal(size=(500, n)) + 0.3 * rng.normal(size=(1, n))])  # more of it
+    small = small_signal[None] + 0.5 * rng.normal(size=(10, n))
+    x = np.concatenate([big, small]).astype(np.float32)
+    m = FeatureMoments(x.shape[0])
+    m.add(x)
+
+    def best_r(blocks):
+        scores = pca_scores(x, *m.pca(2, blocks))
+        return max(abs(np.corrcoef(s, small_signal)[0, 1]) for s in scores)
+
+    assert best_r(None) < 0.3 and best_r([1000, 10]) > 0.9
+    with pytest.raises(ValueError, match="blocks"):
+        m.pca(2, [1000, 11])

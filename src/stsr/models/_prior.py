@@ -9,7 +9,7 @@ with a closed-form ridge instead of a neural network). :func:`apply_prior` turns
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,10 +64,15 @@ class FeatureMoments:
             self.total += part.sum(axis=1)
             self.outer += part @ part.T
 
-    def pca(self, n_components: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def pca(
+        self, n_components: int, blocks: Sequence[int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(mean (D,), scale (D,), axes (D, k))``: scores are ``axes.T @ ((x - mean) / scale)``.
 
-        Constant features get scale 1 and no weight in the axes. Raises if every feature is constant.
+        Constant features get scale 1 and no weight in the axes. Raises if every feature is constant. ``blocks``
+        (the channels of each encoder of a list, in order, summing to ``D``) gives every block the same total
+        variance: each standardised channel of a block of ``d`` channels is divided by ``sqrt(d)``, so 10 nuclear
+        channels weigh as much as 1024 DenseNet channels.
         """
         if self.n < 2:
             raise ValueError(
@@ -84,6 +89,15 @@ class FeatureMoments:
                 "the image element is the histology of these spots (not blank or a placeholder)."
             )
         scale = np.where(keep, np.sqrt(np.where(keep, var, 1.0)), 1.0)
+        if blocks is not None and len(blocks) > 1:
+            sizes = np.asarray(list(blocks), np.int64)
+            if sizes.sum() != len(mean) or (sizes < 1).any():
+                raise ValueError(
+                    f"blocks {list(blocks)} must be positive and sum to the {len(mean)} features."
+                )
+            owner = np.repeat(np.arange(len(sizes)), sizes)
+            used = np.bincount(owner, weights=keep, minlength=len(sizes))  # non-constant channels per block
+            scale = scale * np.sqrt(np.maximum(used[owner], 1.0))
         corr = cov[np.ix_(keep, keep)] / np.outer(scale[keep], scale[keep])
         vals, vecs = np.linalg.eigh(corr)
         k = min(n_components, int(keep.sum()))
@@ -283,6 +297,7 @@ def fit_prior(
     alphas: tuple[float, ...] = RIDGE_ALPHAS,
     progress: Any = None,
     fingerprint: str = "",
+    blocks: Sequence[int] | None = None,
 ) -> SlidePrior:
     """Fit the semantic prior window by window (the one implementation; :func:`semantic_prior` is its one-window
     case, ``stsr.tl`` runs it over the image teacher's windows of a whole slide).
@@ -305,6 +320,10 @@ def fit_prior(
         function ``k -> array``; default: a new array in memory.
     progress
         A tqdm-like bar, updated once per window read.
+    blocks
+        Channels of each encoder when the features concatenate several (:meth:`FeatureMoments.pca`: each weighs
+        the same in the principal axes); read when the axes are fitted, after the first pass, so a list that the
+        ``features`` function fills on its first call serves.
     """
     height, width = mask.shape
     windows = tissue_windows(mask, window)
@@ -330,7 +349,7 @@ def fit_prior(
         if progress is not None:
             progress.update()
     n_pix = observation.tissue_area(mask)
-    mean, scale, axes = moments.pca(usable_components(n_components, n_pix))
+    mean, scale, axes = moments.pca(usable_components(n_components, n_pix), blocks)
     shape = (axes.shape[1], height, width)
     if scores is None:
         scores = np.zeros(shape, np.float32)

@@ -172,6 +172,10 @@ def slide_prior(
                 inputs.image_levels, inputs.grid, max(1, int(round(inputs.um_per_px / um)))
             )
 
+    blocks: list[
+        int
+    ] = []  # channels per encoder, filled by the first window: each weighs the same in the PCA
+
     def features(r0: int, c0: int, h: int, w: int) -> np.ndarray:
         ra, ca = max(r0 - PRIOR_HALO, 0), max(c0 - PRIOR_HALO, 0)
         rb, cb = min(r0 + h + PRIOR_HALO, height), min(c0 + w + PRIOR_HALO, width)
@@ -192,6 +196,7 @@ def slide_prior(
                 f = enc.features(image, (rb - ra, cb - ca))
             # a copy of the window alone: a view would keep the halo's features alive (about 1.6 x the window's)
             parts.append(f[:, r0 - ra : r0 - ra + h, c0 - ca : c0 - ca + w])
+        blocks[:] = [p.shape[0] for p in parts]
         return np.ascontiguousarray(np.concatenate(parts) if len(parts) > 1 else parts[0])
 
     def on_disk(shape: tuple[int, int, int]) -> zarr.Array:  # one chunk per window
@@ -224,6 +229,7 @@ def slide_prior(
             scores=None if store is None else on_disk,
             progress=bar,
             fingerprint=features_fingerprint(encoders),
+            blocks=blocks,
         )
     finally:
         bar.close()
