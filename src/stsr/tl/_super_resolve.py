@@ -134,8 +134,10 @@ def super_resolve(
         behind coarser groups of them (2 x 2 on a square lattice, about 7 on Visium's) and predicted back from the
         groups by each configuration: the prior's strength, and how much of the diffusion core's map to keep over the
         prior map (down to none, in which case the core is not run at all and the result is the prior map of
-        :func:`prior_map`). The best configuration is used; its scores (Pearson r across spots, r within the groups)
-        are logged and kept in the provenance as ``self_check`` (the self-estimate of the result's accuracy). The
+        :func:`prior_map`). The best configuration is used; its scores against the measured spots (Pearson r across
+        spots, r within the groups) and the same carried to the map's pixels (the self-estimate of the result's
+        accuracy, ``self_estimated_r`` and ``self_estimated_within_r``) are logged and kept in the provenance as
+        ``self_check``. The
         same predictions calibrate ``f"{key_added}_std"``: per gene, the standard deviation ``sqrt(phi) x map`` of a
         Gamma spread of the rate whose negative-binomial 90 % interval (variance ``m + phi m^2`` for a pixel
         count of mean ``m``) covers 90 % of the hidden spots; ``phi`` is in the provenance as ``dispersion``.
