@@ -60,7 +60,15 @@ exclude_patterns = [
         str(p.relative_to(HERE))
         for p in (HERE / "benchmarks").glob("**/*")
         if p.suffix in (".md", ".rst", ".ipynb")
-        and p.name not in ("accuracy.md", "accuracy_fast.md", "scaling.md", "feature_cache.md")
+        and p.name
+        not in (
+            "accuracy.md",
+            "accuracy_fast.md",
+            "scaling.md",
+            "feature_cache.md",
+            "default_call.md",
+            "image_features.md",
+        )
     ),
     "tutorials/README.md",
     "_autosummary.rst",

@@ -72,10 +72,12 @@ def test_docs_build_warning_free(tmp_path):
         assert html.count("<img") >= 1, f"{name}: no figure was rendered"
         assert "Traceback" not in html, name
     m = re.search(
-        r"largest relative difference over (\d+) spots and (\d+) genes: ([0-9.e+-]+)", pages["spot_slide"]
+        r"over (\d+) spots and (\d+) genes: r\(pooled, measured\) = ([0-9.]+); largest difference ([0-9.]+)",
+        pages["spot_slide"],
     )
     assert m, "spot_slide: consistency check output missing"
-    assert int(m.group(1)) > 20 and float(m.group(3)) < 1e-4  # pooling the HR map reproduces the spot counts
+    # pooling the HR map gives each spot's expected count: close to the measured, within two Poisson SDs
+    assert int(m.group(1)) > 20 and float(m.group(3)) > 0.99 and float(m.group(4)) <= 2.01
     assert (
         "resuming, 12 of 25 tiles already finished" in pages["scaling"]
     )  # 3 batches of 4 before the failure
