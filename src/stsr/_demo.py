@@ -62,10 +62,16 @@ def run_demo(
     fig = pl.panels(sdata, genes[0], lr="spots", hr="stsr", truth="hr_truth", image_key="he")
     fig.savefig(out / "overlay.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    name = sdata.attrs["stsr"]["stsr"]["model"]
+    record = sdata.attrs["stsr"]["stsr"]
+    chose = (
+        f"; self-check: prior strength {record['prior_strength']:g}, diffusion residual "
+        f"{record['diffusion_residual']:g}"
+        if "diffusion_residual" in record
+        else ""
+    )
     print(
         f"stsr demo: super-resolved {len(genes)} genes on a {size_um:.0f} um slide in {elapsed:.1f} s "
-        f"(model {name!r})"
+        f"(model {record['model']!r}{chose})"
     )
     print(f"  Pearson r vs HR truth: stsr {r_model:.3f}, interpolated spots {r_base:.3f}")
     print(f"  wrote {store} (element 'stsr') and {out / 'overlay.png'}")
