@@ -501,6 +501,11 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--cases", nargs="+", default=None, help="subset of: her2st dbit vizgen synthetic")
     p.add_argument("--genes", type=int, default=None, help="genes per case (default 20; quick 8)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--model",
+        default=None,
+        help="weights for super_resolve (a shipped name or a directory; default: model=None)",
+    )
     args = p.parse_args(argv)
     q = args.quick
     sections = args.sections or (["C2"] if q else list(A.HER2ST_SECTIONS))
@@ -516,7 +521,7 @@ def main(argv: list[str] | None = None) -> str:
     log(f"built {len(cases)} cases")
     results = []
     for case in cases:
-        results.append(evaluate_case(case, log=log))
+        results.append(evaluate_case(case, model=args.model, log=log))
         log(f"scored {case.name}")
     if args.figure is not None:
         reliability_figure(results, args.figure)

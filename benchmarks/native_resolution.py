@@ -93,9 +93,10 @@ class Section:
         out[:, self.li, self.lj] = pooled
         return out
 
-    def public(self, fn: Any, **kwargs: Any) -> tuple[np.ndarray, Grid]:
+    def public(self, fn: Any, provenance: dict | None = None, **kwargs: Any) -> tuple[np.ndarray, Grid]:
         """``fn(sdata, image, genes, pixel_size=..., key_added=MAP_KEY, **kwargs)``: the map it wrote, read back from
-        ``sdata[MAP_KEY]`` (removed afterwards), and its grid in the frame of the dataset's image."""
+        ``sdata[MAP_KEY]`` (removed afterwards), and its grid in the frame of the dataset's image; ``provenance``
+        receives the call's provenance record."""
         u = self.user
         try:
             fn(
@@ -108,6 +109,8 @@ class Section:
                 **kwargs,
             )
             grid = element_grid(u.sdata, MAP_KEY, A.SLIDE_BINS)  # the bins carry the dataset image's frame
+            if provenance is not None:
+                provenance.update(u.sdata.attrs.get("stsr", {}).get(MAP_KEY, {}))
             return np.asarray(A._level0(u.sdata[MAP_KEY]).data, np.float64), grid
         finally:
             for key in (MAP_KEY, f"{MAP_KEY}_std"):
@@ -127,9 +130,13 @@ class Section:
         return bins.project(bins.interpolate(lr), lr, mode="multiplicative")
 
 
-def section_rows(section: str, args: argparse.Namespace, model: Any) -> dict[str, tuple[dict, float]]:
-    """Method -> (metrics, seconds) on one HER2ST section."""
-    k = 4 if model is None else model.config.image_scale
+def section_rows(
+    section: str, args: argparse.Namespace, models: dict[str, Any], chosen: dict[str, dict] | None = None
+) -> dict[str, tuple[dict, float]]:
+    """Method -> (metrics, seconds) on one HER2ST section; ``chosen`` receives the default call's provenance per
+    model row (the self-check's choice)."""
+    chosen = {} if chosen is None else chosen
+    k = stsr.models.ModelConfig().image_scale
     sec = Section(section, args.genes, k, args.pixel_size)
     case = sec.case
     lr, op = case.lr, case.pair.observation
@@ -160,15 +167,26 @@ def section_rows(section: str, args: argparse.Namespace, model: Any) -> dict[str
     if prior_map is not None:
         grid = prior_map[1]
         add("fine interpolation, pooled to spots", lambda: (sec.fine_interpolation(grid), grid))
-    if model is not None:
-        label = f"stsr ({Path(args.model).name}) at native resolution, 1 sample"
-        kw = {"model": model, "steps": args.steps, "cache_interval": args.cache_interval}
-        add(label, lambda: sec.public(stsr.tl.super_resolve, **kw))
-        add(
-            f"{label} × semantic prior",
-            lambda: sec.public(
-                stsr.tl.super_resolve, semantic_prior=True, prior_strength=PRIOR_STRENGTH, **kw
-            ),
+
+    def public_call(provenance: dict | None = None, **kw: Any) -> Any:
+        return lambda: sec.public(stsr.tl.super_resolve, provenance=provenance, **kw)
+
+    for name, net in models.items():
+        kw = {"model": net, "steps": args.steps, "cache_interval": args.cache_interval}
+        # the diffusion core by itself, and on the prior map, without the self-check that may leave it out
+        add(f"stsr core ({name}), 1 sample", public_call(self_check=False, semantic_prior=False, **kw))
+        on_prior = {"self_check": False, "semantic_prior": True, "prior_strength": PRIOR_STRENGTH}
+        add(f"stsr core ({name}) × semantic prior", public_call(**on_prior, **kw))
+        # the default call with these weights: the self-check chooses the prior's strength and the core's share
+        label = f"super_resolve(model={name}) default call"
+        add(label, public_call(chosen.setdefault(label, {}), model=net))
+    h, w = case.pair.shape
+    for label, rec in chosen.items():
+        print(
+            f"# {section}: {label}: prior_strength {rec.get('prior_strength')}, diffusion_residual "
+            f"{rec.get('diffusion_residual')}",
+            file=sys.stderr,
+            flush=True,
         )
     h, w = case.pair.shape
     print(
@@ -190,7 +208,12 @@ def main(argv: list[str] | None = None) -> str:  # noqa: D103
     p.add_argument("--sections", nargs="+", default=list(A.HER2ST_SECTIONS))
     p.add_argument("--genes", type=int, default=20)
     p.add_argument("--pixel-size", type=float, default=10.0, help="HR pixel in µm (pixel_size= of the calls)")
-    p.add_argument("--model", default="fast", help="stsr weights for the native-resolution rows (model=)")
+    p.add_argument(
+        "--model",
+        nargs="+",
+        default=["default"],
+        help="stsr weights for the native-resolution rows (model=): shipped names or weights directories",
+    )
     p.add_argument("--no-model", action="store_true", help="skip the stsr rows")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cache-interval", type=int, default=2)
@@ -202,8 +225,11 @@ def main(argv: list[str] | None = None) -> str:  # noqa: D103
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     A.quiet_pixel_warning()
-    model = None if args.no_model else stsr.models.load(args.model)  # a shipped name or a weights directory
-    results = {s: section_rows(s, args, model) for s in args.sections}
+    models = (
+        {} if args.no_model else {m: stsr.models.load(m) for m in args.model}
+    )  # shipped names or directories
+    chosen: dict[str, dict[str, dict]] = {s: {} for s in args.sections}
+    results = {s: section_rows(s, args, models, chosen[s]) for s in args.sections}
     methods = list(dict.fromkeys(m for rows in results.values() for m in rows))
     lines = [
         "# HER2ST at native resolution (public functions on a fine grid, pooled back to the spots)",

@@ -7,7 +7,11 @@ Data (fixed, documented splits; a case scored in ``benchmarks/`` is never traine
 - DBiT-seq mouse embryo: 25 um pixels as HR truth on their 50 x 50 lattice, pooled in 2 x 2 blocks, 200 highly
   expressed genes (the bright-field image is grey; it teaches the model to use an image when one is informative).
 
-HER2ST sections are held out for the benchmarks and for per-slide adaptation.
+With ``--weak-sections`` (e.g. ``C3 C4 C5 C6``), real HER2ST sections join as weakly supervised pairs at the
+geometry ``super_resolve`` uses (:func:`stsr.tl.training_pair` ``weak=True``: 10 µm pixels, the spots hidden behind
+groups of ``--weak-factors`` spots a side, the loss on the prediction pooled over each hidden spot). C2-C6 are serial
+sections of one patient: train on C3-C6, validate on C2, test on A1, A2 and B4 (other patients). Other sections are
+held out for the benchmarks and for per-slide adaptation.
 
 Usage::
 
@@ -106,6 +110,24 @@ def dbit_pair(image_scale: int, n_genes: int = 200, guide: bool = False) -> stsr
     return pair
 
 
+def weak_pairs(
+    sections: list[str], factors: list[int], image_scale: int, n_genes: int = 100
+) -> list[stsr.models.TrainingPair]:
+    """HER2ST sections as weakly supervised pairs: their spots hidden behind groups of ``factors`` spots a side."""
+    out = []
+    for section in sections:
+        sdata = stsr.datasets.her2st(section)
+        genes = stsr.pp.select_genes(sdata["table"], n_top=n_genes)
+        for f in factors:
+            kw = {"table_key": "table", "genes": genes, "weak": True, "factor": f}
+            out.append(
+                stsr.tl.training_pair(
+                    sdata, "he", image_scale=image_scale, name=f"her2st-{section}-groups{f}", **kw
+                )
+            )
+    return out
+
+
 def copy_matching(src: torch.nn.Module, dst: torch.nn.Module, prefixes: tuple[str, ...]) -> int:
     """Copy the parameters and buffers under ``prefixes`` from ``src`` into ``dst`` where the shapes match."""
     theirs = src.state_dict()
@@ -116,6 +138,16 @@ def copy_matching(src: torch.nn.Module, dst: torch.nn.Module, prefixes: tuple[st
             val.copy_(theirs[key])
             n += 1
     return n
+
+
+def held_out(weak_sections: list[str]) -> str:
+    """The data card's line on what the weights never saw."""
+    if not weak_sections:
+        return "HER2ST (all sections), Vizgen, Xenium"
+    return (
+        f"HER2ST {' '.join(weak_sections)} trained on (weak supervision by their spots); HER2ST C2 validation "
+        "(same patient), A1 A2 B4 test (other patients), Vizgen, Xenium never seen"
+    )
 
 
 def export_checkpoint(checkpoints: Path, out: Path, args: dict) -> None:
@@ -135,7 +167,7 @@ def export_checkpoint(checkpoints: Path, out: Path, args: dict) -> None:
         )  # recorded by checkpoints since 2026-11-30; older ones held the default set
         or [f"synthetic-{s}" for s in SYNTHETIC_TRAIN_SEEDS] + ["dbit"],
         "validation_pairs": [f"synthetic-{SYNTHETIC_VAL_SEED}"],
-        "held_out": "HER2ST (all sections), Vizgen, Xenium",
+        "held_out": held_out(list(args.get("weak_sections") or [])),
         "history": history,
     }
     model.save(out, name=args.get("name", "default"), training=recipe)
@@ -201,6 +233,28 @@ def main() -> None:
         help="more synthetic slides, pooled over FACTOR x FACTOR blocks instead of spots (other observation sizes)",
     )
     p.add_argument(
+        "--weak-sections",
+        nargs="*",
+        default=[],
+        help="HER2ST sections added as weakly supervised pairs (never C2, the validation section, or A1 A2 B4, "
+        "the test sections)",
+    )
+    p.add_argument(
+        "--weak-factors", type=int, nargs="+", default=[2, 3], help="group sides of the weak pairs"
+    )
+    p.add_argument("--weak-genes", type=int, default=100, help="genes per weak pair (most variable)")
+    p.add_argument(
+        "--no-dbit",
+        action="store_true",
+        help="leave out the DBiT-seq pair (its 50 x 50 lattice < a large tile)",
+    )
+    p.add_argument(
+        "--synthetic-repeat",
+        type=int,
+        default=1,
+        help="draw each synthetic pair this many times as often (pairs are drawn in proportion to their area)",
+    )
+    p.add_argument(
         "--init",
         help="start from these weights (name or path, e.g. 'default') instead of a fresh network: continued training",
     )
@@ -245,7 +299,17 @@ def main() -> None:
         pairs = [synthetic_pair(s, k, guide=g) for s in args.synthetic_seeds]
         blocks = [tuple(int(v) for v in b.split(":")) for b in args.block_pairs]
         pairs += [synthetic_pair(s, k, factor=f, guide=g) for s, f in blocks]
-        pairs += [dbit_pair(k, guide=g)]
+        pairs = pairs * max(1, args.synthetic_repeat)
+        if not args.no_dbit:
+            pairs += [dbit_pair(k, guide=g)]
+        held = {"C2", "A1", "A2", "B4"} & set(args.weak_sections)
+        if held:
+            p.error(
+                f"HER2ST {sorted(held)} are the validation / test sections; train on others (e.g. C3 C4 C5 C6)"
+            )
+        if args.weak_sections and g:
+            p.error("--weak-sections and --guide do not combine")
+        pairs += weak_pairs(args.weak_sections, args.weak_factors, k, args.weak_genes)
         validation = [synthetic_pair(SYNTHETIC_VAL_SEED, k, guide=g)]
     print(f"{len(pairs)} training pairs ready in {time.time() - t0:.0f} s", flush=True)
     if args.save_pairs is not None:
@@ -317,7 +381,7 @@ def main() -> None:
         "args": {k: str(v) for k, v in vars(args).items()},
         "train_pairs": [pp.name for pp in pairs],
         "validation_pairs": [v.name for v in validation],
-        "held_out": "HER2ST (all sections), Vizgen, Xenium",
+        "held_out": held_out(args.weak_sections),
         "wall_time_s": round(time.time() - t0),
         "steps": args.steps,
         "device": str(args.device),

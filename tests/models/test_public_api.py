@@ -85,6 +85,7 @@ BUILDING_BLOCKS = {
         "PreparedPair",
         "draw_batch",
         "stain_jitter",
+        "spot_loss",
         "ema_update",
         "learning_rate_at",
         "ValidationSet",

@@ -97,7 +97,10 @@ def draw_batch(
     -------
     ``"image"`` ``(B, C, k*t, k*t)`` float in ``[0, 1]``, ``"hr"`` ``(B, g, t, t)`` counts, ``"density"``
     ``(B, g, t, t)`` the network's LR input in counts per HR pixel, ``"mask"`` ``(B, t, t)`` bool and
-    ``"normalizer"`` the pair's :class:`~stsr.models.GeneNormalizer` of the ``g`` drawn genes.
+    ``"normalizer"`` the pair's :class:`~stsr.models.GeneNormalizer` of the ``g`` drawn genes. For a weakly
+    supervised pair (:attr:`~stsr.models.TrainingPair.weak`) also ``"spot_labels"`` ``(B, t, t)`` long, the index
+    (over the whole batch) of the hidden spot each pixel belongs to, ``-1`` outside the spots held whole by a crop,
+    ``"spot_counts"`` ``(g, M)`` their measured counts and ``"spot_area"`` ``(M,)`` their pixels.
     """
     areas = torch.tensor([p.pair.shape[0] * p.pair.shape[1] for p in prepared], dtype=torch.float64)
     pi = int(torch.multinomial(areas / areas.sum(), 1, generator=gen)) if len(prepared) > 1 else 0
@@ -106,7 +109,9 @@ def draw_batch(
     t = cfg.tile_size
     n_genes = p.pair.hr.shape[0]
     genes = torch.randperm(n_genes, generator=gen)[: min(cfg.genes_per_batch, n_genes)].sort().values
-    imgs, hrs, dens, masks = [], [], [], []
+    imgs, hrs, dens, masks, labels, counts, areas_ = [], [], [], [], [], [], []
+    n_spots = 0
+    weak = p.pair.spots is not None
     for _ in range(cfg.batch_size):
         for _try in range(20):
             r0 = int(torch.randint(0, h - t + 1, (1,), generator=gen))
@@ -117,18 +122,50 @@ def draw_batch(
         img = _image_float(p.pair.image[:, k * r0 : k * (r0 + t), k * c0 : k * (c0 + t)])
         hr = p.pair.hr[genes, r0 : r0 + t, c0 : c0 + t]
         de = p.density(genes, r0, c0, t, t)
+        lab = None
+        if weak:
+            lab, ids = _whole_spots(p, r0, c0, t, n_spots)
+            n_spots += len(ids)
+            counts.append(
+                torch.as_tensor(p.pair.spot_counts[genes.numpy()][:, ids.numpy()], dtype=torch.float32)
+            )
+            areas_.append(p.spot_area[ids].to(torch.float32))
         if cfg.augment:
             rot = int(torch.randint(0, 4, (1,), generator=gen))
             flip = bool(torch.randint(0, 2, (1,), generator=gen))
             img, hr, de, m = _augment([img, hr, de, m], rot, flip)
+            if lab is not None:
+                lab = _augment([lab], rot, flip)[0]
+        if lab is not None:
+            labels.append(lab)
         imgs.append(img)
         hrs.append(hr)
         dens.append(de)
         masks.append(m)
-    return {
+    batch: dict[str, torch.Tensor | GeneNormalizer] = {
         "image": torch.stack(imgs),
         "hr": torch.stack(hrs),
         "density": torch.stack(dens),
         "mask": torch.stack(masks),
         "normalizer": p.normalizer.subset(genes),
     }
+    if weak:
+        batch["spot_labels"] = torch.stack(labels)
+        batch["spot_counts"] = torch.cat(counts, dim=1)
+        batch["spot_area"] = torch.cat(areas_)
+    return batch
+
+
+def _whole_spots(p: PreparedPair, r0: int, c0: int, t: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden spots a crop holds whole: its ``(t, t)`` label map renumbered from ``offset`` (``-1`` elsewhere)
+    and the spots' indices in the pair."""
+    lab = p.pair.spots[r0 : r0 + t, c0 : c0 + t]
+    inside = lab >= 0
+    n = p.spot_area.numel()
+    in_crop = torch.bincount(lab[inside], minlength=n)
+    whole = (in_crop == p.spot_area) & (in_crop > 0)
+    ids = torch.nonzero(whole).flatten()
+    local = torch.full((n,), -1, dtype=torch.int64)
+    local[ids] = torch.arange(ids.numel()) + offset
+    out = torch.where(inside, local[lab.clamp_min(0)], torch.full_like(lab, -1))
+    return out, ids

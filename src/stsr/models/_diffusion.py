@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -142,6 +143,47 @@ def diffusion_loss(
         m = m.unsqueeze(1)
     m = m.expand_as(err)
     return (err * m).sum() / m.sum().clamp_min(1.0)
+
+
+def spot_loss(
+    z_hat: torch.Tensor,
+    normalizer: Any,
+    labels: torch.Tensor,
+    counts: torch.Tensor,
+    area: torch.Tensor,
+) -> torch.Tensor:
+    """Weak supervision by measured spots: the predicted map pooled over each spot against the spot's count.
+
+    The normalised prediction is turned into counts, summed over each spot's pixels, and the spot's mean density
+    (counts per pixel) is compared with the measured one in the normaliser's space (mean squared error over genes
+    and spots), so that every gene weighs alike whatever its depth.
+
+    Parameters
+    ----------
+    z_hat
+        ``(B, G, H, W)`` predicted clean map, normalised.
+    normalizer
+        The :class:`~stsr.models.GeneNormalizer` of the ``G`` genes.
+    labels
+        ``(B, H, W)`` long: the spot (``0..M-1``) each pixel belongs to, ``-1`` for none.
+    counts
+        ``(G, M)`` measured counts of the spots.
+    area
+        ``(M,)`` pixels of each spot.
+    """
+    g = z_hat.shape[1]
+    m = int(counts.shape[1])
+    if m == 0:
+        return z_hat.sum() * 0.0
+    x = normalizer.denormalize(z_hat, axis=1)
+    flat = x.permute(1, 0, 2, 3).reshape(g, -1)
+    lab = labels.reshape(-1).to(flat.device)
+    sel = lab >= 0
+    pooled = torch.zeros(g, m, dtype=flat.dtype, device=flat.device).index_add_(1, lab[sel], flat[:, sel])
+    a = area.to(flat.device, flat.dtype).clamp_min(1.0)
+    z_pred = normalizer.normalize(pooled / a, axis=0)
+    z_true = normalizer.normalize(counts.to(flat.device, flat.dtype) / a, axis=0)
+    return ((z_pred - z_true) ** 2).mean()
 
 
 def ddim_timesteps(steps: int, start: float = 1.0) -> torch.Tensor:

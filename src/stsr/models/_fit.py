@@ -14,6 +14,10 @@ image, HR truth, LR density and mask, jitters the stain of the image, and minimi
 - the distillation loss (histology-only prediction ``aux_expression`` against the normalised truth) when
   ``use_distillation``;
 - the auxiliary losses returned by ``forward_train`` (e.g. ``"disentangle"``) when their module is on;
+- on weakly supervised pairs (real slides whose spots are hidden behind coarser groups of them,
+  :attr:`TrainingPair.weak`): the denoised prediction pooled over each hidden spot against its measured count
+  (``"spots"``, :func:`~stsr.models.training.spot_loss`), and the diffusion loss against the pair's stand-in target
+  weighed as ``"pseudo"``; no distillation or adversarial term there (the stand-in is no truth);
 - the generator's adversarial hinge loss on the predicted clean maps of low-noise samples when ``use_adversarial``
   (the channel discriminator is trained alongside with its own AdamW).
 
@@ -37,7 +41,7 @@ from torch import nn
 from ._allocator import reuse_freed_memory
 from ._batches import draw_batch, stain_jitter
 from ._checkpoint import _module_state, _unflatten_optimizer, load_checkpoint, save_checkpoint
-from ._diffusion import diffusion_loss, q_sample, to_x0_eps, training_target
+from ._diffusion import diffusion_loss, q_sample, spot_loss, to_x0_eps, training_target
 from ._evaluate import ValidationSet, evaluate_pairs
 from ._model import STSRModel
 from ._normalize import GeneNormalizer
@@ -286,17 +290,26 @@ def fit(
             x_t = q_sample(model.schedule, x0, t, noise)
             pred, aux = den.forward_train(x_t, lr_z, t, cond)
             target = training_target(model.schedule, x0, t, noise, mcfg.prediction)
-            terms: dict[str, torch.Tensor] = {"diffusion": diffusion_loss(pred, target, mask)}
+            weak = "spot_labels" in batch
+            if weak:
+                # weak supervision: the HR target is a stand-in; the measured spots score the denoised prediction
+                terms: dict[str, torch.Tensor] = {"pseudo": diffusion_loss(pred, target, mask)}
+                x0_hat = to_x0_eps(model.schedule, pred, x_t, t, mcfg.prediction)[0]
+                terms["spots"] = spot_loss(
+                    x0_hat, norm, batch["spot_labels"], batch["spot_counts"], batch["spot_area"]
+                )
+            else:
+                terms = {"diffusion": diffusion_loss(pred, target, mask)}
             if teacher is not None:
                 with torch.no_grad():
                     t_pred = teacher_den(x_t, lr_z, t, teacher_den.encode_histology(img))
                 terms["teacher"] = diffusion_loss(pred, t_pred, mask)
-            if mcfg.use_distillation:
+            if mcfg.use_distillation and not weak:
                 terms["distillation"] = diffusion_loss(cond.aux, x0, mask)
             for name, val in aux.items():
                 terms[name] = val
             sel = (t <= cfg.adversarial_max_t).nonzero().flatten()
-            adv_on = use_adv and step >= cfg.adversarial_start and sel.numel() > 0
+            adv_on = use_adv and not weak and step >= cfg.adversarial_start and sel.numel() > 0
             if adv_on:
                 x0_hat = to_x0_eps(model.schedule, pred, x_t, t, mcfg.prediction)[0][sel]
                 feats_sel = feats.select(sel)

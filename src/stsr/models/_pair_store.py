@@ -73,6 +73,9 @@ def save_pairs(pairs: Sequence[TrainingPair], path: str | Path, *, hr_dtype: str
             arrays["lr"] = np.asarray(p.lr, dtype=np.float64)
         if p.guide is not None:
             arrays["guide"] = _numpy(p.guide).astype(np.float16 if hr_dtype == "float16" else np.float32)
+        if p.spots is not None:
+            arrays["spots"] = _numpy(p.spots).astype(np.int32)
+            arrays["spot_counts"] = np.asarray(p.spot_counts, dtype=np.float64)
         fname = f"pair_{i:03d}.npz"
         np.savez_compressed(path / fname, **arrays)
         entries.append(
@@ -84,7 +87,7 @@ def save_pairs(pairs: Sequence[TrainingPair], path: str | Path, *, hr_dtype: str
                     "kind": op.kind,
                     "shape": list(op.shape),
                     "n_obs": int(op.n_obs),
-                    "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in op.params.items()},
+                    "params": {k: _jsonable(v) for k, v in op.params.items()},
                 },
             }
         )
@@ -142,6 +145,15 @@ def load_pairs(path: str | Path, names: Sequence[str] | None = None) -> list[Tra
                 lr=arrays.get("lr"),
                 name=e["name"],
                 guide=arrays["guide"].astype(np.float32) if "guide" in arrays else None,
+                spots=arrays.get("spots"),
+                spot_counts=arrays.get("spot_counts"),
             )
         )
     return pairs
+
+
+def _jsonable(v: object) -> object:
+    """An observation model's parameter as JSON (tuples and arrays as lists)."""
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return list(v) if isinstance(v, tuple) else v

@@ -42,7 +42,8 @@ class TrainConfig:
     min_valid_fraction
         Crops with fewer valid (masked-in) pixels are redrawn (up to 20 times).
     loss_weights
-        Weights of the loss terms ``"diffusion"``, ``"distillation"``, ``"adversarial"`` and of the auxiliary losses
+        Weights of the loss terms ``"diffusion"``, ``"distillation"``, ``"adversarial"``, of the weak supervision by
+        hidden spots (``"spots"``, and ``"pseudo"`` for the diffusion term on such pairs' stand-in target), and of the auxiliary losses
         returned by the network (e.g. ``"disentangle"``; unknown names weigh 1).
     adversarial_start
         Step from which the adversarial loss is used.
@@ -87,6 +88,8 @@ class TrainConfig:
             "distillation": 0.5,
             "disentangle": 0.1,
             "adversarial": 0.02,
+            "spots": 1.0,
+            "pseudo": 0.1,
         }
     )
     adversarial_start: int = 0

@@ -44,6 +44,16 @@ class TrainingPair:
         Optional ``(G, H, W)`` HR estimate (counts per HR pixel) given to the network as its LR input instead of the
         interpolation of ``lr``, e.g. the interpolation reweighted by the semantic prior
         (:func:`~stsr.models.prior_guide`); a model trained on guided pairs must be sampled with the same guide.
+    spots
+        Optional ``(H, W)`` integer map of *hidden measurements* for weak supervision on real slides: the index of
+        the measured spot covering each HR pixel, ``-1`` where none does (spots must not overlap). With
+        ``spot_counts`` it makes the pair weakly supervised: the slide's HR truth is unknown, its spots are known,
+        and the LR input is a coarser pooling of them (groups of spots). ``hr`` is then a stand-in (e.g. the spots'
+        interpolation) that only sets the noisy input of the diffusion; :func:`~stsr.models.fit` scores the
+        denoised prediction pooled over each spot against the spot's count (loss term ``"spots"``) and weighs the
+        stand-in's term as ``"pseudo"`` instead of ``"diffusion"``.
+    spot_counts
+        ``(G, n_spots)`` measured counts of the hidden spots of ``spots``.
     """
 
     image: Any
@@ -54,6 +64,8 @@ class TrainingPair:
     lr: Any | None = None
     name: str = "pair"
     guide: Any | None = None
+    spots: Any | None = None
+    spot_counts: Any | None = None
 
     def __post_init__(self) -> None:
         img = torch.as_tensor(np.asarray(self.image) if not torch.is_tensor(self.image) else self.image)
@@ -123,7 +135,40 @@ class TrainingPair:
             if not torch.all(torch.isfinite(guide)) or bool((guide < 0).any()):
                 raise ValueError(f"TrainingPair {self.name!r}: guide must hold finite, non-negative values.")
             self.guide = guide
+        if (self.spots is None) != (self.spot_counts is None):
+            raise ValueError(
+                f"TrainingPair {self.name!r}: pass spots= and spot_counts= together (weak supervision)."
+            )
+        if self.spots is not None:
+            labels = torch.as_tensor(
+                np.asarray(self.spots) if not torch.is_tensor(self.spots) else self.spots
+            ).to(torch.int64)
+            if tuple(labels.shape) != (h, w):
+                raise ValueError(
+                    f"TrainingPair {self.name!r}: spots must be an (H, W) = {(h, w)} label map, got "
+                    f"{tuple(labels.shape)}."
+                )
+            counts = np.asarray(
+                self.spot_counts.detach().cpu() if torch.is_tensor(self.spot_counts) else self.spot_counts,
+                dtype=np.float64,
+            )
+            n = int(labels.max()) + 1 if labels.numel() else 0
+            if counts.ndim != 2 or counts.shape[0] != hr.shape[0] or counts.shape[1] < n:
+                raise ValueError(
+                    f"TrainingPair {self.name!r}: spot_counts must be (G, n_spots) = ({hr.shape[0]}, >= {n}), got "
+                    f"{counts.shape}."
+                )
+            if not np.all(np.isfinite(counts)) or (counts < 0).any():
+                raise ValueError(
+                    f"TrainingPair {self.name!r}: spot_counts must be finite, non-negative counts."
+                )
+            self.spots, self.spot_counts = labels, counts
         self.image, self.hr, self.genes = img, hr, genes
+
+    @property
+    def weak(self) -> bool:
+        """Whether the pair is weakly supervised (hidden spots instead of HR truth)."""
+        return self.spots is not None
 
     @property
     def image_scale(self) -> int:
@@ -169,6 +214,11 @@ class PreparedPair:
         self.normalizer = GeneNormalizer.from_observations(self.lr, op.support_area)
         self.mask = pair.mask if pair.mask is not None else torch.ones(pair.shape, dtype=torch.bool)
         self.gene_ids = gene_ids_from_names(pair.genes)
+        if pair.spots is not None:
+            labels = pair.spots.reshape(-1)
+            inside = labels >= 0
+            #: pixels of each hidden spot on the grid (a crop scores only the spots it holds whole)
+            self.spot_area = torch.bincount(labels[inside], minlength=pair.spot_counts.shape[1])
 
     def density(self, genes: torch.Tensor, r0: int, c0: int, height: int, width: int) -> torch.Tensor:
         """``(len(genes), height, width)`` LR density (counts per HR pixel) of a window of the slide.

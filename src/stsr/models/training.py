@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ._batches import draw_batch, stain_jitter
 from ._checkpoint import checkpoint_model, load_checkpoint, save_checkpoint
+from ._diffusion import spot_loss
 from ._evaluate import ValidationSet, evaluate_pairs
 from ._fit import ema_update, learning_rate_at
 from ._training_pair import PreparedPair
@@ -18,6 +19,7 @@ __all__ = [
     "PreparedPair",
     "draw_batch",
     "stain_jitter",
+    "spot_loss",
     "ema_update",
     "learning_rate_at",
     "ValidationSet",

@@ -7,6 +7,12 @@ Two sources of HR truth:
 - real spots on a regular lattice (``table_key``: legacy ST, DBiT-seq): the measured spots are the HR truth (one HR
   pixel per lattice position) and their pooling over ``factor x factor`` blocks of spots is the LR input — the
   self-supervised pairs used to adapt a model to a slide without HR data.
+
+And one source of weak supervision, at the geometry ``super_resolve`` works on (``table_key`` with ``pixel_size``):
+real spots of any layout (legacy ST, Visium) on an HR grid of ``pixel_size`` with the histology read as the model
+reads it; the spots are *hidden* measurements (their footprints and counts), and groups of them (``factor x factor``
+on a square lattice, hexagons of 7 or 19 spots on a hexagonal one; :func:`stsr.tl._self_check.spot_groups`) are the
+LR input. No HR truth exists: :func:`stsr.models.fit` scores the prediction pooled over each hidden spot.
 """
 
 from __future__ import annotations
@@ -79,6 +85,8 @@ def training_pair(
     image_scale: int = 4,
     mask: bool | np.ndarray = True,
     name: str | None = None,
+    weak: bool = False,
+    pixel_size: float | None = None,
 ) -> TrainingPair:
     """Build a :class:`~stsr.models.TrainingPair` from a SpatialData.
 
@@ -107,6 +115,14 @@ def training_pair(
         explicit ``(H, W)`` boolean array.
     name
         Label of the pair.
+    weak
+        With ``table_key``: build a weakly supervised pair at native geometry instead of a lattice pair: the HR grid
+        and histology of :func:`stsr.tl.super_resolve`, the spots as hidden measurements
+        (:attr:`~stsr.models.TrainingPair.spots`) and groups of ``factor`` spots a side as the LR input. ``genes``
+        default to 50 as in ``super_resolve``; the pair's ``hr`` is a stand-in (the spots' interpolation).
+    pixel_size
+        With ``weak``: the HR pixel side, in units of the coordinate system (default as in ``super_resolve``: a
+        tenth of the spot diameter).
 
     Returns
     -------
@@ -117,6 +133,13 @@ def training_pair(
         raise ValueError(
             "Pass exactly one of hr_key= (an HR raster) or table_key= (a spot table on a lattice)."
         )
+    if weak:
+        if table_key is None or spots_key is not None or isinstance(mask, np.ndarray) or mask is not True:
+            raise ValueError(
+                "weak=True builds a weakly supervised pair from a spot table (table_key=) on the tissue; "
+                "hr_key=, spots_key= and mask= do not apply to it."
+            )
+        return _weak_pair(sdata, image_key, table_key, genes, pixel_size, factor, image_scale, name)
     if hr_key is not None:
         frame = _frame(sdata, hr_key, image_key)
         grid = raster_grid(sdata, hr_key, image_key)
@@ -144,6 +167,58 @@ def training_pair(
         op = ObservationModel.blocks(grid.shape, factor)
     return TrainingPair(
         image=image, hr=hr, observation=op, genes=list(genes), mask=valid, name=name or (hr_key or table_key)
+    )
+
+
+def _weak_pair(
+    sdata: sd.SpatialData,
+    image_key: str,
+    table_key: str,
+    genes: Sequence[str] | None,
+    pixel_size: float | None,
+    factor: int,
+    image_scale: int,
+    name: str | None,
+) -> TrainingPair:
+    """Spots hidden behind groups of them, on the HR grid and histology ``super_resolve`` uses."""
+    from ._inputs import prepare_inputs
+    from ._self_check import group_sums, spot_groups
+
+    if int(factor) < 2:
+        raise ValueError(
+            f"factor= must be at least 2 spots a side for a weakly supervised pair, got {factor}."
+        )
+    channels = raster_levels(check_element(sdata, image_key, "images"))[0].shape[0]
+    inputs = prepare_inputs(
+        sdata,
+        image_key,
+        list(genes) if genes is not None else None,
+        table_key=table_key,
+        pixel_size=pixel_size,
+        coordinate_system=None,
+        image_channels=channels,
+    )
+    op, lr = inputs.observation, inputs.lr
+    measured = lr.sum(0) > 0  # empty spots (off the tissue) are no measurement of it
+    groups = spot_groups(op, int(factor))
+    groups[~measured] = -1
+    _, groups[measured] = np.unique(groups[measured], return_inverse=True)
+    labels = op.owner_map().copy()
+    labels[labels == op.n_obs] = -1
+    labels[(labels >= 0) & ~measured[np.clip(labels, 0, None)]] = -1
+    stand_in = op.interpolate(lr).astype(np.float32)
+    source = ImageSource(inputs.image_levels, inputs.grid, image_scale)
+    image = np.round(source.region(0, 0, *inputs.grid.shape).numpy() * 255).astype(np.uint8)
+    return TrainingPair(
+        image=image,
+        hr=stand_in,
+        observation=op.grouped(groups),
+        genes=list(inputs.genes),
+        mask=inputs.mask,
+        lr=group_sums(lr, groups),
+        name=name or f"{table_key}-groups{factor}",
+        spots=labels,
+        spot_counts=lr,
     )
 
 

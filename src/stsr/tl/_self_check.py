@@ -42,9 +42,10 @@ MIN_GAIN = 0.02
 INTERVAL = 0.9
 
 
-def spot_groups(observation: ObservationModel) -> np.ndarray:
-    """``(n_obs,)`` group of each spot: square cells of 2 x 2 spots on a square lattice, cells of about 7 spots
-    (the area of a 7-spot hexagon) on a hexagonal one, laid from the lattice's corner."""
+def spot_groups(observation: ObservationModel, size: int = 2) -> np.ndarray:
+    """``(n_obs,)`` group of each spot: square cells of ``size x size`` spots on a square lattice, cells of the area
+    of a hexagon of ``3 size^2 - 3 size + 1`` spots (7 for ``size=2``, 19 for 3) on a hexagonal one, laid from the
+    lattice's corner."""
     centres = observation.centres
     pitch = observation.pitch()
     if len(centres) < 2:
@@ -53,7 +54,8 @@ def spot_groups(observation: ObservationModel) -> np.ndarray:
 
     neighbours = cKDTree(centres).query_ball_point(centres, 1.2 * pitch, return_length=True) - 1
     hexagonal = float(np.median(neighbours)) >= 5
-    cell = pitch * (np.sqrt(7 * np.sqrt(3) / 2) if hexagonal else 2.0)
+    n_hex = 3 * size * size - 3 * size + 1
+    cell = pitch * (np.sqrt(n_hex * np.sqrt(3) / 2) if hexagonal else float(size))
     key = np.floor((centres - centres.min(0) + pitch / 2) / cell).astype(np.int64)
     _, groups = np.unique(key, axis=0, return_inverse=True)
     return groups.ravel().astype(np.int64)
