@@ -111,7 +111,7 @@ def draw_batch(
     genes = torch.randperm(n_genes, generator=gen)[: min(cfg.genes_per_batch, n_genes)].sort().values
     imgs, hrs, dens, masks, labels, counts, areas_ = [], [], [], [], [], [], []
     n_spots = 0
-    weak = p.pair.spots is not None
+    weak = p.pair.weak
     for _ in range(cfg.batch_size):
         for _try in range(20):
             r0 = int(torch.randint(0, h - t + 1, (1,), generator=gen))

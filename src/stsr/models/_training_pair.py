@@ -214,7 +214,7 @@ class PreparedPair:
         self.normalizer = GeneNormalizer.from_observations(self.lr, op.support_area)
         self.mask = pair.mask if pair.mask is not None else torch.ones(pair.shape, dtype=torch.bool)
         self.gene_ids = gene_ids_from_names(pair.genes)
-        if pair.spots is not None:
+        if pair.weak:
             labels = pair.spots.reshape(-1)
             inside = labels >= 0
             #: pixels of each hidden spot on the grid (a crop scores only the spots it holds whole)

@@ -8,8 +8,8 @@ Two sources of HR truth:
   pixel per lattice position) and their pooling over ``factor x factor`` blocks of spots is the LR input — the
   self-supervised pairs used to adapt a model to a slide without HR data.
 
-And one source of weak supervision, at the geometry ``super_resolve`` works on (``table_key`` with ``pixel_size``):
-real spots of any layout (legacy ST, Visium) on an HR grid of ``pixel_size`` with the histology read as the model
+And one source of weak supervision, at the geometry ``super_resolve`` works on (``table_key`` with ``weak=True``):
+real spots of any layout (legacy ST, Visium) on ``super_resolve``'s HR grid with the histology read as the model
 reads it; the spots are *hidden* measurements (their footprints and counts), and groups of them (``factor x factor``
 on a square lattice, hexagons of 7 or 19 spots on a hexagonal one; :func:`stsr.tl._self_check.spot_groups`) are the
 LR input. No HR truth exists: :func:`stsr.models.fit` scores the prediction pooled over each hidden spot.
@@ -181,7 +181,7 @@ def _weak_pair(
     name: str | None,
 ) -> TrainingPair:
     """Spots hidden behind groups of them, on the HR grid and histology ``super_resolve`` uses."""
-    from ._inputs import prepare_inputs
+    from ._inputs import prepare_inputs, spot_totals
     from ._self_check import group_sums, spot_groups
 
     if int(factor) < 2:
@@ -199,7 +199,8 @@ def _weak_pair(
         image_channels=channels,
     )
     op, lr = inputs.observation, inputs.lr
-    measured = lr.sum(0) > 0  # empty spots (off the tissue) are no measurement of it
+    # empty spots (no count of any gene: off the tissue) are no measurement of it, as in prepare_inputs
+    measured = spot_totals(sdata, table_key, inputs.spots_key) > 0
     groups = spot_groups(op, int(factor))
     groups[~measured] = -1
     _, groups[measured] = np.unique(groups[measured], return_inverse=True)
