@@ -272,12 +272,14 @@ def stsr_predict(
     """Super-resolve a whole case with the stsr model (one tile, LR-consistent DDIM); ``(G, H, W)`` counts.
 
     ``sample_offset`` and ``cache_interval`` are passed to :meth:`stsr.models.STSRModel.sample`. A prior-guided
-    model (``model.lr_input == "prior_guide"``) needs its ``guide`` (:func:`stsr.models.prior_guide`) as LR input.
+    model (the experiment of ``_guided.py``) needs its ``guide`` (:func:`stsr.models.prior_guide`) as LR input.
     """
+    from _guided import lr_input
+
     lr = np.asarray(lr, np.float64)
-    if (guide is None) != (model.lr_input == "interpolation"):
+    if (guide is None) != (lr_input(model) == "interpolation"):
         raise ValueError(
-            f"model {model.name!r} takes {model.lr_input!r} as LR input; pass guide accordingly."
+            f"model {model.name!r} takes {lr_input(model)!r} as LR input; pass guide accordingly."
         )
     img, dens, pop, norm = _model_inputs(image, op, lr, model.config.image_scale, density=guide)
     mean, _ = model.sample(

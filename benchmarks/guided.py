@@ -1,6 +1,6 @@
 """A prior-guided stsr model against its own input and the baselines, on the cases of the accuracy benchmark.
 
-A *prior-guided* model (``scripts/train_default.py --guide``) takes as its LR input not the interpolation of the LR
+A *prior-guided* model (``_guided.py``, trained by ``scripts/train_default.py --guide``) takes as its LR input not the interpolation of the LR
 data but the guide of :func:`stsr.models.prior_guide`: the interpolation reweighted by the semantic prior (pretrained
 image teacher, ridge read-out fitted on the case's own LR data), so the diffusion model refines the best
 deterministic estimate instead of competing with it. Per case this script scores, with the accuracy benchmark's
@@ -41,6 +41,7 @@ sys.path.insert(0, str(HERE))
 import accuracy as A  # noqa: E402  (sets STSR_DATA_DIR like the accuracy benchmark)
 import baselines as B  # noqa: E402
 import feature_cache as FC  # noqa: E402
+from _guided import lr_input  # noqa: E402
 
 import stsr  # noqa: E402
 
@@ -66,7 +67,7 @@ def case_scores(
         "guide: interpolation × semantic prior": A.score(case, guide),
     }
     for name, model in models.items():
-        guided = model.lr_input == "prior_guide"
+        guided = lr_input(model) == "prior_guide"
         samples = [
             B.stsr_predict(
                 model,
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> str:  # noqa: D103
         f"{args.cache_interval}), round({args.steps} x t) steps from the input noised to t; LR-consistent "
         f"sampling, samples 0-{N_SAMPLES - 1}. Cases and truth as in `benchmarks/accuracy.py`; TESLA and the noise "
         "ceilings are in `docs/benchmarks/accuracy.md`. Models: "
-        + "; ".join(f"`{n}` ({models[n].lr_input} input; trained on {t})" for n, t in trained.items())
+        + "; ".join(f"`{n}` ({lr_input(models[n])} input; trained on {t})" for n, t in trained.items())
         + ".",
         "",
         FC.accuracy_tables(

@@ -17,7 +17,7 @@ of the accuracy benchmark. Methods:
 - stsr at native resolution (``--model``, a shipped name or a weights directory): ``stsr.tl.super_resolve(...,
   model=..., steps=..., cache_interval=...)`` (1 sample), alone and with ``semantic_prior=True`` (strength 0.5).
   ``super_resolve`` runs models that take the interpolated spots as LR input; a prior-guided model
-  (``lr_input == "prior_guide"``, an experiment without shipped weights) is refused, and its rows say so.
+  (``_guided.py``, an experiment without shipped weights) is refused, and its rows say so.
 
 Each section is cropped to whole 2 x 2 blocks of its lattice (:func:`accuracy.whole_blocks`), so that every block is
 one bin. Run::

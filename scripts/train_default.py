@@ -53,6 +53,9 @@ import torch
 import stsr
 from stsr.models import ModelConfig
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import _guided as G  # noqa: E402  (the prior-guided experiment, --guide)
+
 SYNTHETIC_TRAIN_SEEDS = (0, 1, 2, 3, 4, 5)
 SYNTHETIC_VAL_SEED = 99
 
@@ -60,26 +63,6 @@ SYNTHETIC_VAL_SEED = 99
 def teacher_scale(hr_um: float) -> int:
     """Image pixels per HR pixel (a power of two) closest to the image teacher's resolution."""
     return int(2 ** max(0, round(math.log2(hr_um / stsr.models.TEACHER_UM_PER_PX))))
-
-
-def with_guide(pair: stsr.models.TrainingPair, teacher_image) -> stsr.models.TrainingPair:
-    """The pair with its semantic-prior guide (:func:`stsr.models.prior_guide`) as the network's LR input: the
-    interpolated densities on the pair's tissue, as ``super_resolve`` gives a guided model (``SlideGuide``)."""
-    op = pair.observation
-    lr = pair.lr if pair.lr is not None else op.pool(pair.hr.double().numpy())
-    feats = stsr.models.teacher_features(teacher_image, pair.shape)
-    mask = pair.mask.numpy() if pair.mask is not None else None
-    guide = stsr.models.prior_guide(stsr.models.semantic_prior(feats, lr, op, mask=mask), lr, op, mask=mask)
-    return stsr.models.TrainingPair(
-        image=pair.image,
-        hr=pair.hr,
-        observation=op,
-        genes=pair.genes,
-        mask=pair.mask,
-        lr=lr,
-        name=pair.name,
-        guide=guide,
-    )
 
 
 def synthetic_pair(
@@ -93,7 +76,7 @@ def synthetic_pair(
     pair = stsr.tl.training_pair(sdata, "he", image_scale=image_scale, **kw)
     if guide:
         teacher = stsr.tl.training_pair(sdata, "he", image_scale=teacher_scale(5.5), **kw).image
-        pair = with_guide(pair, teacher.numpy())
+        pair = G.with_guide(pair, teacher.numpy())
     return pair
 
 
@@ -106,7 +89,7 @@ def dbit_pair(image_scale: int, n_genes: int = 200, guide: bool = False) -> stsr
     pair = stsr.tl.training_pair(sdata, "brightfield", image_scale=image_scale, **kw)
     if guide:
         teacher = stsr.tl.training_pair(sdata, "brightfield", image_scale=teacher_scale(25.0), **kw).image
-        pair = with_guide(pair, teacher.numpy())
+        pair = G.with_guide(pair, teacher.numpy())
     return pair
 
 
@@ -222,8 +205,8 @@ def main() -> None:
     p.add_argument(
         "--guide",
         action="store_true",
-        help="give the network the semantic-prior guide (stsr.models.prior_guide) as its LR input instead of the "
-        "interpolation (needs the 'prior' extra to build the pairs); the saved model records it",
+        help="experiment (benchmarks/_guided.py): give the network the prior map (stsr.models.prior_guide) as its LR "
+        "input instead of the interpolation (needs the 'prior' extra to build the pairs); the saved model records it",
     )
     p.add_argument(
         "--block-pairs",
@@ -280,13 +263,13 @@ def main() -> None:
         teacher = stsr.models.load(None if args.teacher == "default" else args.teacher)
     t0 = time.time()
     if args.pairs is not None:
-        stored = stsr.models.load_pairs(args.pairs)
+        stored = G.load_guided(args.pairs)
         validation = [q for q in stored if q.name == f"synthetic-{SYNTHETIC_VAL_SEED}"]
         pairs = [q for q in stored if q.name != f"synthetic-{SYNTHETIC_VAL_SEED}"]
         args.synthetic_seeds = sorted(
             {int(q.name.split("-")[1]) for q in pairs if q.name.startswith("synthetic-")}
         )
-        guided = {q.guide is not None for q in stored}
+        guided = {isinstance(q, G.GuidedPair) for q in stored}
         if len(guided) > 1:
             p.error(f"{args.pairs} mixes pairs with and without a guide; rebuild it with or without --guide")
         args.guide = guided == {True}
@@ -314,6 +297,7 @@ def main() -> None:
     print(f"{len(pairs)} training pairs ready in {time.time() - t0:.0f} s", flush=True)
     if args.save_pairs is not None:
         stsr.models.save_pairs(pairs + validation, args.save_pairs, hr_dtype="float16")
+        G.save_guides(pairs + validation, args.save_pairs)
         print(f"wrote {len(pairs) + len(validation)} pairs to {args.save_pairs}")
         return
 
@@ -329,7 +313,7 @@ def main() -> None:
                 print(f"started {copied} tensors from the teacher", flush=True)
         if args.guide:
             # the network's LR input is the semantic-prior guide; inference must give it the same
-            model.config.extra = {**model.config.extra, "lr_input": "prior_guide", "prior_strength": 0.5}
+            G.mark_guided(model, strength=0.5)
         train_config = stsr.models.TrainConfig(
             steps=steps,
             batch_size=args.batch_size,

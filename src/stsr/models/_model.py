@@ -70,12 +70,6 @@ class STSRModel(nn.Module):
 
     # ------------------------------------------------------------------ properties
     @property
-    def lr_input(self) -> str:
-        """What the network takes as its LR input: ``"interpolation"`` of the LR data (default) or
-        ``"prior_guide"`` (:func:`~stsr.models.prior_guide`, for models trained on guided pairs)."""
-        return str(self.config.extra.get("lr_input", "interpolation"))
-
-    @property
     def tile_multiple(self) -> int:
         """HR tile sides must be multiples of this (the histology encoder's two stride-2 levels)."""
         return 4

@@ -71,8 +71,6 @@ def save_pairs(pairs: Sequence[TrainingPair], path: str | Path, *, hr_dtype: str
             arrays["mask"] = _numpy(p.mask).astype(bool)
         if p.lr is not None:
             arrays["lr"] = np.asarray(p.lr, dtype=np.float64)
-        if p.guide is not None:
-            arrays["guide"] = _numpy(p.guide).astype(np.float16 if hr_dtype == "float16" else np.float32)
         if p.spots is not None:
             arrays["spots"] = _numpy(p.spots).astype(np.int32)
             arrays["spot_counts"] = np.asarray(p.spot_counts, dtype=np.float64)
@@ -144,7 +142,6 @@ def load_pairs(path: str | Path, names: Sequence[str] | None = None) -> list[Tra
                 mask=arrays.get("mask"),
                 lr=arrays.get("lr"),
                 name=e["name"],
-                guide=arrays["guide"].astype(np.float32) if "guide" in arrays else None,
                 spots=arrays.get("spots"),
                 spot_counts=arrays.get("spot_counts"),
             )

@@ -551,12 +551,12 @@ def prior_guide(
     strength: float = 0.5,
     mask: Any | None = None,
 ) -> np.ndarray:
-    """The LR input of a prior-guided model: the interpolated LR reweighted by the semantic prior.
+    """The prior map of arrays in memory: the interpolated LR reweighted by the semantic prior.
 
     ``apply_prior(observation.interpolate(lr), prior, lr, observation, strength=strength)``: a deterministic,
-    LR-consistent HR estimate that a model trained on guided pairs (:class:`~stsr.models.TrainingPair` ``guide``,
-    ``STSRModel.lr_input == "prior_guide"``) refines. With a tissue ``mask``, the interpolated densities are counts
-    per tissue pixel and the counts go to tissue pixels only (:func:`stsr.tl.prior_map` does this).
+    LR-consistent HR estimate (:func:`stsr.tl.prior_map` computes the same window by window on a SpatialData). With
+    a tissue ``mask``, the interpolated densities are counts per tissue pixel and the counts go to tissue pixels only
+    (as :func:`stsr.tl.prior_map` does).
 
     Parameters
     ----------

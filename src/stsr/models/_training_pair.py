@@ -40,10 +40,6 @@ class TrainingPair:
         Optional ``(G, n_obs)`` LR measurements; default ``observation.pool(hr)``.
     name
         Label used in messages and in the training summary.
-    guide
-        Optional ``(G, H, W)`` HR estimate (counts per HR pixel) given to the network as its LR input instead of the
-        interpolation of ``lr``, e.g. the interpolation reweighted by the semantic prior
-        (:func:`~stsr.models.prior_guide`); a model trained on guided pairs must be sampled with the same guide.
     spots
         Optional ``(H, W)`` integer map of *hidden measurements* for weak supervision on real slides: the index of
         the measured spot covering each HR pixel, ``-1`` where none does (spots must not overlap). With
@@ -63,7 +59,6 @@ class TrainingPair:
     mask: Any | None = None
     lr: Any | None = None
     name: str = "pair"
-    guide: Any | None = None
     spots: Any | None = None
     spot_counts: Any | None = None
 
@@ -123,18 +118,6 @@ class TrainingPair:
                     f"got {lr.shape}."
                 )
             self.lr = lr
-        if self.guide is not None:
-            guide = torch.as_tensor(
-                np.asarray(self.guide) if not torch.is_tensor(self.guide) else self.guide
-            ).to(torch.float32)
-            if tuple(guide.shape) != tuple(hr.shape):
-                raise ValueError(
-                    f"TrainingPair {self.name!r}: guide must have the shape of hr {tuple(hr.shape)}, "
-                    f"got {tuple(guide.shape)}."
-                )
-            if not torch.all(torch.isfinite(guide)) or bool((guide < 0).any()):
-                raise ValueError(f"TrainingPair {self.name!r}: guide must hold finite, non-negative values.")
-            self.guide = guide
         if (self.spots is None) != (self.spot_counts is None):
             raise ValueError(
                 f"TrainingPair {self.name!r}: pass spots= and spot_counts= together (weak supervision)."
@@ -169,6 +152,19 @@ class TrainingPair:
     def weak(self) -> bool:
         """Whether the pair is weakly supervised (hidden spots instead of HR truth)."""
         return self.spots is not None
+
+    def input_density(
+        self, lr: np.ndarray, genes: Any, r0: int, c0: int, height: int, width: int
+    ) -> torch.Tensor:
+        """``(len(genes), height, width)`` network LR input of a window: the interpolation of the LR counts ``lr``
+        ``(G, n_obs)`` of the genes ``genes`` (indices), as ``super_resolve`` computes it tile by tile.
+
+        The one place a training pair decides its network's LR input: an experiment that gives the network another
+        input subclasses the pair and overrides this (``benchmarks/_guided.py``).
+        """
+        lr = np.asarray(lr)[np.asarray(genes, dtype=np.int64)]
+        dens = self.observation.interpolate(lr, window=(r0, c0, height, width))
+        return torch.as_tensor(dens, dtype=torch.float32)
 
     @property
     def image_scale(self) -> int:
@@ -223,7 +219,7 @@ class PreparedPair:
     def density(self, genes: torch.Tensor, r0: int, c0: int, height: int, width: int) -> torch.Tensor:
         """``(len(genes), height, width)`` LR density (counts per HR pixel) of a window of the slide.
 
-        This is the network's LR input: the pair's ``guide`` where it has one, else the interpolation of its LR.
+        This is the network's LR input, :meth:`TrainingPair.input_density` of the pair's LR.
 
         Parameters
         ----------
@@ -234,8 +230,4 @@ class PreparedPair:
         height, width
             Size of the window in HR pixels.
         """
-        if self.pair.guide is not None:
-            return self.pair.guide[genes, r0 : r0 + height, c0 : c0 + width].clone()
-        lr = self.lr[np.asarray(genes, dtype=np.int64)]
-        dens = self.pair.observation.interpolate(lr, window=(r0, c0, height, width))
-        return torch.as_tensor(dens, dtype=torch.float32)
+        return self.pair.input_density(self.lr, genes, r0, c0, height, width)

@@ -207,11 +207,12 @@ def super_resolve(
 
         check_strength(prior_strength, "prior_strength")
     net = _load_model(model)
-    if getattr(net, "lr_input", "interpolation") != "interpolation":
+    lr_input = net.config.extra.get("lr_input", "interpolation")
+    if lr_input != "interpolation":
         raise ValueError(
-            f"model {getattr(net, 'name', None)!r} takes {net.lr_input!r} as its LR input, an experiment without "
-            "shipped weights that super_resolve does not run (benchmarks/baselines.py stsr_predict does). Use a "
-            "model trained on the interpolated spots, such as the shipped 'default' or 'fast'."
+            f"model {getattr(net, 'name', None)!r} takes {lr_input!r} as its LR input, an experiment without "
+            "shipped weights that super_resolve does not run (benchmarks/_guided.py does). Use a model trained on "
+            "the interpolated spots, such as the shipped 'default' or 'fast'."
         )
     dev = resolve_device(device)
     inputs = prepare_inputs(
