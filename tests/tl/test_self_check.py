@@ -9,7 +9,7 @@ import spatialdata as sd
 import stsr
 from stsr.models.prior import SlidePrior
 from stsr.observation import ObservationModel
-from stsr.tl._self_check import calibrate_dispersion, run_self_check, spot_groups
+from stsr.tl._self_check import calibrate_dispersion, run_self_check, spot_groups, used_strength
 
 
 def _square_spots(n: int = 12, pitch: int = 10, radius: float = 3.5) -> ObservationModel:
@@ -63,14 +63,24 @@ def test_a_prior_that_carries_the_truth_is_chosen_and_one_of_noise_is_not():
     noise = _prior(rng.normal(size=(1, *op.shape)), 3)
     with_truth = run_self_check(op, lr, mask, good, window=64)
     with_noise = run_self_check(op, lr, mask, noise, window=64)
-    assert with_truth.strength >= 0.75
-    assert with_noise.strength <= 0.25
+    assert with_truth.checked_strength >= 0.75 and with_truth.strength == used_strength(
+        with_truth.checked_strength
+    )
+    assert with_noise.checked_strength <= 0.25 and with_noise.strength <= 0.25
     # the self-estimate says which one helps: within-group r far higher with the informative prior
     assert with_truth.within_r > with_noise.within_r + 0.2
-    by_strength = {c.strength: c for c in with_noise.candidates}
-    assert with_noise.r == pytest.approx(
-        max(c.r + c.within_r for c in by_strength.values()) - with_noise.within_r
-    )
+    # the scores reported are those of the strength used
+    for check in (with_truth, with_noise):
+        used = next(c for c in check.candidates if c.strength == check.strength)
+        assert (check.r, check.within_r) == (used.r, used.within_r)
+        top = max(check.candidates, key=lambda c: c.score)
+        assert top.strength == check.checked_strength
+
+
+def test_the_strength_used_is_half_the_checked_optimum_on_the_candidates():
+    assert [used_strength(s) for s in (0.0, 0.25, 0.5, 0.75, 1.0)] == [0.0, 0.25, 0.25, 0.25, 0.5]
+    assert used_strength(0.75, (0.75,)) == 0.75  # a strength the user fixed is used as given
+    assert used_strength(1.0, (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)) == 0.4
 
 
 def test_the_diffusion_residual_is_kept_only_when_it_predicts_the_hidden_spots_better():

@@ -30,6 +30,11 @@ log = logging.getLogger("stsr")
 
 #: Exponents of the prior tried by the self-check (0 = the interpolated spots alone).
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: The strength that predicts the spots best from groups of them is about twice the one that maps the pixels best
+#: from the spots: a slide's coarse structure (tissue regions) follows its histology more closely than its fine
+#: structure does. Ratio of the two optima on HER2ST C2-C6, the sections it was read off: 0.33-0.63, median 0.5
+#: (``benchmarks/results/self_check_strength.md``). :func:`used_strength` applies it.
+SCALE_RATIO = 0.5
 #: Shares of the diffusion core's residual tried (0 = the prior map alone, 1 = the core's map x the prior).
 RESIDUALS = (0.0, 0.5, 1.0)
 #: Tiles the diffusion core runs on for the self-check (spread over the tissue).
@@ -40,6 +45,18 @@ CHECK_TILES = 6
 MIN_GAIN = 0.02
 #: Central interval whose coverage the spread is calibrated to.
 INTERVAL = 0.9
+
+
+def used_strength(checked: float, strengths: tuple[float, ...] = STRENGTHS) -> float:
+    """The prior strength a run uses when the self-check's optimum is ``checked``: :data:`SCALE_RATIO` of it,
+    rounded down to the candidates ``strengths``, but never below the smallest non-zero candidate unless the check
+    turned the prior off (``checked == 0``: the histology did not predict the hidden spots). A single candidate (a
+    strength the user fixed) is used as given."""
+    if len(strengths) == 1 or checked <= 0:
+        return float(checked)
+    nonzero = sorted(float(x) for x in strengths if x > 0)
+    below = [x for x in nonzero if x <= SCALE_RATIO * checked + 1e-9]
+    return max(below) if below else nonzero[0]
 
 
 def spot_groups(observation: ObservationModel, size: int = 2) -> np.ndarray:
@@ -176,7 +193,9 @@ class Candidate:
 @dataclass
 class SelfCheck:
     """The configuration chosen on the slide and what the check measured: ``r``, ``within_r`` against the hidden
-    spots' counts; ``pixel_r``, ``pixel_within_r`` the same carried to the map's pixels (the self-estimate)."""
+    spots' counts; ``pixel_r``, ``pixel_within_r`` the same carried to the map's pixels (the self-estimate), all of
+    the configuration used. ``checked_strength`` is the strength that predicted the spots best from the groups,
+    ``strength`` the one used (:func:`used_strength`)."""
 
     strength: float
     residual: float
@@ -188,6 +207,7 @@ class SelfCheck:
     pixel_r: float = float("nan")
     pixel_within_r: float = float("nan")
     pixels_per_spot: float = 1.0
+    checked_strength: float = float("nan")
 
     def provenance(self) -> dict[str, Any]:
         """JSON-ready record for the element's provenance."""
@@ -197,6 +217,7 @@ class SelfCheck:
 
         return {
             "prior_strength": self.strength,
+            "checked_optimum": None if np.isnan(self.checked_strength) else self.checked_strength,
             "diffusion_residual": self.residual,
             "self_estimated_r": rounded(self.pixel_r),
             "self_estimated_within_r": rounded(self.pixel_within_r),
@@ -299,7 +320,8 @@ def run_self_check(
         maps[s] = slide.prior_map(s)
         preds[(s, 0.0)] = slide.predicted_spots(maps[s])
         candidates.append(Candidate(s, 0.0, *spot_scores(preds[(s, 0.0)], target, groups)))
-    best = max(candidates, key=lambda c: c.score)
+    checked = max(candidates, key=lambda c: c.score).strength
+    best = next(c for c in candidates if c.strength == used_strength(checked, strengths))
     chosen_pred = preds[(best.strength, 0.0)]
     gain = (0.0, 0.0)  # of the chosen diffusion residual over the prior map, on the checked tiles' spots
     if coarse_tiles is not None and tile_origins is not None and len(tile_origins) and any(residuals):
@@ -376,14 +398,16 @@ def run_self_check(
         px_r,
         px_w,
         k,
+        checked,
     )
     log.info(
-        "super_resolve self-check (%d spot groups predicting %d spots): prior strength %g, diffusion residual %g; "
-        "r %.3f, within-group r %.3f against the spots; self-estimated on the map's pixels (%.0f per spot): r %.3f, "
-        "within-spot r %.3f",
+        "super_resolve self-check (%d spot groups predicting %d spots): prior strength %g (optimum from the groups "
+        "%g), diffusion residual %g; r %.3f, within-group r %.3f against the spots; self-estimated on the map's "
+        "pixels (%.0f per spot): r %.3f, within-spot r %.3f",
         check.n_groups,
         observation.n_obs,
         check.strength,
+        checked,
         check.residual,
         check.r,
         check.within_r,
