@@ -1,8 +1,10 @@
-"""Condense the accuracy report (``docs/benchmarks/accuracy.md``) into the README's summary table.
+"""Condense the accuracy report (``docs/benchmarks/accuracy.md``, or ``docs/benchmarks/default_call.md``) into the
+README's summary table.
 
 Run::
 
     python benchmarks/summarize_accuracy.py [docs/benchmarks/accuracy.md [docs/benchmarks/accuracy_fast.md:fast ...]]
+    python benchmarks/summarize_accuracy.py docs/benchmarks/default_call.md   # README's "Accuracy" numbers
 
 Reads the report's summary table (``r / within-block r`` per method and case), averages the HER2ST sections, and
 prints a markdown table with the HER2ST mean, DBiT-seq, Vizgen and synthetic columns, plus the number of HER2ST
@@ -44,6 +46,8 @@ def read_summary(path: Path) -> tuple[list[str], dict[str, list[tuple[float, flo
     rows: dict[str, list[tuple[float, float]]] = {}
     for line in table[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
+        if any(c == "n/a" for c in cells[1:]):  # a method that did not run (e.g. TESLA not installed)
+            continue
         rows[cells[0]] = [tuple(float(v) for v in c.split(" / ")) for c in cells[1:]]  # type: ignore[misc]
     return header[1:], rows
 
@@ -51,7 +55,7 @@ def read_summary(path: Path) -> tuple[list[str], dict[str, list[tuple[float, flo
 def main() -> None:  # noqa: D103
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE.parent / "docs" / "benchmarks" / "accuracy.md"
     cases, rows = read_summary(path)
-    keep = list(KEEP)
+    keep = list(KEEP) + [name for name in rows if name not in KEEP]  # e.g. default_call.md's public calls
     for extra in sys.argv[2:]:
         other, _, label = extra.rpartition(":")
         other_cases, other_rows = read_summary(Path(other))

@@ -6,7 +6,10 @@ is measured in HR gene-pixel-steps per second and extrapolated to a full Visium 
 ~5,000 spots, 50 genes, 5.5 um pixels, 20 steps).
 
     python benchmarks/super_resolve_scale.py [--sizes 500 1000 2000] [--genes 50] [--steps 2] [--model fast]
-        [--tile-size 64] [--overlap 16] [--batch-size 8] [--cache-interval 1 2] [--full]
+        [--tile-size 64] [--overlap 16] [--batch-size 8] [--cache-interval 1 2] [--full] [--defaults]
+
+``--defaults`` times the default call, ``super_resolve(sdata, "he", genes)`` (semantic prior, self-check, shipped
+weights, every setting at its default) instead of the settings named on the command line.
 
 ``--cache-interval 1 2`` runs every size once per interval (``super_resolve(cache_interval=...)``, deep features
 reused across steps) and prints the capture-area estimates side by side, with the speed-up over the first.
@@ -31,7 +34,7 @@ import stsr
 size, genes, steps, threads, batch = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 name, tile, overlap, interval = sys.argv[6], int(sys.argv[7]), int(sys.argv[8]), int(sys.argv[9])
 torch.set_num_threads(threads)
-model = stsr.models.load(None if name == "default" else name)
+model = None if name == "--defaults" else stsr.models.load(None if name == "default" else name)
 sdata = stsr.datasets.synthetic(size_um=(size, size), n_genes=genes, seed=0)
 path = tempfile.mkdtemp() + "/slide.zarr"
 sdata.write(path)
@@ -39,21 +42,26 @@ import spatialdata as sd
 sdata = sd.read_zarr(path)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.time()
-stsr.tl.super_resolve(sdata, "he", list(sdata["table"].var_names[:genes]), model=model, steps=steps,
-                      batch_size=batch, tile_size=tile, overlap=overlap, cache_interval=interval,
-                      progress=False)
+if name == "--defaults":  # what a user gets from the default call: every other argument at its default
+    stsr.tl.super_resolve(sdata, "he", list(sdata["table"].var_names[:genes]), progress=False)
+else:
+    stsr.tl.super_resolve(sdata, "he", list(sdata["table"].var_names[:genes]), model=model, steps=steps,
+                          batch_size=batch, tile_size=tile, overlap=overlap, cache_interval=interval,
+                          progress=False)
 wall = time.time() - t
 prov = sdata.attrs["stsr"]["stsr"]
 h, w = prov["grid_shape"]
 print(json.dumps({"size_um": size, "grid": [h, w], "tiles": prov["n_tiles"], "seconds": wall,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "rss_before_mb": base / 1024, "tile": prov["tile_size"], "overlap": prov["overlap"]}))
+                  "rss_before_mb": base / 1024, "tile": prov["tile_size"], "overlap": prov["overlap"],
+                  "prior_strength": prov.get("prior_strength"), "diffusion_residual": prov.get("diffusion_residual")}))
 """
 
 
 def run(args: argparse.Namespace, size: float, genes: int, steps: int, interval: int = 1) -> dict:
     """Run ``super_resolve`` on a fresh synthetic slide of ``size`` um in a subprocess; its measurements."""
-    cmd = [str(v) for v in (size, genes, steps, args.threads, args.batch_size, args.model)]
+    name = "--defaults" if args.defaults else args.model
+    cmd = [str(v) for v in (size, genes, steps, args.threads, args.batch_size, name)]
     cmd += [str(args.tile_size), str(args.overlap), str(interval)]
     out = subprocess.run(
         [sys.executable, "-c", WORKER, *cmd],
@@ -82,6 +90,13 @@ def main() -> None:
         help="super_resolve(cache_interval=...) values, run one after the other; the first is the ratios' baseline",
     )
     p.add_argument("--full", action="store_true", help="also run a full 6.5 mm capture area at 20 steps")
+    p.add_argument(
+        "--defaults",
+        action="store_true",
+        help="call super_resolve(sdata, 'he', genes) with every other argument at its default (the semantic prior, "
+        "the self-check, the shipped weights); --model, --steps, --tile-size, --overlap, --batch-size and "
+        "--cache-interval are then not passed",
+    )
     args = p.parse_args()
     from stsr.tl._tiling import plan_tiles
 
@@ -102,7 +117,11 @@ def main() -> None:
             )
             rows.append(r)
         table(args, rows, interval)
-        estimates[interval] = tiles_full * rows[-1]["seconds"] / rows[-1]["tiles"] / 60
+        last = rows[-1]
+        if last["tiles"]:
+            estimates[interval] = tiles_full * last["seconds"] / last["tiles"] / 60
+        else:  # no diffusion tiles (the self-check kept none): by area
+            estimates[interval] = 1182**2 / (last["grid"][0] * last["grid"][1]) * last["seconds"] / 60
     if (args.genes, args.steps) == (50, 20):
         base = estimates[args.cache_interval[0]]
         print(
@@ -124,18 +143,25 @@ def main() -> None:
         print(
             f"\nFull capture area measured (cache interval {interval}): {r['seconds'] / 60:.1f} min, peak RSS "
             f"{r['peak_rss_mb']:.0f} MB, {r['tiles']} tiles of {r['tile']} (overlap {r['overlap']}), HR grid "
-            f"{r['grid'][0]}x{r['grid'][1]}."
+            f"{r['grid'][0]}x{r['grid'][1]}"
+            + (
+                f"; self-check: prior strength {r['prior_strength']}, diffusion residual {r['diffusion_residual']}."
+                if r.get("diffusion_residual") is not None
+                else "."
+            )
         )
 
 
 def table(args: argparse.Namespace, rows: list[dict], interval: int) -> None:
     """Print the scaling table of one cache interval (memory as a ratio to the smallest slide)."""
     base = rows[0]
-    print(
-        f"\nsuper_resolve scaling: {args.genes} genes, {args.steps} DDIM steps, model {args.model!r}, "
-        f"{args.threads} threads, tiles {args.tile_size} (overlap {args.overlap}), batch {args.batch_size}, "
-        f"cache interval {interval}\n"
+    settings = (
+        "the default call (every setting at its default; tiles 0 = the self-check kept no diffusion tiles)"
+        if args.defaults
+        else f"{args.steps} DDIM steps, model {args.model!r}, tiles {args.tile_size} (overlap {args.overlap}), "
+        f"batch {args.batch_size}, cache interval {interval}"
     )
+    print(f"\nsuper_resolve scaling: {args.genes} genes, {args.threads} threads, {settings}\n")
     print(
         "| slide (um) | area ratio | HR grid | tiles | wall (s) | peak RSS (MB) | memory ratio | "
         "gene-px-steps/s |"
