@@ -118,11 +118,16 @@ def main() -> None:
             rows.append(r)
         table(args, rows, interval)
         last = rows[-1]
-        if last["tiles"]:
+        if last["tiles"] and not args.defaults:
             estimates[interval] = tiles_full * last["seconds"] / last["tiles"] / 60
-        else:  # no diffusion tiles (the self-check kept none): by area
+        else:  # the default call (its prior and self-check cost by area) or no diffusion tiles: by area
             estimates[interval] = 1182**2 / (last["grid"][0] * last["grid"][1]) * last["seconds"] / 60
-    if (args.genes, args.steps) == (50, 20):
+    if args.defaults and args.genes == 50:
+        print(
+            "\nFull capture area (6.5 x 6.5 mm, 50 genes, the default call), estimated by area from the largest "
+            f"slide above: {estimates[args.cache_interval[0]]:.1f} min (goal <= 15 min)."
+        )
+    elif (args.genes, args.steps) == (50, 20):
         base = estimates[args.cache_interval[0]]
         print(
             f"\nFull capture area (6.5 x 6.5 mm, 50 genes, 5.5 um, 20 steps): {tiles_full} tiles if all tissue "
@@ -141,7 +146,8 @@ def main() -> None:
         interval = args.cache_interval[-1]
         r = run(args, 6500.0, 50, 20, interval)
         print(
-            f"\nFull capture area measured (cache interval {interval}): {r['seconds'] / 60:.1f} min, peak RSS "
+            f"\nFull capture area measured ({'the default call' if args.defaults else f'cache interval {interval}'}): "
+            f"{r['seconds'] / 60:.1f} min, peak RSS "
             f"{r['peak_rss_mb']:.0f} MB, {r['tiles']} tiles of {r['tile']} (overlap {r['overlap']}), HR grid "
             f"{r['grid'][0]}x{r['grid'][1]}"
             + (

@@ -63,6 +63,26 @@ def test_nb_coverage_matches_the_intervals_and_is_nominal_when_the_model_is_righ
     assert zero.per_gene[0.5].tolist() == [0.5]
 
 
+def test_randomised_pit_coverage_is_nominal_at_low_counts_where_the_plain_interval_over_covers():
+    rng = np.random.default_rng(3)
+    phi = np.array([0.1, 0.5])
+    rates = rng.uniform(0.05, 0.6, (2, 60, 60))  # mostly 0 or 1 counts
+    n = (1.0 / phi)[:, None, None]
+    counts = rng.negative_binomial(n, n / (n + rates)).astype(float)
+    mask = np.ones((60, 60), bool)
+    cov = D.coverage(rates, phi, counts, mask)
+    sd = np.sqrt(0.1 * 0.9 / cov.n_values)
+    assert cov.pooled[0.9] > 0.97  # the plain interval [0, 1 or 2] holds far more than 90 %
+    for level in D.LEVELS:  # the randomised PIT is calibrated whatever the counts
+        assert abs(cov.pit[level] - level) < 4 * sd + 0.005
+    # a wrong model is seen: means 10 x too high or too low, or a dispersion far too large
+    assert D.coverage(10 * rates, phi, counts, mask).pit[0.9] < 0.7
+    assert D.coverage(rates / 10, phi, counts, mask).pit[0.9] < 0.75
+    assert D.coverage(rates, np.full(2, 20.0), counts, mask).pit[0.5] < 0.45
+    # by hand, one count: P(Y < y) = 0.02, P(Y <= y) = 0.12 -> a PIT uniform on [0.02, 0.12], 0.07 of it in [0.05, 0.95]
+    assert D.pit_covered(np.array([0.12]), np.array([0.02]), 0.9)[0] == pytest.approx(0.7)
+
+
 def test_default_call_case_reports_the_calls_own_provenance(tiny_model):
     pytest.importorskip("h5py")  # the image teacher's weights (extra "prior")
     case = A.synthetic_case(200.0, 3, 4, public=True)
