@@ -19,7 +19,8 @@ counts; nothing of the truth but its pooling). Rows per case:
 
 - bicubic + mass (in memory) and TESLA (when installed), as ``accuracy.py`` runs them;
 - ``stsr.tl.prior_map`` with its defaults;
-- ``stsr.tl.super_resolve`` with its defaults (``model=None``: the shipped default weights);
+- ``stsr.tl.super_resolve`` with its defaults (``model=None`` and the tiling and feature cache set by the device:
+  ``stsr.tl._super_resolve.DEVICE_DEFAULTS``);
 
 both public calls with ``pixel_size`` = the truth's pixel, so that the map read back from ``sdata[key]`` lies on
 the truth's grid (:func:`accuracy.read_map`), and ``progress=False``. Per row: r, within-block r and SSIM
@@ -553,7 +554,9 @@ def main(argv: list[str] | None = None) -> str:
     if args.figure is not None:
         reliability_figure(results, args.figure)
 
-    weights = next((r.default.provenance.get("model") for r in results if r.default is not None), None)
+    first = next((r.default.provenance for r in results if r.default is not None), {})
+    auto = first.get("device_defaults") or {}
+    settings = ", ".join(f"{k}={v!r}" for k, v in auto.items()) or f"weights {first.get('model')!r}"
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     cmd = "python benchmarks/default_call.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = [
@@ -566,11 +569,11 @@ def main(argv: list[str] | None = None) -> str:
         "to the measured area, the LR blocks as square bins, a table of their raw counts; "
         "`benchmarks/accuracy.py` `case_sdata`), cropped to whole blocks. The public calls run with every argument "
         "at its default except `pixel_size` (the truth's pixel, so that the map read back lies on the truth's grid) "
-        f"and `progress=False`: `super_resolve` with `model=None` (the shipped weights: {weights!r}), i.e. the "
-        "semantic prior and the self-check on; `prior_map` with its default strength. Bicubic + mass and TESLA run "
+        f"and `progress=False`: `super_resolve` with `model=None` and the settings the device sets (here: "
+        f"{settings}), i.e. the semantic prior and the self-check on; `prior_map` with its default strength. Bicubic + mass and TESLA run "
         "in memory on the case's arrays. Wall time: the call and reading the map back.",
         "",
-        "Splits: the shipped weights saw synthetic seeds and DBiT-seq (x2 pairs); HER2ST, Vizgen and synthetic "
+        "Splits: the shipped weights (both `default` and `fast`) saw synthetic seeds and DBiT-seq (x2 pairs); HER2ST, Vizgen and synthetic "
         "seed 42 are unseen, the DBiT rows measure fit. The self-check and `prior_map` use only the case's LR "
         "input.",
         "",

@@ -72,7 +72,8 @@ def test_super_resolve_into_a_copy_leaves_the_input_untouched(store, tmp_path, w
     assert list(result["stsr"]["scale0"]["image"].coords["c"].values) == ["gene_000", "gene_001"]
     assert result.attrs["stsr"]["stsr"]["model"] == "tiny"
     assert result.attrs["stsr"]["stsr"]["steps"] == 2
-    assert result.attrs["stsr"]["stsr"]["cache_interval"] == 1
+    assert result.attrs["stsr"]["stsr"]["cache_interval"] == 2  # left to the device: a CPU reuses features
+    assert result.attrs["stsr"]["stsr"]["device_defaults"] == {"cache_interval": 2, "batch_size": 1}
     hr = np.asarray(result["stsr"]["scale0"]["image"].values)
     assert np.isfinite(hr).all() and hr.min() >= 0 and hr.sum() > 0
     assert snapshot(store) == before  # the input store was copied, not modified
@@ -409,7 +410,7 @@ def test_help_shows_every_option_with_its_default(command, capsys):
             assert "default: " in blocks[option], blocks[option]
         assert len(blocks[option].split()) > 3, blocks[option]  # the option has help text
     if command == "super-resolve":
-        assert "(default: 20)" in blocks["--steps"] and "(default: 8)" in blocks["--batch-size"]
+        assert "(default: 20)" in blocks["--steps"] and "8 on a GPU" in blocks["--batch-size"]
     if command == "prior-map":
         # the defaults stated in words are stsr.tl.prior_map's
         defaults = inspect.signature(stsr.tl.prior_map).parameters

@@ -21,7 +21,8 @@ def run_demo(
     """Run the main job on the embedded default slide.
 
     A procedurally generated 1 x 1 mm slide (H&E-like image, Visium-like 55 um spots, known HR truth) is
-    super-resolved with the shipped default model (or the weights named by ``model``, e.g. ``"fast"``); the result is written to ``out/demo.zarr`` and an overlay of the
+    super-resolved by the default call (the weights and tiling set by the device, or the weights named by ``model``);
+    the result is written to ``out/demo.zarr`` and an overlay of the
     first gene on the image to ``out/overlay.png``.
 
     Returns

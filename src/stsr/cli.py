@@ -465,14 +465,16 @@ def _parser() -> argparse.ArgumentParser:
     sr.add_argument(
         "--model",
         default=None,
-        help="name ('default', 'fast') or folder of the model weights (default: the shipped 'default')",
+        help="name ('default', 'fast') or folder of the model weights (default: set by the device, 'fast' on a "
+        "CPU, 'default' on a GPU)",
     )
     sr.add_argument("--steps", type=_int_at_least(1), default=20, help="denoising steps")
     sr.add_argument(
         "--cache-interval",
         type=_int_at_least(1),
-        default=1,
-        help="steps per full network evaluation; 2 reuses deep features every other step (faster, approximate)",
+        default=None,
+        help="steps per full network evaluation; 2 reuses deep features every other step (faster, approximate); "
+        "default: set by the device (2 on a CPU, 1 on a GPU)",
     )
     sr.add_argument(
         "--n-samples",
@@ -499,14 +501,24 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the self-check on the slide (prior strength 0.5 unless given, the diffusion core's map kept whole)",
     )
-    sr.add_argument("--tile-size", type=_int_at_least(1), default=64, help="tile side in HR pixels")
+    sr.add_argument(
+        "--tile-size",
+        type=_int_at_least(1),
+        default=None,
+        help="tile side in HR pixels (default: 248 on a CPU, 64 on a GPU)",
+    )
     sr.add_argument(
         "--overlap",
         type=_int_at_least(0),
-        default=16,
-        help="tile overlap in HR pixels (keep >= a spot diameter)",
+        default=None,
+        help="tile overlap in HR pixels (keep >= a spot diameter; default: 12 on a CPU, 16 on a GPU)",
     )
-    sr.add_argument("--batch-size", type=_int_at_least(1), default=8, help="tiles per model batch")
+    sr.add_argument(
+        "--batch-size",
+        type=_int_at_least(1),
+        default=None,
+        help="tiles per model batch (default: 1 on a CPU, 8 on a GPU)",
+    )
     sr.add_argument(
         "--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', ..."
     )

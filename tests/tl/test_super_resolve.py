@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import spatialdata as sd
+import torch
 from spatialdata.transformations import get_transformation
 
 import stsr
@@ -89,7 +90,7 @@ def test_same_result_for_batch_sizes_and_tilings(slide, model):
 
 
 def test_cache_interval_is_recorded_checked_and_keeps_the_spot_sums(slide, model):
-    sdata, exact = _run(slide, model, steps=4)
+    sdata, exact = _run(slide, model, steps=4, cache_interval=1)
     cached_sdata, cached = _run(slide, model, steps=4, cache_interval=2)
     assert sdata["stsr"].attrs["stsr"]["cache_interval"] == 1
     assert cached_sdata["stsr"].attrs["stsr"]["cache_interval"] == 2
@@ -369,6 +370,29 @@ def test_a_failed_semantic_prior_removes_its_scores_but_keeps_an_earlier_runs_ti
     with pytest.raises(RuntimeError, match="teacher failed"):
         _run(slide, model, semantic_prior=True, self_check=False, cache_dir=tmp_path / "cache")
     assert sorted(p.name for p in (tmp_path / "cache" / "stsr").iterdir()) == [MARKER, "tiles.zarr"]
+
+
+def test_settings_left_to_the_device_follow_it_and_given_ones_are_kept(slide, model, monkeypatch):
+    from stsr.tl import _super_resolve as S
+
+    assert S.device_defaults(torch.device("cpu"))["model"] == "fast"
+    assert S.device_defaults(torch.device("cuda"))["cache_interval"] == 1
+    # on this CPU: what was left at None comes from DEVICE_DEFAULTS and is recorded, what was given is used
+    monkeypatch.setitem(
+        S.DEVICE_DEFAULTS, "cpu", {**S.DEVICE_DEFAULTS["cpu"], "tile_size": 40, "overlap": 12}
+    )
+    sdata = sd.deepcopy(slide)
+    stsr.tl.super_resolve(
+        sdata, "he", GENES, model=model, steps=1, semantic_prior=False, progress=False, batch_size=2
+    )
+    prov = sdata.attrs["stsr"]["stsr"]
+    assert prov["device_defaults"] == {"cache_interval": 2, "tile_size": 40, "overlap": 12}
+    assert (prov["model"], prov["cache_interval"], prov["tile_size"], prov["overlap"]) == (model.name, 2, 40, 12)
+    # the model itself left to the device: the shipped 'fast' weights on a CPU
+    sdata = sd.deepcopy(slide)
+    stsr.tl.super_resolve(sdata, "he", GENES, steps=1, semantic_prior=False, progress=False, tile_size=32)
+    prov = sdata.attrs["stsr"]["stsr"]
+    assert prov["model"] == "fast" and prov["device_defaults"]["model"] == "fast"
 
 
 def test_experimental_lr_inputs_are_refused_before_any_work(slide, model):

@@ -42,6 +42,22 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+#: The settings of ``super_resolve`` left at ``None``, per kind of device. On a CPU: the ``fast`` weights (as
+#: accurate as ``default`` on the benchmark cases, 2.5x faster: ``docs/benchmarks/accuracy_fast.md``), tiles of 248
+#: pixels (the least work on overlaps) one at a time, and deep features reused every other step (``cache_interval=2``,
+#: r within -0.002 to +0.007 of the exact run): the network over a full capture area in 13 min instead of 87
+#: (``docs/benchmarks/scaling.md``). On a GPU: the ``default`` weights, tiles of 64 in batches of 8, every step exact.
+DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cpu": {"model": "fast", "cache_interval": 2, "tile_size": 248, "overlap": 12, "batch_size": 1},
+    "gpu": {"model": "default", "cache_interval": 1, "tile_size": 64, "overlap": 16, "batch_size": 8},
+}
+
+
+def device_defaults(dev: torch.device) -> dict[str, Any]:
+    """The settings :data:`DEVICE_DEFAULTS` gives a run on ``dev`` (``"cpu"``, or ``"gpu"`` for any other device)."""
+    return dict(DEVICE_DEFAULTS["cpu" if dev.type == "cpu" else "gpu"])
+
+
 def _load_model(model: Any) -> Any:
     from .. import models
 
@@ -60,16 +76,16 @@ def super_resolve(
     pixel_size: float | None = None,
     coordinate_system: str | None = None,
     steps: int = 20,
-    cache_interval: int = 1,
+    cache_interval: int | None = None,
     n_samples: int = 1,
     consistency: bool = True,
     semantic_prior: bool | None = None,
     prior_strength: float | None = None,
     self_check: bool = True,
     image_features: Any = "densenet121",
-    tile_size: int = 64,
-    overlap: int = 16,
-    batch_size: int = 8,
+    tile_size: int | None = None,
+    overlap: int | None = None,
+    batch_size: int | None = None,
     device: str | torch.device = "auto",
     seed: int = 0,
     key_added: str = KEY_SUPER_RESOLVE,
@@ -93,7 +109,8 @@ def super_resolve(
     table_key
         Table holding the spot counts; found automatically when only one table annotates a shapes element.
     model
-        A model object, a name of shipped weights, or a path to saved weights; default: the shipped default model.
+        A model object, a name of shipped weights, or a path to saved weights; default: set by the device
+        (:data:`DEVICE_DEFAULTS`: the shipped ``fast`` weights on a CPU, ``default`` on a GPU).
     pixel_size
         HR pixel size in units of ``coordinate_system``; default: a tenth of the spot diameter.
     coordinate_system
@@ -104,8 +121,8 @@ def super_resolve(
     cache_interval
         Steps per full network evaluation: with ``2``, every other step recomputes only the model's
         full-resolution level and reuses the deep features of the step before (:class:`stsr.models.network.FeatureCache`,
-        after DeepCache; speed and accuracy in ``docs/benchmarks.md``). ``1`` (default) evaluates the whole network
-        at every step.
+        after DeepCache; speed and accuracy in ``docs/benchmarks.md``). ``1`` evaluates the whole network at every
+        step. Default: set by the device (2 on a CPU, 1 on a GPU).
     n_samples
         Number of samples; with more than one, the mean is returned and ``f"{key_added}_std"`` holds the per-pixel
         standard deviation.
@@ -144,10 +161,10 @@ def super_resolve(
     tile_size, overlap
         Tile side and overlap in HR pixels; overlaps are blended with smooth weights. Keep ``overlap`` at least a
         spot diameter (10 HR pixels at the default pixel size) so that every spot lies whole inside some tile.
-        Larger tiles waste less work on overlaps (on a CPU, ``tile_size=248, overlap=12, batch_size=1`` is faster
-        for a little more memory; measured in ``docs/benchmarks.md``, "Memory and scale").
+        Larger tiles waste less work on overlaps. Default: set by the device (248 / 12 on a CPU, the fastest there
+        for a little more memory; 64 / 16 on a GPU; ``docs/benchmarks.md``, "Memory and scale").
     batch_size
-        Tiles per model batch.
+        Tiles per model batch; default: set by the device (1 on a CPU, 8 on a GPU).
     device
         ``"auto"`` (cuda when present, else cpu), ``"cpu"``, ``"cuda"``, ...
     seed
@@ -198,6 +215,13 @@ def super_resolve(
     check_new_keys(sdata, out_keys, overwrite, inputs=(image_key, table_key))  # before any path or work
     _check_int(n_samples, "n_samples", 1)
     _check_int(steps, "steps", 1)
+    dev = resolve_device(device)
+    chosen = {"model": model, "cache_interval": cache_interval, "tile_size": tile_size, "overlap": overlap}
+    chosen["batch_size"] = batch_size
+    auto = {k: v for k, v in device_defaults(dev).items() if chosen[k] is None}
+    model = auto.get("model", model)
+    cache_interval, tile_size = auto.get("cache_interval", cache_interval), auto.get("tile_size", tile_size)
+    overlap, batch_size = auto.get("overlap", overlap), auto.get("batch_size", batch_size)
     _check_int(batch_size, "batch_size", 1)
     _check_int(tile_size, "tile_size", 8)
     _check_int(overlap, "overlap", 0)
@@ -214,7 +238,6 @@ def super_resolve(
             "shipped weights that super_resolve does not run (benchmarks/_guided.py does). Use a model trained on "
             "the interpolated spots, such as the shipped 'default' or 'fast'."
         )
-    dev = resolve_device(device)
     inputs = prepare_inputs(
         sdata,
         image_key,
@@ -254,7 +277,7 @@ def super_resolve(
     }
     # the tiles do not depend on the prior or the self-check: a rerun with another prior resumes them
     fingerprint = {**params, "inputs_sha256": input_fingerprint(inputs)}
-    params.update(semantic_prior=semantic_prior, self_check=checked)
+    params.update(semantic_prior=semantic_prior, self_check=checked, device_defaults=auto)
     cache = RunCache(sdata, cache_dir, key_added)
     prior = _fit_prior(inputs, cache, progress, dev, image_features) if semantic_prior else None
     if prior is not None:
