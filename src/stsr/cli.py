@@ -199,10 +199,11 @@ def _check_device(device: str) -> None:
 
 
 def _load_model(name: str | None) -> Any:
-    """The model named by ``--model``, loaded before any file is written (a bad name fails first)."""
+    """The model named by ``--model``, loaded before any file is written (a bad name fails first); ``None`` when
+    ``--model`` is not given, so that ``super_resolve`` takes the weights the device sets."""
     from . import models
 
-    return models.load(name)
+    return None if name is None else models.load(name)
 
 
 # ------------------------------------------------------------------------------------------------ files of a call
@@ -562,7 +563,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--model",
         default=None,
-        help="name ('default', 'fast') or folder of the model weights (default: the shipped 'default')",
+        help="name ('default', 'fast') or folder of the model weights (default: set by the device, 'fast' on a "
+        "CPU, 'default' on a GPU)",
     )
     demo.add_argument(
         "--size-um", type=_positive_float, default=1000.0, help="side of the synthetic slide in micrometres"

@@ -120,3 +120,27 @@ def test_failed_overwrite_restores_the_store(tmp_path, monkeypatch):
     back = sd.read_zarr(tmp_path / "s.zarr")
     np.testing.assert_array_equal(back["new"]["scale0"]["image"].values, values)
     np.testing.assert_array_equal(sdata["new"]["scale0"]["image"].values, values)
+
+
+def test_tiles_fit_small_grids_with_the_least_work_and_given_sizes_stay_on_large_ones():
+    from stsr.tl._tiling import fit_tiles, plan_tiles
+
+    def work(shape, tile, overlap):
+        return plan_tiles(shape, tile, overlap).n_tiles * tile**2
+
+    # a grid smaller than the tile: 2 x 2 tiles of 100 over 182 px, not 2 x 2 of 180 (almost all overlap)
+    assert fit_tiles((182, 182), 248, 12) == (100, 12)
+    assert work((182, 182), 100, 12) < 0.35 * work((182, 182), 180, 12)
+    # a grid that one tile covers exactly keeps it; the tile stays a multiple of 4
+    assert fit_tiles((64, 64), 248, 12) == (64, 12)
+    assert fit_tiles((61, 90), 248, 12)[0] % 4 == 0
+    # a tile the user gave is kept where it fits; one left to the device is searched between half and all of it
+    assert fit_tiles((330, 350), 248, 12) == (248, 12)
+    tile, overlap = fit_tiles((330, 350), 248, 12, search=True)
+    assert 124 <= tile < 248 and work((330, 350), tile, overlap) < 0.6 * work((330, 350), 248, 12)
+    # on the capture area 248 is already the least work, and every tile of the plan stays inside the grid
+    assert fit_tiles((1182, 1182), 248, 12, search=True) == (248, 12)
+    plan = plan_tiles((330, 350), tile, overlap)
+    assert (plan.origins >= 0).all() and (plan.origins + tile <= np.array([330, 350])).all()
+    with pytest.raises(ValueError, match="too small"):
+        fit_tiles((6, 100), 248, 12)

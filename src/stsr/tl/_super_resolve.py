@@ -252,7 +252,9 @@ def super_resolve(
     check_new_keys(sdata, out_keys, overwrite, inputs=(image_key, inputs.table_key, inputs.spots_key))
     measured = inputs.lr
     inputs = expected_inputs(inputs) if poisson else inputs
-    tile_size, overlap = fit_tiles(inputs.grid.shape, tile_size, overlap, getattr(net, "tile_multiple", 4))
+    tile_size, overlap = fit_tiles(
+        inputs.grid.shape, tile_size, overlap, getattr(net, "tile_multiple", 4), search="tile_size" in auto
+    )
     plan = plan_tiles(inputs.grid.shape, tile_size, overlap, inputs.mask)
     params = {
         "method": "super_resolve",
