@@ -11,7 +11,12 @@ truth next to the prior map's (``stsr.tl.prior_map`` at its default strength, 0.
 Split: the rule's ratio was read off HER2ST C2-C6 (one patient; C2 the validation section); A1, A2 (patient A),
 B4 (patient B) and Vizgen are the test cases; DBiT-seq is data the shipped weights saw.
 
+``--native`` scores the HER2ST sections at native geometry instead (``benchmarks/native_resolution.py``: the 2 x 2
+blocks of spots as square bins, the map on a 10 µm grid, pooled over each measured spot's disk and scored against
+the spots), the geometry a user's slide has.
+
     python benchmarks/self_check_strength.py [--cases her2st dbit vizgen] [--sections ...] [--genes 20]
+    python benchmarks/self_check_strength.py --native [--sections ...] [--out benchmarks/results/self_check_strength_native.md]
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import accuracy as A  # noqa: E402
+import native_resolution as N  # noqa: E402
 
 from stsr.models import ModelConfig  # noqa: E402
 from stsr.tl._image_tiles import ImageSource  # noqa: E402
@@ -40,6 +46,8 @@ from stsr.tl._super_resolve import _prior_map_array, _raster  # noqa: E402
 
 #: The strengths scored (the self-check's own candidates are :data:`STRENGTHS`).
 GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0, 1.25, 1.5)
+#: The strengths scored at native geometry.
+NATIVE_GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
 #: ``stsr.tl.prior_map``'s default strength.
 PRIOR_MAP_STRENGTH = 0.25
 RULES = {
@@ -49,15 +57,17 @@ RULES = {
 }
 
 
-def case_record(case) -> dict:
-    user = A.case_sdata(case)
+def case_record(case, native=None) -> dict:
+    """Level-1 and truth scores per strength of one case; ``native`` (a ``native_resolution.Section``) scores the
+    map on its fine grid pooled over the measured spots instead of on the lattice."""
+    user = A.case_sdata(case) if native is None else native.user
     inputs = expected_inputs(
         prepare_inputs(
             user.sdata,
             user.image_key,
             user.genes,
             table_key=None,
-            pixel_size=user.pixel_size,
+            pixel_size=user.pixel_size if native is None else native.pixel_size,
             coordinate_system=None,
             image_channels=3,
         )
@@ -70,7 +80,11 @@ def case_record(case) -> dict:
     for s in GRID:
         rec["level1"][s] = spot_scores(coarse.predicted_spots(coarse.prior_map(s)), coarse.lr, coarse.groups)
         user.sdata.images["probe"] = _raster(_prior_map_array(inputs, prior, s), inputs)
-        pred = A.read_map(user.sdata, "probe", user.grid)
+        if native is None:
+            pred = A.read_map(user.sdata, "probe", user.grid)
+        else:
+            grid = N.element_grid(user.sdata, "probe", A.SLIDE_BINS)
+            pred = native.on_lattice(np.asarray(A._level0(user.sdata["probe"]).data, np.float64), grid)
         del user.sdata.images["probe"]
         t = A.score(case, pred)
         rec["truth"][s] = (t["pearson"][0], t["within_block"][0])
@@ -122,17 +136,33 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--sections", nargs="+", default=list(A.HER2ST_SECTIONS))
     p.add_argument("--genes", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=HERE / "results" / "self_check_strength.md")
+    p.add_argument(
+        "--native", action="store_true", help="HER2ST at native geometry (10 µm grid, spots as disks)"
+    )
+    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    out = args.out or HERE / "results" / (
+        "self_check_strength_native.md" if args.native else "self_check_strength.md"
+    )
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     A.quiet_pixel_warning()
     t0 = time.time()
-    cases = A.build_cases(set(args.cases), args.sections, args.genes, ModelConfig().image_scale, public=True)
     records = {}
-    for case in cases:
-        records[case.name] = case_record(case)
-        print(f"[{time.time() - t0:5.0f} s] {case.name}", file=sys.stderr, flush=True)
+    if args.native:
+        global GRID
+        GRID = NATIVE_GRID  # a 10 µm map per strength costs more: fewer strengths
+        for section in args.sections:
+            sec = N.Section(section, args.genes, ModelConfig().image_scale, 10.0)
+            records[f"HER2ST {section} (native, 10 µm)"] = case_record(sec.case, native=sec)
+            print(f"[{time.time() - t0:5.0f} s] {section}", file=sys.stderr, flush=True)
+    else:
+        cases = A.build_cases(
+            set(args.cases), args.sections, args.genes, ModelConfig().image_scale, public=True
+        )
+        for case in cases:
+            records[case.name] = case_record(case)
+            print(f"[{time.time() - t0:5.0f} s] {case.name}", file=sys.stderr, flush=True)
     cmd = "python benchmarks/self_check_strength.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (
         f"# The self-check's strength against the truth's\n\nGenerated {_dt.datetime.now():%Y-%m-%d %H:%M} by "
@@ -140,7 +170,7 @@ def main(argv: list[str] | None = None) -> str:
         + report(records)
         + "\n"
     )
-    args.out.write_text(text)
+    out.write_text(text)
     print(text)
     return text
 
