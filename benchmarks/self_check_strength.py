@@ -53,7 +53,7 @@ PRIOR_MAP_STRENGTH = 0.25
 RULES = {
     "checked optimum (the rule before)": lambda p: p,
     "the prior map's 0.25": lambda p: PRIOR_MAP_STRENGTH,
-    "half the checked optimum (used_strength, shipped)": lambda p: used_strength(p, STRENGTHS),
+    "a quarter of the checked optimum (used_strength, shipped)": lambda p: used_strength(p, STRENGTHS),
 }
 
 

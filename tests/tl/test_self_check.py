@@ -77,10 +77,11 @@ def test_a_prior_that_carries_the_truth_is_chosen_and_one_of_noise_is_not():
         assert top.strength == check.checked_strength
 
 
-def test_the_strength_used_is_half_the_checked_optimum_on_the_candidates():
-    assert [used_strength(s) for s in (0.0, 0.25, 0.5, 0.75, 1.0)] == [0.0, 0.25, 0.25, 0.25, 0.5]
+def test_the_strength_used_is_a_quarter_of_the_checked_optimum_on_the_candidates():
+    assert [used_strength(s) for s in (0.0, 0.25, 0.5, 0.75, 1.0)] == [0.0, 0.25, 0.25, 0.25, 0.25]
     assert used_strength(0.75, (0.75,)) == 0.75  # a strength the user fixed is used as given
-    assert used_strength(1.0, (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)) == 0.4
+    assert used_strength(1.0, (0.0, 0.1, 0.2, 0.3, 0.4, 1.0)) == 0.2
+    assert used_strength(4.0) == 1.0
 
 
 def test_the_diffusion_residual_is_kept_only_when_it_predicts_the_hidden_spots_better():

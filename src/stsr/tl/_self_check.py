@@ -30,11 +30,13 @@ log = logging.getLogger("stsr")
 
 #: Exponents of the prior tried by the self-check (0 = the interpolated spots alone).
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-#: The strength that predicts the spots best from groups of them is about twice the one that maps the pixels best
+#: The strength that predicts the spots best from groups of them is well above the one that maps the pixels best
 #: from the spots: a slide's coarse structure (tissue regions) follows its histology more closely than its fine
-#: structure does. Ratio of the two optima on HER2ST C2-C6, the sections it was read off: 0.33-0.63, median 0.5
-#: (``benchmarks/results/self_check_strength.md``). :func:`used_strength` applies it.
-SCALE_RATIO = 0.5
+#: structure does. Ratio of the two optima on HER2ST C2-C6, the sections it was read off: at native geometry (a
+#: 10 µm map pooled over the spots, what a user's slide gives) 0.125-0.5, median 0.25; on the spot lattice 0.33-0.63
+#: (``benchmarks/results/self_check_strength_native.md``, ``self_check_strength.md``). :func:`used_strength`
+#: applies it.
+SCALE_RATIO = 0.25
 #: Shares of the diffusion core's residual tried (0 = the prior map alone, 1 = the core's map x the prior).
 RESIDUALS = (0.0, 0.5, 1.0)
 #: Tiles the diffusion core runs on for the self-check (spread over the tissue).
