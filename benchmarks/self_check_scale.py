@@ -45,21 +45,27 @@ def level_scores(op, lr, mask, prior) -> dict[float, tuple[float, float]]:
     }
 
 
-def case_rows(case) -> list[tuple]:
-    user = A.case_sdata(case)
+def slide_inputs_and_prior(user, pixel_size: float):
+    """The inputs ``super_resolve`` prepares from a user's slide (expected counts) and the slide's semantic prior,
+    fitted once as ``super_resolve`` fits it."""
     inputs = expected_inputs(
         prepare_inputs(
             user.sdata,
             user.image_key,
             user.genes,
             table_key=None,
-            pixel_size=user.pixel_size,
+            pixel_size=pixel_size,
             coordinate_system=None,
             image_channels=3,
         )
     )
     source = ImageSource(inputs.image_levels, inputs.grid, teacher_image_scale(inputs))
-    prior = slide_prior(inputs, source)
+    return inputs, slide_prior(inputs, source)
+
+
+def case_rows(case) -> list[tuple]:
+    user = A.case_sdata(case)
+    inputs, prior = slide_inputs_and_prior(user, user.pixel_size)
     op, lr, mask = inputs.observation, np.asarray(inputs.lr), inputs.mask
     one = level_scores(op, lr, mask, prior)
     coarse = CoarseSlide(op, lr, mask, prior, PRIOR_WINDOW)

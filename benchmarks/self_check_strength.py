@@ -36,12 +36,11 @@ sys.path.insert(0, str(HERE))
 
 import accuracy as A  # noqa: E402
 import native_resolution as N  # noqa: E402
+import self_check_scale as S  # noqa: E402
 
 from stsr.models import ModelConfig  # noqa: E402
-from stsr.tl._image_tiles import ImageSource  # noqa: E402
-from stsr.tl._inputs import expected_inputs, prepare_inputs, teacher_image_scale  # noqa: E402
 from stsr.tl._self_check import STRENGTHS, CoarseSlide, spot_scores, used_strength  # noqa: E402
-from stsr.tl._semantic_prior import PRIOR_WINDOW, slide_prior  # noqa: E402
+from stsr.tl._semantic_prior import PRIOR_WINDOW  # noqa: E402
 from stsr.tl._super_resolve import _prior_map_array, _raster  # noqa: E402
 
 #: The strengths scored (the self-check's own candidates are :data:`STRENGTHS`).
@@ -61,19 +60,7 @@ def case_record(case, native=None) -> dict:
     """Level-1 and truth scores per strength of one case; ``native`` (a ``native_resolution.Section``) scores the
     map on its fine grid pooled over the measured spots instead of on the lattice."""
     user = A.case_sdata(case) if native is None else native.user
-    inputs = expected_inputs(
-        prepare_inputs(
-            user.sdata,
-            user.image_key,
-            user.genes,
-            table_key=None,
-            pixel_size=user.pixel_size if native is None else native.pixel_size,
-            coordinate_system=None,
-            image_channels=3,
-        )
-    )
-    source = ImageSource(inputs.image_levels, inputs.grid, teacher_image_scale(inputs))
-    prior = slide_prior(inputs, source)
+    inputs, prior = S.slide_inputs_and_prior(user, user.pixel_size if native is None else native.pixel_size)
     op, lr, mask = inputs.observation, np.asarray(inputs.lr), inputs.mask
     coarse = CoarseSlide(op, lr, mask, prior, PRIOR_WINDOW)
     rec = {"level1": {}, "truth": {}}

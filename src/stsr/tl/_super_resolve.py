@@ -216,12 +216,10 @@ def super_resolve(
     _check_int(n_samples, "n_samples", 1)
     _check_int(steps, "steps", 1)
     dev = resolve_device(device)
-    chosen = {"model": model, "cache_interval": cache_interval, "tile_size": tile_size, "overlap": overlap}
-    chosen["batch_size"] = batch_size
-    auto = {k: v for k, v in device_defaults(dev).items() if chosen[k] is None}
-    model = auto.get("model", model)
-    cache_interval, tile_size = auto.get("cache_interval", cache_interval), auto.get("tile_size", tile_size)
-    overlap, batch_size = auto.get("overlap", overlap), auto.get("batch_size", batch_size)
+    given = {"model": model, "cache_interval": cache_interval, "tile_size": tile_size, "overlap": overlap}
+    given["batch_size"] = batch_size
+    auto = {k: v for k, v in device_defaults(dev).items() if given[k] is None}  # what the device sets
+    model, cache_interval, tile_size, overlap, batch_size = ({**given, **auto}[k] for k in given)
     _check_int(batch_size, "batch_size", 1)
     _check_int(tile_size, "tile_size", 8)
     _check_int(overlap, "overlap", 0)
