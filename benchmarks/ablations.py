@@ -16,6 +16,11 @@ the effect of switching it off: the change in r, within-block r and SSIM against
 with the same seed, averaged over the 12 real cases, as the mean ± sd over seeds and the number of seeds in which it
 has the sign of the mean. An effect smaller than its sd over seeds is not distinguishable from training noise at
 this length of training.
+
+``--features densenet121 nuclei`` adds variants trained with feature distillation (``stsr.tl.train``'s
+``image_features``: the light histology encoder also learns to predict the image encoder's features, 16 principal
+components, computed once on the training pairs and shared by the seeds); their row in the effects table is the
+change from *adding* it (positive: it helps).
 """
 
 from __future__ import annotations
@@ -106,7 +111,7 @@ def report(
         "real cases)",
         "",
         "Mean ± sd over seeds; in brackets, the seeds in which the change has the sign of the mean. Negative: the "
-        "module helps.",
+        "module helps (for a '+ ... features' row, which adds feature distillation: positive, it helps).",
         "",
         "| module off | " + " | ".join(f"Δ {name}" for _, name in METRICS) + " |",
         "|---|" + "---|" * len(METRICS),
@@ -137,6 +142,12 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--cases", nargs="+", default=None, help="subset of: her2st dbit vizgen synthetic")
     p.add_argument("--sections", nargs="+", default=list(A.HER2ST_SECTIONS))
     p.add_argument("--variants", nargs="+", default=None, help="subset of the variant labels (default all)")
+    p.add_argument(
+        "--features",
+        nargs="+",
+        default=[],
+        help="image encoders for feature-distillation variants (e.g. densenet121 nuclei)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--device", default="cpu", help="where to train and sample (e.g. cuda for longer training)"
@@ -156,12 +167,20 @@ def main(argv: list[str] | None = None) -> str:
     configs = variants(base)
     labels = [lab for lab in configs if args.variants is None or lab in args.variants or lab == FULL]
     pairs = A.synthetic_train_pairs((0, 1, 2, 3, 4, 5), 1200.0, base.image_scale)
+    train_pairs = {lab: pairs for lab in labels}
+    for enc in args.features:
+        lab = f"+ {enc} features"
+        encoders = stsr.models.prior.resolve_image_features(enc, device=args.device)
+        train_pairs[lab] = stsr.models.training.feature_targets(pairs, encoders, n_components=16)[0]
+        configs[lab] = base
+        labels.append(lab)
+        log(f"feature targets of {enc}")
     models, train_s = {}, []
     for seed in args.seeds:
         for lab in labels:
             t0 = time.time()
             models[(lab, seed)] = stsr.tl.train(
-                pairs,
+                train_pairs[lab],
                 model_config=configs[lab],
                 steps=args.train_steps,
                 batch_size=4,

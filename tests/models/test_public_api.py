@@ -93,6 +93,8 @@ BUILDING_BLOCKS = {
         "save_checkpoint",
         "load_checkpoint",
         "checkpoint_model",
+        "feature_targets",
+        "FeatureBasis",
     },
 }
 

@@ -100,7 +100,8 @@ def draw_batch(
     ``"normalizer"`` the pair's :class:`~stsr.models.GeneNormalizer` of the ``g`` drawn genes. For a weakly
     supervised pair (:attr:`~stsr.models.TrainingPair.weak`) also ``"spot_labels"`` ``(B, t, t)`` long, the index
     (over the whole batch) of the hidden spot each pixel belongs to, ``-1`` outside the spots held whole by a crop,
-    ``"spot_counts"`` ``(g, M)`` their measured counts and ``"spot_area"`` ``(M,)`` their pixels.
+    ``"spot_counts"`` ``(g, M)`` their measured counts and ``"spot_area"`` ``(M,)`` their pixels. For a pair with
+    :attr:`~stsr.models.TrainingPair.features` also ``"features"`` ``(B, F, t, t)``, cropped and turned like the image.
     """
     areas = torch.tensor([p.pair.shape[0] * p.pair.shape[1] for p in prepared], dtype=torch.float64)
     pi = int(torch.multinomial(areas / areas.sum(), 1, generator=gen)) if len(prepared) > 1 else 0
@@ -109,7 +110,8 @@ def draw_batch(
     t = cfg.tile_size
     n_genes = p.pair.hr.shape[0]
     genes = torch.randperm(n_genes, generator=gen)[: min(cfg.genes_per_batch, n_genes)].sort().values
-    imgs, hrs, dens, masks, labels, counts, areas_ = [], [], [], [], [], [], []
+    imgs, hrs, dens, masks, labels, counts, areas_, feats = [], [], [], [], [], [], [], []
+    has_features = p.pair.features is not None
     n_spots = 0
     weak = p.pair.weak
     for _ in range(cfg.batch_size):
@@ -122,6 +124,7 @@ def draw_batch(
         img = _image_float(p.pair.image[:, k * r0 : k * (r0 + t), k * c0 : k * (c0 + t)])
         hr = p.pair.hr[genes, r0 : r0 + t, c0 : c0 + t]
         de = p.density(genes, r0, c0, t, t)
+        fe = p.pair.features[:, r0 : r0 + t, c0 : c0 + t] if has_features else None
         lab = None
         if weak:
             lab, ids = _whole_spots(p, r0, c0, t, n_spots)
@@ -136,6 +139,10 @@ def draw_batch(
             img, hr, de, m = _augment([img, hr, de, m], rot, flip)
             if lab is not None:
                 lab = _augment([lab], rot, flip)[0]
+            if fe is not None:
+                fe = _augment([fe], rot, flip)[0]
+        if fe is not None:
+            feats.append(fe)
         if lab is not None:
             labels.append(lab)
         imgs.append(img)
@@ -149,6 +156,8 @@ def draw_batch(
         "mask": torch.stack(masks),
         "normalizer": p.normalizer.subset(genes),
     }
+    if has_features:
+        batch["features"] = torch.stack(feats)
     if weak:
         batch["spot_labels"] = torch.stack(labels)
         batch["spot_counts"] = torch.cat(counts, dim=1)

@@ -55,6 +55,10 @@ class ModelConfig:
         Diffusion settings, used by the diffusion code (not by the network itself).
     use_distillation, use_cross_attention, use_disentangle, use_alignment, use_coexpression, use_adversarial
         Ablation switches; each one removes its module (parameters and compute) when ``False``.
+    feature_targets
+        Channels of image features the histology encoder learns to predict during training (feature distillation
+        of an image encoder, ``stsr.tl.train(image_features=...)``); ``0`` (default) adds no head. The head is a
+        ``1 x 1`` convolution on the fine histology features, used by training only.
     """
 
     image_channels: int = 3
@@ -81,6 +85,7 @@ class ModelConfig:
     use_alignment: bool = True
     use_coexpression: bool = True
     use_adversarial: bool = True
+    feature_targets: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -109,6 +114,9 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}.")
+        ft = self.feature_targets
+        if isinstance(ft, bool) or not isinstance(ft, int) or ft < 0:
+            raise ValueError(f"ModelConfig.feature_targets must be a non-negative integer, got {ft!r}.")
         k = self.image_scale
         if k & (k - 1) or k > 16:
             raise ValueError(

@@ -137,6 +137,8 @@ class Denoiser(nn.Module):
         self.encoder = HistologyEncoder(config)
         self.distill = DistillationHead(config) if config.use_distillation else None
         self.align = SpatialAlignment(config) if config.use_alignment else None
+        # feature distillation (training only): the fine histology features predict an image encoder's features
+        self.feature_head = nn.Conv2d(d0, config.feature_targets, 1) if config.feature_targets else None
         self.time = TimeEmbedding(td)
 
         n_in = 3 if config.use_distillation else 2
@@ -192,6 +194,17 @@ class Denoiser(nn.Module):
         self._check(lr, lr, None, feats)
         aligned, _ = self.condition(feats, lr)
         return self.distill(aligned.fine, lr)
+
+    def predict_features(self, feats: HistologyFeatures) -> Tensor:
+        """``(B, feature_targets, h, w)`` image features predicted from the fine histology features (feature
+        distillation, :func:`~stsr.models.fit` with pairs that carry ``features``). Raises if the config has no
+        ``feature_targets``."""
+        if self.feature_head is None:
+            raise RuntimeError(
+                "predict_features needs ModelConfig.feature_targets > 0 (train with stsr.tl.train(..., "
+                "image_features=...) to add the head)."
+            )
+        return self.feature_head(feats.fine)
 
     # ------------------------------------------------------------------ denoising
     def prepare(self, feats: HistologyFeatures, lr: Tensor) -> Conditioning:
@@ -333,6 +346,7 @@ class Denoiser(nn.Module):
             "disentangle_modulation (c)": self.modulate,
             "alignment (d)": self.align,
             "coexpression (e)": self.coexpr,
+            "feature_head": self.feature_head,
         }
         out = {k: count_parameters(v) for k, v in comps.items()}
         out["gene_stream_unet"] = count_parameters(self) - sum(out.values())

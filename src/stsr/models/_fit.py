@@ -14,6 +14,10 @@ image, HR truth, LR density and mask, jitters the stain of the image, and minimi
 - the distillation loss (histology-only prediction ``aux_expression`` against the normalised truth) when
   ``use_distillation``;
 - the auxiliary losses returned by ``forward_train`` (e.g. ``"disentangle"``) when their module is on;
+- feature distillation when ``ModelConfig.feature_targets`` (pairs with :attr:`TrainingPair.features`, e.g. an
+  image encoder's features, :func:`stsr.tl.train` ``image_features=``): the masked MSE between
+  :meth:`Denoiser.predict_features <stsr.models.Denoiser.predict_features>` and the pair's features (``"features"``;
+  on weakly supervised pairs too, as it needs no expression truth);
 - on weakly supervised pairs (real slides whose spots are hidden behind coarser groups of them,
   :attr:`TrainingPair.weak`): the denoised prediction pooled over each hidden spot against its measured count
   (``"spots"``, :func:`~stsr.models.training.spot_loss`), and the diffusion loss against the pair's stand-in target
@@ -168,6 +172,15 @@ def fit(
                 f"Pair {p.name!r} ({p.shape[0]}x{p.shape[1]} HR px) is smaller than tile_size="
                 f"{cfg.tile_size}; lower tile_size."
             )
+    n_feat = mcfg.feature_targets
+    for p in pairs:
+        have = 0 if p.features is None else int(p.features.shape[0])
+        if have != n_feat:
+            raise ValueError(
+                f"Pair {p.name!r} has {have} feature map(s) but the model predicts {n_feat} "
+                "(ModelConfig.feature_targets): give every pair the same features and the model as many targets "
+                "(stsr.tl.train(..., image_features=...) computes both)."
+            )
     if teacher is not None:
         tcfg = teacher.config
         for attr in ("prediction", "image_channels", "image_scale", "schedule", "n_timesteps"):
@@ -306,6 +319,10 @@ def fit(
                 terms["teacher"] = diffusion_loss(pred, t_pred, mask)
             if mcfg.use_distillation and not weak:
                 terms["distillation"] = diffusion_loss(cond.aux, x0, mask)
+            if n_feat:
+                terms["features"] = diffusion_loss(
+                    den.predict_features(feats), batch["features"].to(dev), mask
+                )
             for name, val in aux.items():
                 terms[name] = val
             sel = (t <= cfg.adversarial_max_t).nonzero().flatten()

@@ -74,6 +74,8 @@ def save_pairs(pairs: Sequence[TrainingPair], path: str | Path, *, hr_dtype: str
         if p.spots is not None:
             arrays["spots"] = _numpy(p.spots).astype(np.int32)
             arrays["spot_counts"] = np.asarray(p.spot_counts, dtype=np.float64)
+        if p.features is not None:
+            arrays["features"] = _numpy(p.features).astype(np.float32)
         fname = f"pair_{i:03d}.npz"
         np.savez_compressed(path / fname, **arrays)
         entries.append(
@@ -144,6 +146,7 @@ def load_pairs(path: str | Path, names: Sequence[str] | None = None) -> list[Tra
                 name=e["name"],
                 spots=arrays.get("spots"),
                 spot_counts=arrays.get("spot_counts"),
+                features=arrays.get("features"),
             )
         )
     return pairs

@@ -43,7 +43,8 @@ class TrainConfig:
         Crops with fewer valid (masked-in) pixels are redrawn (up to 20 times).
     loss_weights
         Weights of the loss terms ``"diffusion"``, ``"distillation"``, ``"adversarial"``, of the weak supervision by
-        hidden spots (``"spots"``, and ``"pseudo"`` for the diffusion term on such pairs' stand-in target), and of the auxiliary losses
+        hidden spots (``"spots"``, and ``"pseudo"`` for the diffusion term on such pairs' stand-in target), of feature
+        distillation (``"features"``, when the model has ``feature_targets``), and of the auxiliary losses
         returned by the network (e.g. ``"disentangle"``; unknown names weigh 1).
     adversarial_start
         Step from which the adversarial loss is used.
@@ -90,6 +91,7 @@ class TrainConfig:
             "adversarial": 0.02,
             "spots": 1.0,
             "pseudo": 0.1,
+            "features": 0.5,
         }
     )
     adversarial_start: int = 0

@@ -50,6 +50,10 @@ class TrainingPair:
         stand-in's term as ``"pseudo"`` instead of ``"diffusion"``.
     spot_counts
         ``(G, n_spots)`` measured counts of the hidden spots of ``spots``.
+    features
+        Optional ``(F, H, W)`` image features on the HR grid that the network's histology encoder learns to predict
+        (feature distillation; :func:`stsr.tl.train` with ``image_features=`` computes them from an image encoder).
+        They need no expression truth, so weakly supervised pairs carry them too.
     """
 
     image: Any
@@ -61,6 +65,7 @@ class TrainingPair:
     name: str = "pair"
     spots: Any | None = None
     spot_counts: Any | None = None
+    features: Any | None = None
 
     def __post_init__(self) -> None:
         img = torch.as_tensor(np.asarray(self.image) if not torch.is_tensor(self.image) else self.image)
@@ -146,6 +151,18 @@ class TrainingPair:
                     f"TrainingPair {self.name!r}: spot_counts must be finite, non-negative counts."
                 )
             self.spots, self.spot_counts = labels, counts
+        if self.features is not None:
+            feats = torch.as_tensor(
+                np.asarray(self.features) if not torch.is_tensor(self.features) else self.features
+            ).to(torch.float32)
+            if feats.ndim != 3 or tuple(feats.shape[-2:]) != (h, w) or feats.shape[0] < 1:
+                raise ValueError(
+                    f"TrainingPair {self.name!r}: features must be (F, H, W) = (F, {h}, {w}) maps on the HR grid, "
+                    f"got {tuple(feats.shape)}."
+                )
+            if not torch.all(torch.isfinite(feats)):
+                raise ValueError(f"TrainingPair {self.name!r}: features must be finite.")
+            self.features = feats
         self.image, self.hr, self.genes = img, hr, genes
 
     @property

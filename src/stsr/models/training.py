@@ -2,7 +2,7 @@
 
 ``fit`` needs none of them from its callers. They are here for code that trains another way on the same data (the
 regression baseline of the benchmarks): the prepared pairs and their batches with augmentation and stain jitter, the
-EMA update and learning-rate schedule, the validation tiles and their scores, and the training checkpoints (written by
+EMA update and learning-rate schedule, the feature-distillation targets of an image encoder, the validation tiles and their scores, and the training checkpoints (written by
 ``fit`` into ``checkpoint_dir``), with the model of a checkpoint's EMA weights.
 """
 
@@ -12,6 +12,7 @@ from ._batches import draw_batch, stain_jitter
 from ._checkpoint import checkpoint_model, load_checkpoint, save_checkpoint
 from ._diffusion import spot_loss
 from ._evaluate import ValidationSet, evaluate_pairs
+from ._feature_targets import FeatureBasis, feature_targets
 from ._fit import ema_update, learning_rate_at
 from ._training_pair import PreparedPair
 
@@ -27,4 +28,6 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "checkpoint_model",
+    "feature_targets",
+    "FeatureBasis",
 ]

@@ -10,6 +10,9 @@ from typing import Any
 import torch
 
 from ..models import ModelConfig, STSRModel, TrainConfig, TrainingPair, fit
+from ..models.prior import resolve_image_features
+from ..models.training import feature_targets
+from ._semantic_prior import describe_features
 
 __all__ = ["train"]
 
@@ -21,6 +24,8 @@ def train(
     model_config: ModelConfig | dict[str, Any] | None = None,
     init: STSRModel | None = None,
     teacher: STSRModel | None = None,
+    image_features: Any = None,
+    feature_dim: int = 16,
     steps: int = 2000,
     batch_size: int = 8,
     tile_size: int = 48,
@@ -53,6 +58,18 @@ def train(
     teacher
         A trained model to distil into this one (e.g. a narrower, faster network): adds the loss between the two
         denoisers' outputs on every noisy batch (:func:`~stsr.models.fit`).
+    image_features
+        An image encoder whose features the network's light histology encoder learns to predict (feature
+        distillation: the loss term ``"features"`` of :func:`~stsr.models.fit`, on every pair, weakly supervised
+        ones included): ``"densenet121"`` (the ImageNet DenseNet teacher), ``"nuclei"`` (nuclear morphology, no
+        weights), a ``torch.nn.Module`` or callable (RGB tile -> feature map, e.g. a pathology foundation model you
+        have), or a list of these. The encoder reads each pair's image as it is (``image_scale`` pixels per HR
+        pixel) and its features are reduced to ``feature_dim`` principal components shared by all pairs
+        (:func:`stsr.models.training.feature_targets`). Pairs that already carry ``features`` (e.g. precomputed
+        embeddings) need no ``image_features``: the model then predicts theirs. It is used in training only;
+        inference does not run the encoder. Default ``None``: no feature distillation.
+    feature_dim
+        Most principal components of ``image_features`` the network predicts.
     steps
         Total optimisation steps (a resumed run continues up to this number).
     batch_size
@@ -94,6 +111,18 @@ def train(
         validation = [validation] if isinstance(validation, TrainingPair) else list(validation)
     if not pairs:
         raise ValueError("No training pairs given; pass one or more stsr.models.TrainingPair.")
+    basis = None
+    if image_features is not None:
+        encoders = resolve_image_features(image_features, device=device or "cpu")
+        keys = [e for e in encoders if isinstance(e, str)]
+        if keys:
+            raise ValueError(
+                f"train(image_features=...) reads features from each pair's image; {keys} are not encoders "
+                f"(built in: 'densenet121', 'nuclei'). Embeddings precomputed in a SpatialData go on the pairs "
+                "themselves: TrainingPair(..., features=<(F, H, W) array on the pair's HR grid>)."
+            )
+        pairs, basis = feature_targets(pairs, encoders, n_components=feature_dim, seed=seed)
+    n_feat = int(pairs[0].features.shape[0]) if pairs[0].features is not None else 0
     cfg = TrainConfig(
         steps=steps,
         batch_size=batch_size,
@@ -111,6 +140,19 @@ def train(
                 f"init must be an STSRModel (e.g. stsr.models.load(...)), got {type(init).__name__}."
             )
         model = copy.deepcopy(init)
+        if (
+            model.config.feature_targets != n_feat
+        ):  # a new (or no) feature head; the rest of the weights carry over
+            state = {
+                k: v for k, v in model.denoiser.state_dict().items() if not k.startswith("feature_head.")
+            }
+            model = STSRModel(
+                model.config.replace(feature_targets=n_feat),
+                discriminator=model.discriminator,
+                name=model.name,
+                metadata=model.metadata,
+            )
+            model.denoiser.load_state_dict(state, strict=False)
     else:
         if model_config is None:
             channels = {int(p.image.shape[0]) for p in pairs}
@@ -124,13 +166,17 @@ def train(
                     f"Training pairs have different image pixels per HR pixel {sorted(scales)}; resample the images "
                     "to one image_scale."
                 )
-            model_config = ModelConfig(image_channels=channels.pop(), image_scale=scales.pop())
+            model_config = ModelConfig(
+                image_channels=channels.pop(), image_scale=scales.pop(), feature_targets=n_feat
+            )
         elif isinstance(model_config, dict):
             model_config = ModelConfig.from_dict(model_config)
+        if model_config.feature_targets != n_feat:
+            model_config = model_config.replace(feature_targets=n_feat)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             model = STSRModel(model_config)
-    return fit(
+    out = fit(
         model,
         pairs,
         cfg,
@@ -140,3 +186,10 @@ def train(
         device=device,
         teacher=teacher,
     )
+    if basis is not None:
+        out.metadata["training"]["image_features"] = {
+            "encoders": describe_features(image_features),
+            "components": basis.n_components,
+            "explained_variance": round(basis.explained, 4),
+        }
+    return out
