@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,18 @@ from ._super_resolve import _load_model
 from ._train import train
 
 __all__ = ["adapt"]
+
+
+def spots_fingerprint(table: Any) -> str:
+    """SHA-256 of a spot table's observation names and size: identifies the spots a model was adapted on."""
+    names = "\n".join(map(str, table.obs_names))
+    return hashlib.sha256(f"{table.n_obs}\n{names}".encode()).hexdigest()
+
+
+def adapted_on(model: Any, table: Any) -> bool:
+    """Whether ``model`` was fine-tuned by :func:`adapt` on the spots of ``table``."""
+    seen = (getattr(model, "metadata", None) or {}).get("adapted_on") or {}
+    return seen.get("spots_sha256") == spots_fingerprint(table)
 
 
 def adapt(
@@ -63,7 +76,10 @@ def adapt(
 
     Returns
     -------
-    The adapted :class:`~stsr.models.STSRModel` (a new object; the input model is unchanged).
+    The adapted :class:`~stsr.models.STSRModel` (a new object; the input model is unchanged). Its metadata records
+    the spots it saw (``metadata["adapted_on"]``): :func:`super_resolve` on the same slide then does not let its
+    self-check keep the adapted network's map, since the check's task (spots predicted from groups of them) is the one
+    the adaptation trained on, so its score there is in-sample.
     """
     base = copy.deepcopy(_load_model(model))  # training updates weights in place; keep the caller's model
     pair = training_pair(
@@ -81,7 +97,7 @@ def adapt(
         raise ValueError(
             f"The spot lattice of table {table_key!r} is only {h} x {w} spots; adaptation needs at least 8 x 8."
         )
-    return train(
+    adapted = train(
         pair,
         init=base,
         steps=steps,
@@ -94,3 +110,10 @@ def adapt(
         device=device,
         progress=progress,
     )
+    adapted.metadata["adapted_on"] = {
+        "table_key": table_key,
+        "n_spots": int(sdata[table_key].n_obs),
+        "spots_sha256": spots_fingerprint(sdata[table_key]),
+        "factor": int(factor),
+    }
+    return adapted

@@ -306,8 +306,17 @@ def super_resolve(
     check = None
     strength, residual = (0.5 if prior_strength is None else prior_strength), 1.0
     if checked:
-        from ._self_check import STRENGTHS, run_self_check
+        from ._adapt import adapted_on
+        from ._self_check import RESIDUALS, STRENGTHS, run_self_check
 
+        in_sample = adapted_on(net, inputs.sdata[inputs.table_key])
+        if in_sample:
+            log.warning(
+                "super_resolve: the model was adapted (stsr.tl.adapt) on this slide's spots, so the self-check's "
+                "score of its map is in-sample; the check does not keep the diffusion core here (the result is the "
+                "prior map). Pass self_check=False to use the adapted network's map anyway."
+            )
+            params["self_check_in_sample"] = True
         check = run_self_check(
             inputs.observation,
             inputs.lr,
@@ -319,6 +328,7 @@ def super_resolve(
             tile_size=tile_size,
             strengths=STRENGTHS if prior_strength is None else (prior_strength,),
             measured=measured,
+            residuals=(0.0,) if in_sample else RESIDUALS,
         )
         strength, residual = check.strength, check.residual
     if prior is not None:
