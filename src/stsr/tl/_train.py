@@ -140,9 +140,8 @@ def train(
                 f"init must be an STSRModel (e.g. stsr.models.load(...)), got {type(init).__name__}."
             )
         model = copy.deepcopy(init)
-        if (
-            model.config.feature_targets != n_feat
-        ):  # a new (or no) feature head; the rest of the weights carry over
+        if model.config.feature_targets != n_feat:
+            # a new (or no) feature head; every other weight carries over
             state = {
                 k: v for k, v in model.denoiser.state_dict().items() if not k.startswith("feature_head.")
             }
@@ -152,7 +151,9 @@ def train(
                 name=model.name,
                 metadata=model.metadata,
             )
-            model.denoiser.load_state_dict(state, strict=False)
+            missing, unexpected = model.denoiser.load_state_dict(state, strict=False)
+            if unexpected or any(not k.startswith("feature_head.") for k in missing):
+                raise RuntimeError(f"init's weights do not fit its own config: {unexpected or missing}.")
     else:
         if model_config is None:
             channels = {int(p.image.shape[0]) for p in pairs}
