@@ -5,6 +5,7 @@ Run::
 
     python benchmarks/summarize_accuracy.py [docs/benchmarks/accuracy.md [docs/benchmarks/accuracy_fast.md:fast ...]]
     python benchmarks/summarize_accuracy.py docs/benchmarks/default_call.md   # README's "Accuracy" numbers
+    python benchmarks/summarize_accuracy.py --section "## 4." docs/benchmarks/default_call.md   # count splitting
 
 Reads the report's summary table (``r / within-block r`` per method and case), averages the HER2ST sections, and
 prints a markdown table with the HER2ST mean, DBiT-seq, Vizgen and synthetic columns, plus the number of HER2ST
@@ -32,10 +33,15 @@ KEEP = (
 )
 
 
-def read_summary(path: Path) -> tuple[list[str], dict[str, list[tuple[float, float]]]]:
-    """Case names and, per method, ``(r, within-block r)`` per case from the report's summary table."""
+def read_summary(
+    path: Path, section: str = "## Summary"
+) -> tuple[list[str], dict[str, list[tuple[float, float]]]]:
+    """Case names and, per method, ``(r, within-block r)`` per case from the first table after the heading that
+    starts with ``section`` (the report's summary table by default)."""
     lines = path.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("## Summary"))
+    start = next((i for i, line in enumerate(lines) if line.startswith(section)), None)
+    if start is None:
+        raise SystemExit(f"{path} has no heading starting with {section!r}.")
     first = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("|"))
     table = []
     for line in lines[first:]:
@@ -53,10 +59,16 @@ def read_summary(path: Path) -> tuple[list[str], dict[str, list[tuple[float, flo
 
 
 def main() -> None:  # noqa: D103
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE.parent / "docs" / "benchmarks" / "accuracy.md"
-    cases, rows = read_summary(path)
+    argv = sys.argv[1:]
+    section = "## Summary"
+    if argv[:1] == ["--section"]:
+        if len(argv) < 2:
+            raise SystemExit('--section needs the start of a heading, e.g. --section "## 4."')
+        section, argv = argv[1], argv[2:]
+    path = Path(argv[0]) if argv else HERE.parent / "docs" / "benchmarks" / "accuracy.md"
+    cases, rows = read_summary(path, section)
     keep = list(KEEP) + [name for name in rows if name not in KEEP]  # e.g. default_call.md's public calls
-    for extra in sys.argv[2:]:
+    for extra in argv[1:]:
         other, _, label = extra.rpartition(":")
         other_cases, other_rows = read_summary(Path(other))
         if other_cases != cases:
@@ -69,7 +81,7 @@ def main() -> None:  # noqa: D103
     her2st = [i for i, c in enumerate(cases) if c.startswith("HER2ST")]
     others = [i for i, c in enumerate(cases) if not c.startswith("HER2ST")]
     ref = rows["bicubic + mass"]
-    head = [f"HER2ST, mean of {len(her2st)} sections (x2)"] + [cases[i] for i in others]
+    head = ([f"HER2ST, mean of {len(her2st)} sections (x2)"] if her2st else []) + [cases[i] for i in others]
     print(
         "| method | "
         + " | ".join(head)
@@ -80,9 +92,11 @@ def main() -> None:  # noqa: D103
         if name not in rows:
             continue
         vals = rows[name]
-        r = sum(vals[i][0] for i in her2st) / len(her2st)
-        w = sum(vals[i][1] for i in her2st) / len(her2st)
-        cells = [f"{r:.3f} / {w:.3f}"] + [f"{vals[i][0]:.3f} / {vals[i][1]:.3f}" for i in others]
+        cells = [f"{vals[i][0]:.3f} / {vals[i][1]:.3f}" for i in others]
+        if her2st:
+            r = sum(vals[i][0] for i in her2st) / len(her2st)
+            w = sum(vals[i][1] for i in her2st) / len(her2st)
+            cells.insert(0, f"{r:.3f} / {w:.3f}")
         wins = (
             ""
             if name.startswith("*")

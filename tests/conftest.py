@@ -31,6 +31,27 @@ def her2st_c2(data_dir):
 
 
 @pytest.fixture(scope="session")
+def her2st_c2_crop(her2st_c2):
+    """``her2st_c2_crop(lo, hi)``: a new SpatialData of the C2 H&E, spots and table inside the square
+    ``[lo, hi]`` µm (x and y) of the 'global' frame, as a user crops a slide."""
+    import spatialdata as sd
+
+    def crop(lo: float, hi: float):
+        part = sd.bounding_box_query(
+            her2st_c2,
+            axes=("x", "y"),
+            min_coordinate=[lo, lo],
+            max_coordinate=[hi, hi],
+            target_coordinate_system="global",
+        )
+        return sd.SpatialData(
+            images={"he": part["he"]}, shapes={"spots": part["spots"]}, tables={"table": part["table"]}
+        )
+
+    return crop
+
+
+@pytest.fixture(scope="session")
 def vizgen(data_dir):
     """Vizgen MERFISH mouse-brain mini crop, plane z = 1."""
     from stsr.datasets._vizgen import vizgen_mouse_brain_mini
@@ -84,3 +105,13 @@ def make_tiny_model():
 def tiny_model(make_tiny_model):
     """A small untrained stsr model (fast): for tests of mechanics (alignment, consistency, storage), not accuracy."""
     return make_tiny_model()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_prior_scores():
+    """Each test starts without the prior scores an earlier test's call kept for reuse
+    (``stsr.tl._semantic_prior.PRIOR_SCORES_CACHE_BYTES``): a test sees the image read unless it repeats a call."""
+    from stsr.tl._semantic_prior import clear_scores_cache
+
+    clear_scores_cache()
+    yield

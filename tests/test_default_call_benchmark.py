@@ -110,3 +110,32 @@ def test_default_call_case_reports_the_calls_own_provenance(tiny_model):
     text = D.report([res], header=["# t", ""], figure=None, out=None)
     est_r = res.self_estimate[0]
     assert f"{est_r:.3f}" in text and f"{res.coverage.pooled[0.9]:.3f}" in text
+
+
+def test_count_split_gives_an_input_and_a_truth_with_independent_noise():
+    """Binomial thinning: the input pools one half of the truth counts, the new truth is the other half; the two
+    halves' counting noise is independent (a constant rate: nothing but noise varies between the blocks)."""
+    from stsr.models import TrainingPair
+    from stsr.observation import ObservationModel
+
+    rng = np.random.default_rng(1)
+    shape, factor = (60, 60), 2
+    op = ObservationModel.blocks(shape, factor)
+    hr = rng.poisson(6.0, (2, *shape)).astype(np.float32)
+    pair = TrainingPair(
+        image=torch.zeros(3, *shape), hr=torch.from_numpy(hr), observation=op, genes=["a", "b"]
+    )
+    case = A.Case("constant", pair, op.pool(hr.astype(np.float64)))
+    split = D.count_split(case)
+    truth = split.pair.hr.double().numpy()
+    half = hr - truth
+    assert split.name == "constant, split" and np.allclose(truth, np.rint(truth)) and truth.min() >= 0
+    assert half.min() >= 0 and split.lr == pytest.approx(op.pool(half))  # the input pools the other half
+    assert truth.mean() == pytest.approx(3.0, abs=0.1) and half.mean() == pytest.approx(3.0, abs=0.1)
+    # the truth's block sums no longer carry the input's noise (they did before the split: r = 1)
+    for g in range(2):
+        assert np.corrcoef(case.lr[g], op.pool(hr.astype(np.float64))[g])[0, 1] == pytest.approx(1.0)
+        assert abs(np.corrcoef(split.lr[g], op.pool(truth)[g])[0, 1]) < 0.1
+    assert not np.array_equal(D.count_split(case, seed=2).lr, split.lr)
+    with pytest.raises(ValueError, match="not counts"):
+        D.count_split(A.Case("rates", A._with(pair, hr=torch.from_numpy(hr + 0.5)), case.lr))

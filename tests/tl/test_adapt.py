@@ -22,24 +22,13 @@ def test_adapt_fine_tunes_a_copy_on_the_slides_spots(her2st_c2, tiny_model):
 
 
 def test_super_resolve_does_not_trust_its_check_on_the_slide_a_model_was_adapted_on(
-    her2st_c2, tiny_model, caplog
+    her2st_c2_crop, tiny_model, caplog
 ):
     """The self-check predicts the spots from groups of them: the task ``adapt`` trains on, so after adapting on a
     slide the check's score of the network there is in-sample and must not decide to keep the network."""
-    import spatialdata as sd
-
     from stsr.tl._adapt import adapted_on
 
-    crop = sd.bounding_box_query(
-        her2st_c2,
-        axes=("x", "y"),
-        min_coordinate=[2000, 2000],
-        max_coordinate=[4200, 4200],
-        target_coordinate_system="global",
-    )
-    sdata = sd.SpatialData(
-        images={"he": crop["he"]}, shapes={"spots": crop["spots"]}, tables={"table": crop["table"]}
-    )
+    sdata = her2st_c2_crop(2000, 4200)
     genes = ["ERBB2", "CD74", "GAPDH", "MUC1"]
     adapted = stsr.tl.adapt(sdata, "he", genes, model=tiny_model, steps=2, batch_size=2, progress=False)
     table = sdata["table"]

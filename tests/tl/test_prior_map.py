@@ -81,11 +81,85 @@ def test_slide_prior_reads_each_window_once_when_the_first_pass_fits_in_memory(s
     assert n_windows > 4 and len(calls) == n_windows
     calls.clear()
     monkeypatch.setattr(_semantic_prior, "PRIOR_FEATURE_CACHE_BYTES", 0)
+    _semantic_prior.clear_scores_cache()  # else the second call reuses the first one's scores
     again = _semantic_prior.slide_prior(inputs, source)
     assert len(calls) == 2 * n_windows
     np.testing.assert_allclose(kept.scores, again.scores, rtol=0, atol=0)
     np.testing.assert_allclose(kept.coef, again.coef, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(kept.intercept, again.intercept, rtol=1e-9, atol=1e-12)
+
+
+def test_a_second_call_on_the_same_slide_reuses_the_scores_and_fits_its_own_genes(
+    slide, tmp_path, monkeypatch
+):
+    """The scores depend on the histology alone: a second call on the same slide (other genes, prior_map after
+    super_resolve) reads no image and gives the prior a fresh fit would; another image, tissue or grid is read."""
+    calls = []
+
+    def counted(image, *args, **kwargs):
+        calls.append(image.shape)
+        return teacher_features(image, *args, **kwargs)
+
+    monkeypatch.setattr(_semantic_prior, "teacher_features", counted)
+    monkeypatch.setattr(_semantic_prior, "PRIOR_WINDOW", 64)
+
+    def inputs_of(sdata, genes, **kw):
+        return prepare_inputs(
+            sdata,
+            "he",
+            genes,
+            table_key=None,
+            pixel_size=None,
+            coordinate_system=None,
+            image_channels=3,
+            **kw,
+        )
+
+    first = inputs_of(slide, GENES[:2])
+    _semantic_prior.slide_prior(first, ImageSource(first.image_levels, first.grid, 4))
+    n_read = len(calls)
+    assert n_read > 0
+    other = inputs_of(slide, GENES[2:])
+    source = ImageSource(other.image_levels, other.grid, 4)
+    reused = _semantic_prior.slide_prior(other, source)
+    assert len(calls) == n_read  # no image read
+    assert not reused.scores.flags.writeable  # shared with the cache: nothing may write into it
+    stored = _semantic_prior.slide_prior(
+        other, source, store=tmp_path / "scores.zarr"
+    )  # as super_resolve runs it
+    assert len(calls) == n_read
+    np.testing.assert_array_equal(stored.scores[:], reused.scores)
+    _semantic_prior.clear_scores_cache()
+    fresh = _semantic_prior.slide_prior(other, source)
+    assert len(calls) == 2 * n_read
+    np.testing.assert_array_equal(reused.scores, fresh.scores)
+    np.testing.assert_allclose(reused.coef, fresh.coef, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(reused.intercept, fresh.intercept, rtol=1e-6, atol=1e-9)
+    # the public calls: prior_map after super_resolve on the same slide reads no image either
+    sdata = stsr.datasets.synthetic(size_um=(450, 450), n_genes=4, seed=3)
+    stsr.tl.prior_map(sdata, "he", GENES[:2], progress=False)
+    n_public = len(calls)
+    stsr.tl.prior_map(sdata, "he", GENES[2:], key_added="again", progress=False)
+    assert len(calls) == n_public
+    # another image (one pixel changed), grid or tissue is read anew
+    from spatialdata.models import Image2DModel
+
+    level = sdata["he"]["scale0"]["image"]
+    image = level.values.copy()
+    image[:, 0, 0] = 255 - image[:, 0, 0]
+    sdata["he"] = Image2DModel.parse(
+        image,
+        dims=("c", "y", "x"),
+        c_coords=level.coords["c"].values,
+        transformations=get_transformation(level, get_all=True),
+    )
+    stsr.tl.prior_map(sdata, "he", GENES[:2], key_added="changed_image", progress=False)
+    assert len(calls) > n_public
+    n_public = len(calls)
+    stsr.tl.prior_map(
+        sdata, "he", GENES[:2], key_added="coarser", pixel_size=2 * first.pixel_size, progress=False
+    )
+    assert len(calls) > n_public
 
 
 def test_slide_prior_in_a_store_is_read_window_by_window_and_pickles_small(slide, tmp_path, monkeypatch):
@@ -101,6 +175,7 @@ def test_slide_prior_in_a_store_is_read_window_by_window_and_pickles_small(slide
     )
     source = ImageSource(inputs.image_levels, inputs.grid, 4)
     in_memory = _semantic_prior.slide_prior(inputs, source)
+    _semantic_prior.clear_scores_cache()  # computed afresh into the store
     stored = _semantic_prior.slide_prior(inputs, source, store=tmp_path / "scores.zarr")
     assert isinstance(stored.scores, zarr.Array) and stored.scores.chunks[1:] == (32, 32)
     np.testing.assert_array_equal(stored.scores[:], in_memory.scores)

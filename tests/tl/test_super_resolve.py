@@ -244,18 +244,9 @@ def test_unrelated_coordinate_systems_are_refused(slide, model):
     assert "stsr" not in sdata.images
 
 
-def test_real_her2st_crop(her2st_c2, model):
+def test_real_her2st_crop(her2st_c2_crop, model):
     """A real slide: the HR map overlays the H&E and reproduces the measured spots."""
-    sdata = sd.bounding_box_query(
-        her2st_c2,
-        axes=("x", "y"),
-        min_coordinate=[2500, 2500],
-        max_coordinate=[3700, 3700],
-        target_coordinate_system="global",
-    )
-    sdata = sd.SpatialData(
-        images={"he": sdata["he"]}, shapes={"spots": sdata["spots"]}, tables={"table": sdata["table"]}
-    )
+    sdata = her2st_c2_crop(2500, 3700)
     genes = ["ERBB2", "CD74"]
     stsr.tl.super_resolve(sdata, "he", genes, model=model, steps=2, tile_size=32, overlap=12, progress=False)
     out = np.asarray(sdata["stsr"]["scale0"]["image"].values)
