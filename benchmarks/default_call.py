@@ -283,7 +283,13 @@ def evaluate_split(
     ):
         try:
             out = public_call(user, fn, key, **extra)
-            rows.append(A.Row(label, A.score(split, out.map), out.seconds, out.peak_mib))
+            rec = out.provenance
+            note = (
+                f"prior strength {rec['prior_strength']}, diffusion residual {rec['diffusion_residual']}"
+                if rec.get("self_check") is not None
+                else ""
+            )
+            rows.append(A.Row(label, A.score(split, out.map), out.seconds, out.peak_mib, note))
         except Exception as err:  # noqa: BLE001
             rows.append(A.Row(label, None, note=f"failed: {type(err).__name__}: {err}"))
         if log is not None:
@@ -602,6 +608,15 @@ def report(results: list[CaseResult], *, header: list[str], figure: Path | None,
             "ceiling is computed from the half, as for any truth.",
             "",
             A.summary_table([(r.split, r.split_rows, r.split_ceiling) for r in split_results]),
+            "What the default call's self-check chose on each split case: "
+            + "; ".join(
+                f"{r.split.name}: {row.note}"
+                for r in split_results
+                for row in r.split_rows
+                if row.method == DEFAULT_LABEL and row.note
+            )
+            + ".",
+            "",
         ]
     text = "\n".join(out_lines)
     return B.publish(text, out)

@@ -68,6 +68,7 @@ exclude_patterns = [
             "feature_cache.md",
             "default_call.md",
             "image_features.md",
+            "repeat_call.md",
         )
     ),
     "tutorials/README.md",

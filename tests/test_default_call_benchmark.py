@@ -83,11 +83,22 @@ def test_randomised_pit_coverage_is_nominal_at_low_counts_where_the_plain_interv
     assert D.pit_covered(np.array([0.12]), np.array([0.02]), 0.9)[0] == pytest.approx(0.7)
 
 
+def stsr_bicubic(case: A.Case) -> np.ndarray:
+    import baselines as B
+
+    return B.bicubic_mass(case.lr, case.pair.observation)
+
+
 def test_default_call_case_reports_the_calls_own_provenance(tiny_model):
     pytest.importorskip("h5py")  # the image teacher's weights (extra "prior")
     case = A.synthetic_case(200.0, 3, 4, public=True)
-    res = D.evaluate_case(case, model=tiny_model, tesla=False)
+    res = D.evaluate_case(case, model=tiny_model, tesla=False, split=True)
     assert [r.method for r in res.rows] == ["bicubic + mass", D.PRIOR_LABEL, D.DEFAULT_LABEL]
+    # the count-split rows: the same calls on one half of the counts, scored against the other half
+    assert [r.method for r in res.split_rows] == ["bicubic + mass", D.PRIOR_LABEL, D.DEFAULT_LABEL]
+    assert all(r.values is not None for r in res.split_rows) and res.split.name.endswith(", split")
+    assert res.split_rows[0].values == A.score(res.split, stsr_bicubic(res.split))
+    assert res.split_rows[-1].note.startswith("prior strength")
     assert all(r.values is not None for r in res.rows)
     call = res.default
     # the scored map is the element super_resolve wrote, which is gone from the slide afterwards
@@ -108,6 +119,7 @@ def test_default_call_case_reports_the_calls_own_provenance(tiny_model):
     assert 0.5 < res.coverage.pooled[0.9] <= 1.0
 
     text = D.report([res], header=["# t", ""], figure=None, out=None)
+    assert "## 4. Against an independent half of the counts" in text and res.split_rows[-1].note in text
     est_r = res.self_estimate[0]
     assert f"{est_r:.3f}" in text and f"{res.coverage.pooled[0.9]:.3f}" in text
 

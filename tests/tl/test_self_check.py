@@ -103,6 +103,43 @@ def test_the_diffusion_residual_is_kept_only_when_it_predicts_the_hidden_spots_b
     assert helped.within_r > harmed.within_r + 0.2
 
 
+def test_a_core_far_behind_on_half_the_check_tiles_is_not_run_on_the_rest():
+    """The core runs on half of the check's tiles first: one that trails the prior map by more than
+    EARLY_STOP_DEFICIT there is not run on the other half; one that helps, or trails by less, runs on all."""
+    from stsr.tl import _self_check
+
+    op, truth, lr, mask = _case(3)
+    flat = _prior(np.zeros((1, *op.shape)), 3)
+    seen: list[int] = []
+
+    def counted(make):
+        def run(group_op, group_lr, origins):
+            seen.append(len(origins))
+            return make(origins)
+
+        return run
+
+    def oracle(origins):
+        return np.stack([truth[:, r : r + 40, c : c + 40] for r, c in origins])
+
+    def inverted(origins):  # a core whose structure inside the spots is the opposite of the truth's
+        return np.stack([2 * truth.max() - truth[:, r : r + 40, c : c + 40] for r, c in origins])
+
+    origins = np.array([(r, c) for r in range(0, 120, 40) for c in range(0, 120, 40)])
+    kw = {"window": 64, "tile_origins": origins, "tile_size": 40}
+    harmed = run_self_check(op, lr, mask, flat, coarse_tiles=counted(inverted), **kw)
+    n_tiles = len(_self_check._check_tiles(op, spot_groups(op), origins, 40))
+    assert n_tiles == _self_check.CHECK_TILES and seen == [(n_tiles + 1) // 2]
+    assert harmed.residual == 0.0 and harmed.provenance()["diffusion_tiles_checked"] == (n_tiles + 1) // 2
+    trailing = [c for c in harmed.candidates if c.residual > 0]
+    base = next(c for c in harmed.candidates if c.residual == 0 and c.strength == harmed.strength)
+    assert trailing and all(c.score < base.score - _self_check.EARLY_STOP_DEFICIT for c in trailing)
+    seen.clear()
+    helped = run_self_check(op, lr, mask, flat, coarse_tiles=counted(oracle), **kw)
+    assert seen == [(n_tiles + 1) // 2, n_tiles // 2] and helped.residual == 1.0
+    assert helped.provenance()["diffusion_tiles_checked"] == n_tiles
+
+
 def test_the_dispersion_is_calibrated_to_cover_90_percent():
     rng = np.random.default_rng(0)
     mu = rng.gamma(2.0, 20.0, size=(4, 3000))

@@ -41,7 +41,7 @@ def test_visium_folder_read_by_spatialdata_io(tmp_path, data_dir, tiny_model):
         genes,
         model=tiny_model,
         steps=2,
-        tile_size=32,
+        tile_size=128,  # the whole section: few tiles keep the test fast
         overlap=12,
         progress=False,
         semantic_prior=False,  # reading the object is tested here; the default path on C2 in test_whole_slide

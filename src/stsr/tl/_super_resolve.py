@@ -397,7 +397,11 @@ def _coarse_tiles(
     from dataclasses import replace
 
     params = {"self_check": True, "origins": origins.tolist(), "lr": float(lr.sum()), "steps": job.steps}
-    store = TileStore(cache / "self_check.zarr", len(origins), lr.shape[0], job.tile_size, params, False)
+    from dask.base import tokenize
+
+    # one store per batch of tiles (the check runs the core on half of its tiles, then maybe on the rest)
+    name = f"self_check_{tokenize(params)[:12]}.zarr"
+    store = TileStore(cache / name, len(origins), lr.shape[0], job.tile_size, params, False)
     coarse = replace(
         job,
         observation=op,
