@@ -396,7 +396,12 @@ class UserSlide:
     def run(self, fn: Callable[..., Any], key: str, **kwargs: Any) -> np.ndarray:
         """``fn(sdata, image_key, genes, pixel_size=..., key_added=key, **kwargs)`` (a public ``stsr.tl``
         function), then the map it added, read from ``sdata[key]`` on the truth's grid (:func:`read_map`); the new
-        elements are removed afterwards."""
+        elements are removed afterwards. Each call runs as a first call on the slide: the image scores an earlier
+        call kept for reuse are dropped first (``stsr.tl._semantic_prior.PRIOR_SCORES_CACHE_BYTES``), so that its
+        wall time is that of a user's first call."""
+        from stsr.tl._semantic_prior import clear_scores_cache
+
+        clear_scores_cache()
         try:
             fn(self.sdata, self.image_key, self.genes, pixel_size=self.pixel_size, key_added=key, **kwargs)
             return read_map(self.sdata, key, self.grid)

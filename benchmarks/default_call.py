@@ -60,6 +60,7 @@ import baselines as B  # noqa: E402
 
 import stsr  # noqa: E402
 from stsr import metrics as M  # noqa: E402
+from stsr.tl import _semantic_prior  # noqa: E402
 
 #: Nominal levels of the central intervals whose coverage is measured (the reliability figure's x axis).
 LEVELS = (0.5, 0.7, 0.8, 0.9, 0.95)
@@ -167,9 +168,12 @@ class PublicCall:
 
 def public_call(user: A.UserSlide, fn: Callable[..., Any], key: str, **kwargs: Any) -> PublicCall:
     """``fn(sdata, image_key, genes, pixel_size=<truth's>, key_added=key, progress=False, **kwargs)`` on the case's
-    slide (as :meth:`accuracy.UserSlide.run`), timed with reading the map back; the map, its ``_std`` layer and the
-    provenance are kept, then the elements and their provenance are removed from the slide."""
+    slide (as :meth:`accuracy.UserSlide.run`), timed with reading the map back, as a first call on the slide (the
+    image scores an earlier call kept are dropped first); the map, its ``_std`` layer and the provenance are kept,
+    then the elements and their provenance are removed from the slide."""
     std_key = f"{key}_std"
+    # every call is timed as a first call on its slide: without the image scores an earlier call kept
+    _semantic_prior.clear_scores_cache()
     try:
         with B.Timer() as t:
             fn(
