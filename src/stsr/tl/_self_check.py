@@ -378,10 +378,8 @@ def run_self_check(
                 return candidate(0.0), [candidate(a) for a in residuals if a > 0]
 
             origins = tile_origins[tiles]
-            first, rest = (
-                origins[::2],
-                origins[1::2],
-            )  # every other tile: the first half spreads over the slide
+            # every other tile first: the first half spreads over the slide
+            first, rest = origins[::2], origins[1::2]
             run_tiles(first)
             tiles_checked = len(first)
             if spot_idx and len(rest):
