@@ -271,6 +271,18 @@ def count_split(case: A.Case, seed: int = 0) -> A.Case:
     )
 
 
+def scored_call(
+    case: A.Case, label: str, call: Callable[[], PublicCall], note: str = ""
+) -> tuple[A.Row, PublicCall | None]:
+    """``call()`` (a :func:`public_call`) scored on ``case`` as the row ``label``; a failure is a row with its error
+    as note and no call."""
+    try:
+        out = call()
+    except Exception as err:  # noqa: BLE001
+        return A.Row(label, None, note=f"failed: {type(err).__name__}: {err}"), None
+    return A.Row(label, A.score(case, out.map), out.seconds, out.peak_mib, note), out
+
+
 def evaluate_split(
     case: A.Case, *, model: Any = None, log: Callable[[str], None] | None = None
 ) -> tuple[A.Case, list[A.Row], dict[str, tuple[float, float, int]]]:
@@ -285,19 +297,15 @@ def evaluate_split(
         (PRIOR_LABEL, stsr.tl.prior_map, "stsr_prior", {}),
         (DEFAULT_LABEL, stsr.tl.super_resolve, "stsr", kw),
     ):
-        try:
-            out = public_call(user, fn, key, **extra)
-            rec = out.provenance
-            note = (
+        row, out = scored_call(split, label, lambda f=fn, k=key, x=extra: public_call(user, f, k, **x))
+        rec = {} if out is None else out.provenance
+        if rec.get("self_check") is not None:
+            row.note = (
                 f"prior strength {rec['prior_strength']}, diffusion residual {rec['diffusion_residual']}"
-                if rec.get("self_check") is not None
-                else ""
             )
-            rows.append(A.Row(label, A.score(split, out.map), out.seconds, out.peak_mib, note))
-        except Exception as err:  # noqa: BLE001
-            rows.append(A.Row(label, None, note=f"failed: {type(err).__name__}: {err}"))
+        rows.append(row)
         if log is not None:
-            log(f"{split.name}: {label} ({rows[-1].seconds:.0f} s)")
+            log(f"{split.name}: {label} ({row.seconds:.0f} s)")
     ceiling = M.summarize(M.noise_ceiling(split.pair.hr.double().numpy(), op, split.mask))
     return split, rows, ceiling
 
@@ -336,12 +344,8 @@ def evaluate_case(
         result.split, result.split_rows, result.split_ceiling = evaluate_split(case, model=model, log=log)
 
     def scored(label: str, call: Callable[[], PublicCall], note: str) -> PublicCall | None:
-        try:
-            out = call()
-        except Exception as err:  # noqa: BLE001
-            rows.append(tell(label, A.Row(label, None, note=f"failed: {type(err).__name__}: {err}")))
-            return None
-        rows.append(tell(label, A.Row(label, A.score(case, out.map), out.seconds, out.peak_mib, note)))
+        row, out = scored_call(case, label, call, note)
+        rows.append(tell(label, row))
         return out
 
     scored(PRIOR_LABEL, lambda: public_call(user, stsr.tl.prior_map, "stsr_prior"), "prior_map()")

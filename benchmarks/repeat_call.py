@@ -32,6 +32,7 @@ from unittest import mock
 
 import numpy as np
 import torch
+from baselines import publish
 
 import stsr
 from stsr.tl import _self_check, _semantic_prior
@@ -110,12 +111,7 @@ def main(argv: list[str] | None = None) -> str:  # noqa: D103
         f"and on {tiles[1]} in call 4.",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    return text
+    return publish("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from dask.base import tokenize
 from tqdm.auto import tqdm
 
 from ..models import teacher_features
@@ -100,8 +101,6 @@ def _scores_key(
     encoder has no fingerprint of its weights (a plain callable)."""
     if any("unhashed" in str(getattr(e, "fingerprint", "unhashed")) for e in encoders):
         return None
-    from dask.base import tokenize
-
     levels = inputs.image_levels
     mask = np.asarray(inputs.mask, bool)
     return tokenize(

@@ -10,6 +10,7 @@ import dask.array as da
 import numpy as np
 import spatialdata as sd
 import torch
+from dask.base import tokenize
 
 from .. import __version__
 from .._constants import KEY_SUPER_RESOLVE
@@ -397,8 +398,6 @@ def _coarse_tiles(
     from dataclasses import replace
 
     params = {"self_check": True, "origins": origins.tolist(), "lr": float(lr.sum()), "steps": job.steps}
-    from dask.base import tokenize
-
     # one store per batch of tiles (the check runs the core on half of its tiles, then maybe on the rest)
     name = f"self_check_{tokenize(params)[:12]}.zarr"
     store = TileStore(cache / name, len(origins), lr.shape[0], job.tile_size, params, False)
