@@ -14,6 +14,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # Pinned CPU torch first (an unpinned torch pulls a multi-GB CUDA build); an existing torch is kept.
   python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
   python -m pip install -q -e ".[dev,analysis,docs]"
+  # The benchmarks' TESLA baseline (its test runs with the suite): teslaforst declares the deprecated `sklearn` stub
+  # as a dependency, so it goes in without dependencies (the ones it uses are stsr's).
+  python -m pip install -q --no-deps teslaforst opencv-python-headless
   touch "$stamp"
 fi
 cmd="${1:-}"

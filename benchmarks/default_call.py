@@ -284,13 +284,17 @@ def scored_call(
 
 
 def evaluate_split(
-    case: A.Case, *, model: Any = None, log: Callable[[str], None] | None = None
+    case: A.Case, *, model: Any = None, tesla: bool = True, log: Callable[[str], None] | None = None
 ) -> tuple[A.Case, list[A.Row], dict[str, tuple[float, float, int]]]:
-    """Bicubic + mass, ``prior_map`` and ``super_resolve`` with their defaults on the count-split case
-    (:func:`count_split`): input from one half of the counts, scored against the other half."""
+    """Bicubic + mass, TESLA (when ``tesla`` and installed), ``prior_map`` and ``super_resolve`` with their defaults
+    on the count-split case (:func:`count_split`): input from one half of the counts, scored against the other
+    half."""
     split = count_split(case)
     lr, op = split.lr, split.pair.observation
     rows = [A.run(split, "bicubic + mass", lambda: B.bicubic_mass(lr, op))]
+    if tesla and B.tesla_available():
+        img = split.pair.image.numpy()
+        rows.append(A.run(split, "TESLA", lambda: B.tesla(lr, op, img)))
     user = A.case_sdata(split)
     kw = {} if model is None else {"model": model}
     for label, fn, key, extra in (
@@ -341,7 +345,9 @@ def evaluate_case(
     ceiling = M.summarize(M.noise_ceiling(case.pair.hr.double().numpy(), op, case.mask))
     result = CaseResult(case, rows, ceiling)
     if split:
-        result.split, result.split_rows, result.split_ceiling = evaluate_split(case, model=model, log=log)
+        result.split, result.split_rows, result.split_ceiling = evaluate_split(
+            case, model=model, tesla=tesla, log=log
+        )
 
     def scored(label: str, call: Callable[[], PublicCall], note: str) -> PublicCall | None:
         row, out = scored_call(case, label, call, note)
@@ -548,6 +554,19 @@ def report(results: list[CaseResult], *, header: list[str], figure: Path | None,
         for r in real
         if r.row(DEFAULT_LABEL) is not None and r.row(PRIOR_LABEL) is not None
     ]
+    ran_tesla = any(x.method == "TESLA" and x.values is not None for r in real for x in r.rows)
+    tesla_line = (
+        [
+            f"- Default call at least TESLA on both: {ahead('TESLA')} real cases"
+            + (
+                f"; against an independent half of the counts: {ahead('TESLA', split=True)}."
+                if split_results
+                else "."
+            )
+        ]
+        if ran_tesla
+        else []
+    )
     out_lines = header + [
         "## Summary",
         "",
@@ -562,6 +581,7 @@ def report(results: list[CaseResult], *, header: list[str], figure: Path | None,
             if split_results
             else "."
         ),
+        *tesla_line,
         f"- Self-estimate over {s['n']} real cases: mean |self-estimated - true| r {_f(s['mad_r'])} (target "
         f"≤ {SELF_ESTIMATE_TARGET}), within r {_f(s['mad_within'])}; Pearson correlation across cases of "
         f"self-estimated and true r {_f(s['corr_r'])}, of within r {_f(s['corr_within'])}.",

@@ -121,3 +121,18 @@ def test_whole_blocks_crops_the_partial_blocks_and_keeps_the_rest():
     np.testing.assert_allclose(cropped.lr, hr[:, :8, :8].reshape(2, 2, 4, 2, 4).sum((2, 4)).reshape(2, 4))
     assert cropped.slide.grid == Grid((8, 8), 2.5, (1.0, 2.0))
     assert A.whole_blocks(cropped) is cropped
+
+
+def test_native_resolution_reports_what_each_default_call_chose():
+    import native_resolution as N
+
+    record = {
+        "prior_strength": 0.25,
+        "diffusion_residual": 0.0,
+        "self_check": {"checked_optimum": 1.0, "self_estimated_r": 0.812, "self_estimated_within_r": 0.301},
+    }
+    lines = N.choice_lines({"C2": {N.DEFAULT_CALL_LABEL: record}, "C3": {}})
+    rows = [line for line in lines if line.startswith("| C")]
+    assert rows == [f"| C2 | {N.DEFAULT_CALL_LABEL} | 0.25 (1.0) | 0.0 | 0.812 / 0.301 |"]
+    assert lines[-1] == rows[0] and "self-check" in " ".join(lines)
+    assert N.choice_lines({"C2": {}, "C3": {}}) == []  # no default call run: no table

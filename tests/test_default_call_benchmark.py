@@ -89,13 +89,17 @@ def stsr_bicubic(case: A.Case) -> np.ndarray:
     return B.bicubic_mass(case.lr, case.pair.observation)
 
 
-def test_default_call_case_reports_the_calls_own_provenance(tiny_model):
+def test_default_call_case_reports_the_calls_own_provenance(tiny_model, monkeypatch):
+    import baselines as B
+
     pytest.importorskip("h5py")  # the image teacher's weights (extra "prior")
     case = A.synthetic_case(200.0, 3, 4, public=True)
-    res = D.evaluate_case(case, model=tiny_model, tesla=False, split=True)
-    assert [r.method for r in res.rows] == ["bicubic + mass", D.PRIOR_LABEL, D.DEFAULT_LABEL]
+    tesla = B.tesla_available()  # run.sh installs it; elsewhere its rows are left out
+    res = D.evaluate_case(case, model=tiny_model, tesla=tesla, split=True)
+    methods = ["bicubic + mass", *(["TESLA"] if tesla else []), D.PRIOR_LABEL, D.DEFAULT_LABEL]
+    assert [r.method for r in res.rows] == methods
     # the count-split rows: the same calls on one half of the counts, scored against the other half
-    assert [r.method for r in res.split_rows] == ["bicubic + mass", D.PRIOR_LABEL, D.DEFAULT_LABEL]
+    assert [r.method for r in res.split_rows] == methods
     assert all(r.values is not None for r in res.split_rows) and res.split.name.endswith(", split")
     assert res.split_rows[0].values == A.score(res.split, stsr_bicubic(res.split))
     assert res.split_rows[-1].note.startswith("prior strength")
@@ -120,6 +124,21 @@ def test_default_call_case_reports_the_calls_own_provenance(tiny_model):
 
     text = D.report([res], header=["# t", ""], figure=None, out=None)
     assert "## 4. Against an independent half of the counts" in text and res.split_rows[-1].note in text
+    if tesla:
+        lr, op = res.split.lr, res.split.pair.observation
+        assert res.split_rows[1].values == A.score(res.split, B.tesla(lr, op, res.split.pair.image.numpy()))
+        # the summary counts the real cases where the default call is at least TESLA on r and within-block r
+        monkeypatch.setattr(D, "is_real", lambda r: True)
+
+        def ahead(rows: list) -> int:
+            a, b = rows[-1].values, rows[1].values
+            return int(all(a[k][0] >= b[k][0] for k in ("pearson", "within_block")))
+
+        line = (
+            f"- Default call at least TESLA on both: {ahead(res.rows)} of 1 real cases; against an independent "
+            f"half of the counts: {ahead(res.split_rows)} of 1."
+        )
+        assert line in D.report([res], header=[], figure=None, out=None).splitlines()
     est_r = res.self_estimate[0]
     assert f"{est_r:.3f}" in text and f"{res.coverage.pooled[0.9]:.3f}" in text
 

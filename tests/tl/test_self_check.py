@@ -9,7 +9,13 @@ import spatialdata as sd
 import stsr
 from stsr.models.prior import SlidePrior
 from stsr.observation import ObservationModel
-from stsr.tl._self_check import calibrate_dispersion, run_self_check, spot_groups, used_strength
+from stsr.tl._self_check import (
+    calibrate_dispersion,
+    gain_lower_bound,
+    run_self_check,
+    spot_groups,
+    used_strength,
+)
 
 
 def _square_spots(n: int = 12, pitch: int = 10, radius: float = 3.5) -> ObservationModel:
@@ -101,6 +107,63 @@ def test_the_diffusion_residual_is_kept_only_when_it_predicts_the_hidden_spots_b
     harmed = run_self_check(op, lr, mask, flat, coarse_tiles=noise, **kw)
     assert helped.residual == 1.0 and harmed.residual == 0.0
     assert helped.within_r > harmed.within_r + 0.2
+
+
+def test_a_core_that_only_adds_histology_contrast_is_not_kept():
+    """The check at the group level prefers a stronger prior than maps the pixels best; a core whose map is the
+    histology's own contrast beats the prior map used (a quarter of the check's optimum strength) there, but not the
+    prior map of the optimum strength: it is not kept. A core that knows the truth beats both and is kept."""
+    op, truth, lr, mask = _case()
+    good = _prior(np.log1p(truth.mean(0))[None], 3)
+
+    def contrast(group_op, group_lr, origins):  # the histology score itself, the same for every gene
+        f = 1 + truth.mean(0)
+        return np.stack([np.broadcast_to(f[r : r + 40, c : c + 40], (3, 40, 40)) for r, c in origins])
+
+    def oracle(group_op, group_lr, origins):
+        return np.stack([truth[:, r : r + 40, c : c + 40] for r, c in origins])
+
+    origins = np.array([(r, c) for r in range(0, 120, 40) for c in range(0, 120, 40)])
+    kw = {"window": 64, "tile_origins": origins, "tile_size": 40}
+    sharpened = run_self_check(op, lr, mask, good, coarse_tiles=contrast, **kw)
+    assert sharpened.checked_strength == 1.0 and sharpened.strength == 0.25
+    assert sharpened.residual == 0.0
+    # it does beat the prior map used, on the same spots, by the check's margin: with no stronger candidate (the
+    # optimum is the strength used) it is kept
+    weak_only = run_self_check(op, lr, mask, good, coarse_tiles=contrast, strengths=(0.0, 0.25), **kw)
+    assert weak_only.checked_strength == weak_only.strength == 0.25 and weak_only.residual > 0
+    helped = run_self_check(op, lr, mask, good, coarse_tiles=oracle, **kw)
+    assert helped.residual == 1.0 and helped.within_r > sharpened.within_r + 0.2
+
+
+def test_a_gain_within_chance_is_not_a_gain():
+    """The lower bound of a residual's gain over resampled spot groups: above 0 for a prediction that is better on
+    many groups, below 0 for a worse one, 0 for the same prediction; between two equally good predictions it lies
+    further below their point gain on a few groups than on many."""
+    from stsr.tl._self_check import spot_scores
+
+    rng = np.random.default_rng(0)
+
+    def slide(n_groups: int):
+        groups = np.repeat(np.arange(n_groups), 4)
+        rate = rng.gamma(2.0, 10.0, (20, groups.size))
+        return groups, rate, rng.poisson(rate).astype(float)
+
+    groups, rate, y = slide(100)
+    worse = rate * rng.lognormal(0.0, 0.6, rate.shape)
+    assert gain_lower_bound(rate, worse, y, groups) > 0.05
+    assert gain_lower_bound(worse, rate, y, groups) < -0.05
+    assert gain_lower_bound(rate, rate, y, groups) == 0.0
+
+    def spread(n_groups: int) -> float:
+        groups, rate, y = slide(n_groups)
+        a, b = (rate * rng.lognormal(0.0, 0.4, rate.shape) for _ in range(2))
+        point = sum(spot_scores(a, y, groups)) - sum(spot_scores(b, y, groups))
+        lo, mid, hi = (gain_lower_bound(a, b, y, groups, quantile=q) for q in (0.05, 0.5, 0.95))
+        assert lo < mid < hi and lo < point < hi
+        return point - lo
+
+    assert spread(6) > 2 * spread(150)
 
 
 def test_a_core_far_behind_on_half_the_check_tiles_is_not_run_on_the_rest():
