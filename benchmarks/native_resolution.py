@@ -256,8 +256,8 @@ def main(argv: list[str] | None = None) -> str:  # noqa: D103
         f"{args.genes} genes per section, HR grid {args.pixel_size:g} µm, semantic prior strength "
         f"{PRIOR_STRENGTH}, image teacher at {stsr.models.TEACHER_UM_PER_PX:g} µm per pixel. The slide: the H&E, "
         "the 2 x 2 blocks of spots as 400 µm square bins and a table of their counts; the stsr rows are "
-        "`stsr.tl.prior_map` / `stsr.tl.super_resolve` on it (`pixel_size` set, the rest at defaults but model, steps "
-        "and cache_interval), read back from `sdata[key_added]`. Cells: r / within-block r / SSIM against the "
+        "`stsr.tl.prior_map` / `stsr.tl.super_resolve` on it (`pixel_size` set, the rest at defaults; the rows of "
+        "--model also set model, steps and cache_interval), read back from `sdata[key_added]`. Cells: r / within-block r / SSIM against the "
         "measured spots (2 x 2 blocks as in `benchmarks/accuracy.py`).",
         "",
         "| method | " + " | ".join(results) + " | mean |",
@@ -295,7 +295,7 @@ def choice_lines(chosen: dict[str, dict[str, dict]]) -> list[str]:
                     "",
                     "What the self-check of each default call chose (provenance): the prior's strength (the check's "
                     "optimum from groups of bins in brackets), the diffusion residual kept, and its self-estimate "
-                    "for the map's 10 µm pixels (r / within r; the table above scores spots, a coarser unit):",
+                    "for the map's pixels (r / within r; the table above scores spots, a coarser unit):",
                     "",
                     "| section | row | prior strength (checked) | diffusion residual | self-estimated r / within r |",
                     "|---|---|---|---|---|",
