@@ -160,7 +160,7 @@ def gain_lower_bound(
     rng = np.random.default_rng(seed)
 
     def total(pair: tuple[float, float]) -> float:
-        return pair[0] + (0.0 if np.isnan(pair[1]) else pair[1])
+        return Candidate(0.0, 0.0, *pair).score
 
     gains = np.empty(n_boot)
     for i in range(n_boot):
@@ -426,17 +426,17 @@ def run_self_check(
                 pm_spots, dp_spots, po_spots = (np.concatenate(x, axis=1) for x in zip(*parts))
                 prior_spots = {"used": pm_spots, "optimum": po_spots}
 
-                def candidate(a: float, bar: str = "used") -> Candidate:
-                    pred = (1 - a) * prior_spots[bar] + a * dp_spots
-                    strength = s if bar == "used" else checked
+                def blend(a: float) -> np.ndarray:
+                    return (1 - a) * pm_spots + a * dp_spots
+
+                def candidate(strength: float, a: float, pred: np.ndarray) -> Candidate:
                     return Candidate(strength, a, *spot_scores(pred, target[:, idx], slide.groups[idx]))
 
                 def lower(a: float, bar: str) -> float:
-                    pred = (1 - a) * pm_spots + a * dp_spots
-                    return gain_lower_bound(pred, prior_spots[bar], target[:, idx], slide.groups[idx])
+                    return gain_lower_bound(blend(a), prior_spots[bar], target[:, idx], slide.groups[idx])
 
-                trials = [candidate(a) for a in residuals if a > 0]
-                return candidate(0.0), candidate(0.0, "optimum"), trials, lower
+                trials = [candidate(s, a, blend(a)) for a in residuals if a > 0]
+                return candidate(s, 0.0, pm_spots), candidate(checked, 0.0, po_spots), trials, lower
 
             origins = tile_origins[tiles]
             # every other tile first: the first half spreads over the slide
