@@ -233,12 +233,92 @@ def whole_blocks(case: Case) -> Case:
 
 def lattice_grid(sdata: Any, image_key: str, genes: list[str], table_key: str = "table") -> Grid:
     """The truth's grid of :func:`stsr.tl.training_pair` with ``table_key`` (the spot lattice fitted to the image,
-    ``stsr.tl._pairs._lattice``), in the frame of the image's HR grids (its pixels, for these datasets)."""
+    ``stsr.tl._pairs._lattice``), in the frame of the image's HR grids (its pixels, for these datasets). The lattice
+    must run along the image's axes: pass a turned one through :func:`lattice_aligned` first."""
     args: list[Any] = [sdata, table_key, image_key, genes]
-    if "frame" in inspect.signature(_pairs._lattice).parameters:  # fitted in the image's grid frame
-        spots_key = _pairs.table_region(sdata, table_key)[1]
-        args.append(_pairs._frame(sdata, spots_key, image_key))
-    return _pairs._lattice(*args)[0]
+    if "frame" not in inspect.signature(_pairs._lattice).parameters:  # an older stsr: no frame
+        return _pairs._lattice(*args)[0]
+    spots_key = _pairs.table_region(sdata, table_key)[1]
+    frame = _pairs._frame(sdata, spots_key, image_key)
+    out = _pairs._lattice(*args, frame)
+    if len(out) > 4 and out[4] is not frame:
+        raise ValueError(
+            f"The spot lattice of {table_key!r} is turned against image {image_key!r}; resample the slide along it "
+            "with lattice_aligned() first."
+        )
+    return out[0]
+
+
+def lattice_aligned(sdata: Any, image_key: str, table_key: str = "table") -> Any:
+    """The slide with its image resampled along its spot lattice when the lattice is turned against the image's
+    axes beyond ``stsr.tl._pairs.LATTICE_ROTATION_TOL`` (HER2ST A2, registered into A1's frame, is turned by 5.6
+    degrees); otherwise ``sdata`` itself.
+
+    A case lays its truth on the lattice as a grid of the image's frame, and its user's slide holds square bins
+    along the image's axes (:func:`case_sdata`): both need the lattice along those axes. The image is resampled
+    (bilinear, black outside) on a grid of its own pixel size laid along the lattice (the frame
+    ``stsr.tl.training_pair`` reads a turned lattice in), the spots are carried into that frame, and the table is
+    kept; the coordinate system ``global`` keeps its unit. Before this, a turned lattice was fitted along the image's
+    axes, which put A2's spots on image regions up to 1.2 pitches away from them (0.69 on average).
+    """
+    import geopandas as gpd
+    import shapely
+    import spatialdata as sd
+    from scipy.ndimage import affine_transform
+    from spatialdata.models import Image2DModel, ShapesModel
+    from spatialdata.transformations import Scale, Sequence, Translation
+
+    from stsr._elements import element_affine
+
+    spots_key = _pairs.table_region(sdata, table_key)[1]
+    frame = _pairs._frame(sdata, spots_key, image_key)
+    genes = list(sdata[table_key].var_names[:1])
+    turned = _pairs._lattice(sdata, table_key, image_key, genes, frame)[4]
+    if turned is frame:
+        return sdata
+    level = _level0(sdata[image_key])
+    h, w = level.shape[-2:]
+    to_image = turned.to_image  # the lattice's frame -> image pixels
+    corners = np.linalg.inv(to_image) @ np.array([[0, 0, h, h], [0, w, 0, w], [1, 1, 1, 1]], float)
+    lo, hi = np.floor(corners[:2].min(1)), np.ceil(corners[:2].max(1))
+    shape = tuple(int(v) for v in hi - lo)
+    # output pixel (r, c) has its centre at lo + (r, c) + 0.5 of the lattice's frame; scipy samples pixel centres
+    offset = to_image[:2, :2] @ (lo + 0.5) + to_image[:2, 2] - 0.5
+    arr = np.asarray(level.data)
+    image = np.stack(
+        [
+            affine_transform(ch.astype(np.float32), to_image[:2, :2], offset, shape, order=1, cval=0.0)
+            for ch in arr
+        ]
+    )
+    image = np.clip(np.rint(image), 0, 255).astype(arr.dtype) if arr.dtype == np.uint8 else image
+    unit = float(frame.unit)
+    to_global = Sequence([Translation(lo, axes=("y", "x")), Scale([unit, unit], axes=("y", "x"))])
+    spots = sdata[spots_key]
+    to_cs = element_affine(spots, frame.coordinate_system, spots_key)
+    yx = np.stack([spots.geometry.y.to_numpy(float), spots.geometry.x.to_numpy(float), np.ones(len(spots))])
+    local = np.linalg.inv(turned.to_cs) @ to_cs @ yx  # the spot centres in the lattice's frame
+    moved = ShapesModel.parse(
+        gpd.GeoDataFrame(
+            {"radius": spots["radius"].to_numpy(float) * float(np.sqrt(abs(np.linalg.det(to_cs[:2, :2]))))},
+            geometry=shapely.points(local[1] * unit, local[0] * unit),
+            index=spots.index,
+        )
+    )
+    c_coords = [str(c) for c in level.coords["c"].values] if "c" in level.coords else None
+    return sd.SpatialData(
+        images={
+            image_key: Image2DModel.parse(
+                image,
+                dims=("c", "y", "x"),
+                c_coords=c_coords,
+                transformations={"global": to_global},
+                scale_factors=[2, 2],
+            )
+        },
+        shapes={spots_key: moved},
+        tables={table_key: sdata[table_key]},
+    )
 
 
 def _teacher_k(public: bool, hr_um: float, nominal_um: float, native: int | None = None) -> int:
@@ -256,7 +336,7 @@ def her2st_case(
     resolution (:func:`native_teacher_scale`; the A sections' H&E is at 3.2 µm per pixel). With ``public``, the case
     is cropped to whole blocks (:func:`whole_blocks`) and its teacher image is read as the public functions read it
     (:func:`public_teacher_scale` of the lattice's pitch)."""
-    sdata = stsr.datasets.her2st(section)
+    sdata = lattice_aligned(stsr.datasets.her2st(section), "he")
     genes = stsr.pp.select_genes(sdata["table"], n_top=n_genes)
     kw = {"table_key": "table", "genes": genes, "factor": 2, "name": f"HER2ST {section}"}
     pair = stsr.tl.training_pair(sdata, "he", image_scale=k, **kw)

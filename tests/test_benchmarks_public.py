@@ -136,3 +136,39 @@ def test_native_resolution_reports_what_each_default_call_chose():
     assert rows == [f"| C2 | {N.DEFAULT_CALL_LABEL} | 0.25 (1.0) | 0.0 | 0.812 / 0.301 |"]
     assert lines[-1] == rows[0] and "self-check" in " ".join(lines)
     assert N.choice_lines({"C2": {}, "C3": {}}) == []  # no default call run: no table
+
+
+def _lattice_misfit(sdata) -> float:
+    """Mean distance (in pitches) of the spot centres from the lattice fitted along the image's axes."""
+    from stsr.tl import _pairs
+
+    frame = _pairs._frame(sdata, "spots", "he")
+    centres, index = _pairs._centres_in_frame(sdata, "spots", frame)
+    obs = sdata["table"].obs
+    yx = centres[index.get_indexer(obs["instance_id"].to_numpy())]
+    ar, ac = obs["array_row"].to_numpy(float), obs["array_col"].to_numpy(float)
+    a, b = np.polyfit(ar, yx[:, 0], 1)
+    c, d = np.polyfit(ac, yx[:, 1], 1)
+    err = np.hypot(a * ar + b - yx[:, 0], c * ac + d - yx[:, 1])
+    return float(err.mean() / ((a + c) / 2))
+
+
+def test_a_turned_section_is_resampled_along_its_lattice():
+    """HER2ST A2 is registered into A1's frame, turned by 5.6 degrees: its spots lie 0.69 pitches on average off a
+    lattice along the image's axes, which the cases (truth grid, bins of the user's slide) assume. ``lattice_aligned``
+    resamples it along the lattice (the spots then fit one as well as on the other sections) and leaves an aligned
+    section as it is; the A2 case is built from the resampled slide."""
+    a2 = stsr.datasets.her2st("A2")
+    assert _lattice_misfit(a2) > 0.5
+    with pytest.raises(ValueError, match="lattice_aligned"):
+        A.lattice_grid(a2, "he", ["ERBB2"])
+    aligned = A.lattice_aligned(a2, "he")
+    assert _lattice_misfit(aligned) < 0.1
+    np.testing.assert_array_equal(aligned["table"].X.toarray(), a2["table"].X.toarray())
+    # the image is the same tissue: as much of it, turned
+    dark = [float((np.asarray(A._level0(s["he"]).data).max(0) > 30).sum()) for s in (a2, aligned)]
+    assert dark[1] == pytest.approx(dark[0], rel=0.02)
+    grid = A.lattice_grid(aligned, "he", ["ERBB2"])
+    assert grid.shape == (16, 23)  # array rows x columns of the section
+    c2 = stsr.datasets.her2st("C2")
+    assert A.lattice_aligned(c2, "he") is c2

@@ -17,6 +17,7 @@ LR input. No HR truth exists: :func:`stsr.models.fit` scores the prediction pool
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +36,15 @@ from ..pp._transforms import raster_levels
 from ._image_tiles import ImageSource
 
 __all__ = ["training_pair", "raster_grid"]
+
+log = logging.getLogger("stsr")
+
+#: A spot lattice is read along the axes of the image's grid frame while its rotation moves no spot by more than
+#: this share of the pitch over the lattice's extent (``|sin(angle)| x positions``; HER2ST B and C sections: at most
+#: 0.12). Beyond it the pair's grid is laid along the lattice and the image is read through the rotation: HER2ST
+#: A2, registered into A1's frame, is turned by 5.6 degrees, which an axis-aligned fit misplaces by up to 1.2
+#: pitches.
+LATTICE_ROTATION_TOL = 0.25
 
 
 def raster_grid(sdata: sd.SpatialData, raster_key: str, image_key: str) -> Grid:
@@ -154,7 +164,7 @@ def training_pair(
     else:
         _, spots_key_t, _, _ = table_region(sdata, table_key)
         frame = _frame(sdata, spots_key_t, image_key)
-        grid, hr, genes, valid = _lattice(sdata, table_key, image_key, genes, frame)
+        grid, hr, genes, valid, frame = _lattice(sdata, table_key, image_key, genes, frame)
         valid = valid if mask is True else None
     if isinstance(mask, np.ndarray):
         valid = np.asarray(mask, bool)
@@ -225,8 +235,12 @@ def _weak_pair(
 
 def _lattice(
     sdata: sd.SpatialData, table_key: str, image_key: str, genes: Sequence[str] | None, frame: ImageFrame
-) -> tuple[Grid, np.ndarray, list[str], np.ndarray]:
-    """Spots on a square lattice as an HR raster, with the lattice fitted to the image from the spot centres."""
+) -> tuple[Grid, np.ndarray, list[str], np.ndarray, ImageFrame]:
+    """Spots on a square lattice as an HR raster, with the lattice fitted to the image from the spot centres.
+
+    Returns the raster's grid, its values, genes and measured positions, and the frame the grid lies in: ``frame``
+    when the lattice runs along its axes (:data:`LATTICE_ROTATION_TOL`), else a frame laid along the lattice (the
+    image is then read through the rotation)."""
     table, spots_key, region_key, instance_key = table_region(sdata, table_key)
     for col in ("array_row", "array_col"):
         if col not in table.obs:
@@ -245,18 +259,25 @@ def _lattice(
     ar = table.obs["array_row"].to_numpy()[rows].astype(int)
     ac = table.obs["array_col"].to_numpy()[rows].astype(int)
     yx = centres[pos]
-    # least-squares fit: y = a * array_row + b, x = c * array_col + d (an axis-aligned square lattice)
-    a, b = np.polyfit(ar, yx[:, 0], 1)
-    c, d = np.polyfit(ac, yx[:, 1], 1)
-    if not np.isclose(a, c, rtol=0.05) or a <= 0:
-        raise ValueError(
-            f"The spots of {spots_key!r} do not form an axis-aligned square lattice over image {image_key!r} "
-            f"(pitch {a:.4g} px along rows, {c:.4g} px along columns)."
-        )
-    pitch = float((a + c) / 2)
     r0, c0 = ar.min(), ac.min()
     shape = (int(ar.max() - r0 + 1), int(ac.max() - c0 + 1))
-    grid = Grid(shape, pitch, (a * (r0 - 0.5) + b, c * (c0 - 0.5) + d))
+    pitch, angle = _lattice_steps(ar, ac, yx, spots_key, image_key)
+    if abs(np.sin(angle)) * max(shape) <= LATTICE_ROTATION_TOL:
+        # least-squares fit: y = a * array_row + b, x = c * array_col + d (an axis-aligned square lattice)
+        a, b = np.polyfit(ar, yx[:, 0], 1)
+        c, d = np.polyfit(ac, yx[:, 1], 1)
+        pitch = float((a + c) / 2)
+        grid = Grid(shape, pitch, (a * (r0 - 0.5) + b, c * (c0 - 0.5) + d))
+    else:
+        frame = _lattice_frame(frame, ar - r0, ac - c0, yx, pitch, angle, shape)
+        grid = Grid(shape, pitch, (0.0, 0.0))
+        log.info(
+            "the spot lattice of %r is rotated by %.2f degrees against image %r: the pair's grid is laid along the "
+            "lattice and the image read through the rotation",
+            spots_key,
+            np.degrees(angle),
+            image_key,
+        )
     gidx = table.var_names.get_indexer(genes)
     x = table.X[rows][:, gidx]
     check_counts(x, genes, list(table.obs_names[rows]), what=f"Counts of table {table_key!r}")
@@ -265,7 +286,56 @@ def _lattice(
     hr[:, ar - r0, ac - c0] = x.T
     valid = np.zeros(shape, bool)
     valid[ar - r0, ac - c0] = True
-    return grid, hr, list(genes), valid
+    return grid, hr, list(genes), valid, frame
+
+
+def _lattice_steps(
+    ar: np.ndarray, ac: np.ndarray, yx: np.ndarray, spots_key: str, image_key: str
+) -> tuple[float, float]:
+    """Pitch and rotation (radians; 0 when ``array_row`` runs along y and ``array_col`` along x) of a square
+    lattice, from the least-squares affine fit of the spot centres ``yx`` to their lattice positions."""
+    design = np.stack([ar, ac, np.ones(len(ar))], 1).astype(np.float64)
+    coef, *_ = np.linalg.lstsq(design, yx, rcond=None)
+    step_r, step_c = coef[0], coef[1]  # (dy, dx) per array_row and per array_col
+    pr, pc = float(np.hypot(*step_r)), float(np.hypot(*step_c))
+    ortho = abs(float(step_r @ step_c)) / max(pr * pc, 1e-300)
+    angle_r = float(np.arctan2(step_r[1], step_r[0]))
+    angle_c = float(np.arctan2(-step_c[0], step_c[1]))
+    if not np.isclose(pr, pc, rtol=0.05) or pr <= 0 or ortho > 0.05 or abs(angle_r - angle_c) > 0.05:
+        raise ValueError(
+            f"The spots of {spots_key!r} do not form a square lattice over image {image_key!r} (one array_row step "
+            f"moves {np.round(step_r, 4).tolist()} and one array_col step {np.round(step_c, 4).tolist()} pixels "
+            "(y, x); a square lattice has steps of one length at right angles, with array_row along y and "
+            "array_col along x up to a rotation). Check the table's obs['array_row'] / obs['array_col'] and the "
+            "spots' transformation."
+        )
+    return (pr + pc) / 2, (angle_r + angle_c) / 2
+
+
+def _lattice_frame(
+    frame: ImageFrame,
+    i: np.ndarray,
+    j: np.ndarray,
+    yx: np.ndarray,
+    pitch: float,
+    angle: float,
+    shape: tuple[int, int],
+) -> ImageFrame:
+    """``frame`` turned by ``angle`` so that lattice position ``(i, j)`` is pixel ``(i, j)`` of a grid of ``pitch``
+    with its origin at the frame's origin; the translation is the least-squares fit of the centres ``yx``."""
+    from dataclasses import replace
+
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    local = np.stack([(i + 0.5) * pitch, (j + 0.5) * pitch], 1)
+    shift = (yx - local @ rot.T).mean(0)
+    to_frame = np.eye(3)
+    to_frame[:2, :2], to_frame[:2, 2] = rot, shift
+    return replace(
+        frame,
+        to_cs=frame.to_cs @ to_frame,
+        to_image=frame.to_image @ to_frame,
+        shape=(shape[0] * pitch, shape[1] * pitch),
+    )
 
 
 def _centres_in_frame(sdata: sd.SpatialData, shapes_key: str, frame: ImageFrame) -> tuple[np.ndarray, Any]:
