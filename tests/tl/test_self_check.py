@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import spatialdata as sd
+from scipy.spatial import cKDTree
 
 import stsr
 from stsr.models.prior import SlidePrior
@@ -12,6 +13,7 @@ from stsr.observation import ObservationModel
 from stsr.tl._self_check import (
     calibrate_dispersion,
     gain_lower_bound,
+    lattice_angle,
     run_self_check,
     spot_groups,
     used_strength,
@@ -273,3 +275,38 @@ def test_pixel_factors_carry_a_score_against_spots_to_one_against_pixels():
         assert abs(np.mean(r_spots * fr) - np.mean(r_pixels)) < 0.03
         assert np.mean(r_spots) - np.mean(r_pixels) > 0.15  # the factors had work to do
     assert np.allclose(pixel_factors(pool(counts), groups, 1.0), 1.0)  # pixels as large as spots
+
+
+@pytest.mark.parametrize("angle", [0.0, 5.6, 30.0, -40.0])
+def test_spot_groups_lie_along_a_turned_lattice(angle):
+    """On a square lattice turned against the grid (a section registered into another's frame: HER2ST A2, 5.6
+    degrees) the groups are still 2 x 2 spots: the cells are laid along the lattice. A hexagonal lattice with rows
+    along x is read as unturned."""
+    n, pitch = 12, 10.0
+    t = np.radians(angle)
+    yy, xx = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    local = np.stack([yy.ravel(), xx.ravel()], 1) * pitch
+    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    centres = local @ rot.T + 100.0
+    op = ObservationModel.disks((250, 250), centres, 3.0)
+    groups = spot_groups(op)
+    assert np.bincount(groups).tolist() == [4] * 36
+    # each group is a 2 x 2 block of the lattice
+    for g in range(36):
+        members = local[groups == g] / pitch
+        assert np.ptp(members, 0).tolist() == [1.0, 1.0]
+    tree = cKDTree(centres)
+    assert np.degrees(lattice_angle(centres, tree, 4)) == pytest.approx((angle + 45) % 90 - 45, abs=1e-6)
+    hexagonal = np.array(
+        [
+            (i * pitch * np.sqrt(3) / 2, j * pitch + (pitch / 2 if i % 2 else 0))
+            for i in range(10)
+            for j in range(10)
+        ]
+    )
+    assert lattice_angle(hexagonal, cKDTree(hexagonal), 6) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_scattered_centres_have_no_lattice_angle():
+    centres = np.random.default_rng(0).uniform(0, 200, (300, 2))
+    assert lattice_angle(centres, cKDTree(centres), 4) == 0.0

@@ -82,6 +82,28 @@ def used_strength(checked: float, strengths: tuple[float, ...] = STRENGTHS) -> f
     return max(below) if below else nonzero[0]
 
 
+#: The groups' cells are laid along the spot lattice when its rotation against the grid moves a spot by more than
+#: this many pitches over the slide: then cells along the grid's axes would cut across the lattice's rows (HER2ST A2,
+#: registered into A1's frame, is turned by 5.6 degrees: 2.3 pitches). Below it they stay along the grid's axes: the
+#: nearest-neighbour estimate of the angle is off by about half a degree on the HER2ST lattices, whose steps along
+#: rows and columns are not quite at right angles (0.2-0.4 pitches on B4, C2, A1).
+TURNED_LATTICE = 0.5
+
+
+def lattice_angle(centres: np.ndarray, tree: Any, order: int) -> float:
+    """Rotation (radians, within ``+-pi / order``) of a lattice whose neighbours lie every ``2 pi / order`` (4:
+    square, 6: hexagonal), from the vectors to each centre's nearest neighbour (their ``order``-fold circular mean).
+    0 for a square lattice along the grid's axes and a hexagonal one with rows along x (Visium), and for centres
+    whose neighbours show no common orientation (resultant of the mean under 0.5: not a lattice)."""
+    _, idx = tree.query(centres, k=2)
+    d = centres[idx[:, 1]] - centres
+    theta = np.arctan2(d[:, 1], d[:, 0]) * order  # angle from the y axis, order-fold
+    if order == 6:
+        theta = theta - np.pi  # a hexagonal lattice's neighbour along x: 90 degrees, x 6 = pi
+    s, c = float(np.sin(theta).mean()), float(np.cos(theta).mean())
+    return float(np.arctan2(s, c) / order) if np.hypot(s, c) >= 0.5 else 0.0
+
+
 def spot_groups(observation: ObservationModel, size: int = 2) -> np.ndarray:
     """``(n_obs,)`` group of each spot: square cells of ``size x size`` spots on a square lattice, cells of the area
     of a hexagon of ``3 size^2 - 3 size + 1`` spots (7 for ``size=2``, 19 for 3) on a hexagonal one, laid from the
@@ -92,10 +114,16 @@ def spot_groups(observation: ObservationModel, size: int = 2) -> np.ndarray:
         return np.zeros(len(centres), np.int64)
     from scipy.spatial import cKDTree
 
-    neighbours = cKDTree(centres).query_ball_point(centres, 1.2 * pitch, return_length=True) - 1
+    tree = cKDTree(centres)
+    neighbours = tree.query_ball_point(centres, 1.2 * pitch, return_length=True) - 1
     hexagonal = float(np.median(neighbours)) >= 5
     n_hex = 3 * size * size - 3 * size + 1
     cell = pitch * (np.sqrt(n_hex * np.sqrt(3) / 2) if hexagonal else float(size))
+    angle = lattice_angle(centres, tree, 6 if hexagonal else 4)
+    if abs(np.sin(angle)) * float(np.ptp(centres, 0).max()) / pitch > TURNED_LATTICE:
+        # a lattice turned against the grid (a section registered into another's frame): cells along the lattice
+        rot = np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]])
+        centres = centres @ rot.T
     key = np.floor((centres - centres.min(0) + pitch / 2) / cell).astype(np.int64)
     _, groups = np.unique(key, axis=0, return_inverse=True)
     return groups.ravel().astype(np.int64)
