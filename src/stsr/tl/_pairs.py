@@ -109,8 +109,10 @@ def training_pair(
     hr_key
         HR truth raster (c = genes, y, x; counts per pixel) overlaying the image. Exclusive with ``table_key``.
     table_key
-        Spot table on a regular lattice (``obs["array_row"]``, ``obs["array_col"]``): the measured spots become the
-        HR truth, one HR pixel per lattice position; positions without a spot are masked out.
+        Spot table on a regular square lattice (``obs["array_row"]``, ``obs["array_col"]``): the measured spots
+        become the HR truth, one HR pixel per lattice position; positions without a spot are masked out. A lattice
+        turned against the image (a section registered into another's frame) is read along the lattice, the image
+        through the rotation.
     genes
         Genes to keep (default: all of the raster, or all of the table).
     factor
