@@ -67,10 +67,11 @@ def _red_under_pixels(pair) -> np.ndarray:
     return (centre[0] - centre[1] > 100) & (centre[0] - centre[2] > 100)
 
 
-@pytest.mark.parametrize("angle", [0.0, 1.0, 8.0, -30.0])
+@pytest.mark.parametrize("angle", [0.0, 1.0, 8.0, -30.0, 180.0])
 def test_each_spot_lies_on_its_own_image(angle):
     """The counts of spot (i, j) are HR pixel (i, j), and the image under that pixel is the image under the spot:
-    red under the marked spots only (a checkerboard of them), at any rotation of the lattice."""
+    red under the marked spots only (a checkerboard of them), at any rotation of the lattice (180 degrees: array_row
+    runs up the image)."""
     marked = (np.add.outer(np.arange(N), np.arange(N)) % 2) == 0
     sdata = _slide(angle, marked)
     pair = stsr.tl.training_pair(sdata, "he", table_key="table", factor=2, image_scale=5)

@@ -264,7 +264,7 @@ def _lattice(
     r0, c0 = ar.min(), ac.min()
     shape = (int(ar.max() - r0 + 1), int(ac.max() - c0 + 1))
     pitch, angle = _lattice_steps(ar, ac, yx, spots_key, image_key)
-    if abs(np.sin(angle)) * max(shape) <= LATTICE_ROTATION_TOL:
+    if np.cos(angle) > 0 and abs(np.sin(angle)) * max(shape) <= LATTICE_ROTATION_TOL:
         # least-squares fit: y = a * array_row + b, x = c * array_col + d (an axis-aligned square lattice)
         a, b = np.polyfit(ar, yx[:, 0], 1)
         c, d = np.polyfit(ac, yx[:, 1], 1)
@@ -303,7 +303,8 @@ def _lattice_steps(
     ortho = abs(float(step_r @ step_c)) / max(pr * pc, 1e-300)
     angle_r = float(np.arctan2(step_r[1], step_r[0]))
     angle_c = float(np.arctan2(-step_c[0], step_c[1]))
-    if not np.isclose(pr, pc, rtol=0.05) or pr <= 0 or ortho > 0.05 or abs(angle_r - angle_c) > 0.05:
+    turn = (angle_r - angle_c + np.pi) % (2 * np.pi) - np.pi  # 0 unless the lattice is mirrored (or sheared)
+    if not np.isclose(pr, pc, rtol=0.05) or pr <= 0 or ortho > 0.05 or abs(turn) > 0.05:
         raise ValueError(
             f"The spots of {spots_key!r} do not form a square lattice over image {image_key!r} (one array_row step "
             f"moves {np.round(step_r, 4).tolist()} and one array_col step {np.round(step_c, 4).tolist()} pixels "
@@ -311,7 +312,7 @@ def _lattice_steps(
             "array_col along x up to a rotation). Check the table's obs['array_row'] / obs['array_col'] and the "
             "spots' transformation."
         )
-    return (pr + pc) / 2, (angle_r + angle_c) / 2
+    return (pr + pc) / 2, angle_c + turn / 2
 
 
 def _lattice_frame(

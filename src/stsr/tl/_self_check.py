@@ -84,9 +84,9 @@ def used_strength(checked: float, strengths: tuple[float, ...] = STRENGTHS) -> f
 
 #: The groups' cells are laid along the spot lattice when its rotation against the grid moves a spot by more than
 #: this many pitches over the slide: then cells along the grid's axes would cut across the lattice's rows (HER2ST A2,
-#: registered into A1's frame, is turned by 5.6 degrees: 2.3 pitches). Below it they stay along the grid's axes: the
-#: nearest-neighbour estimate of the angle is off by about half a degree on the HER2ST lattices, whose steps along
-#: rows and columns are not quite at right angles (0.2-0.4 pitches on B4, C2, A1).
+#: registered into A1's frame, is turned by 5.6 degrees: about 2.4 pitches). Below it they stay along the grid's axes:
+#: the nearest-neighbour estimate of the angle is off by about half a degree on the HER2ST lattices, whose steps along
+#: rows and columns are not quite at right angles (0.22-0.29 pitches on the other sections).
 TURNED_LATTICE = 0.5
 
 
@@ -107,7 +107,7 @@ def lattice_angle(centres: np.ndarray, tree: Any, order: int) -> float:
 def spot_groups(observation: ObservationModel, size: int = 2) -> np.ndarray:
     """``(n_obs,)`` group of each spot: square cells of ``size x size`` spots on a square lattice, cells of the area
     of a hexagon of ``3 size^2 - 3 size + 1`` spots (7 for ``size=2``, 19 for 3) on a hexagonal one, laid from the
-    lattice's corner."""
+    lattice's corner, along the lattice when it is turned against the grid (:data:`TURNED_LATTICE`)."""
     centres = observation.centres
     pitch = observation.pitch()
     if len(centres) < 2:
