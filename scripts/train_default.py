@@ -13,6 +13,11 @@ groups of ``--weak-factors`` spots a side, the loss on the prediction pooled ove
 sections of one patient: train on C3-C6, validate on C2, test on A1, A2 and B4 (other patients). Other sections are
 held out for the benchmarks and for per-slide adaptation.
 
+With ``--semi-sections`` (e.g. ``C3 C4 C5 C6``), the same split's sections join as semi-synthetic pairs: their real
+H&E and spots with an expression field generated from their own nuclei and tissue classes
+(:func:`stsr.datasets.semi_synthetic`, ``--semi-seeds`` draws of genes per section), HR truth at the geometry
+``super_resolve`` uses, pooled over the real spots: pixel-level supervision on real histology.
+
 Usage::
 
     python scripts/train_default.py --steps 1500 --out src/stsr/models/weights/default --checkpoints runs/default
@@ -111,6 +116,29 @@ def weak_pairs(
     return out
 
 
+def semi_pairs(
+    sections: list[str], seeds: list[int], image_scale: int, n_genes: int = 30
+) -> list[stsr.models.TrainingPair]:
+    """HER2ST sections as semi-synthetic pairs: their H&E and spots, a field generated from their histology."""
+    out = []
+    for section in sections:
+        sdata = stsr.datasets.her2st(section)
+        for seed in seeds:
+            semi = stsr.datasets.semi_synthetic(sdata, "he", n_genes=n_genes, seed=seed)
+            spots_key = semi.attrs["stsr_semi_synthetic"]["spots_key"]
+            out.append(
+                stsr.tl.training_pair(
+                    semi,
+                    "he",
+                    hr_key="hr_truth",
+                    spots_key=spots_key,
+                    image_scale=image_scale,
+                    name=f"her2st-{section}-semi{seed}",
+                )
+            )
+    return out
+
+
 def copy_matching(src: torch.nn.Module, dst: torch.nn.Module, prefixes: tuple[str, ...]) -> int:
     """Copy the parameters and buffers under ``prefixes`` from ``src`` into ``dst`` where the shapes match."""
     theirs = src.state_dict()
@@ -123,13 +151,18 @@ def copy_matching(src: torch.nn.Module, dst: torch.nn.Module, prefixes: tuple[st
     return n
 
 
-def held_out(weak_sections: list[str]) -> str:
+def held_out(weak_sections: list[str], semi_sections: list[str] = ()) -> str:
     """The data card's line on what the weights never saw."""
-    if not weak_sections:
+    if not weak_sections and not semi_sections:
         return "HER2ST (all sections), Vizgen, Xenium"
+    how = []
+    if weak_sections:
+        how.append(f"HER2ST {' '.join(weak_sections)} (weak supervision by their spots)")
+    if semi_sections:
+        how.append(f"HER2ST {' '.join(semi_sections)} (semi-synthetic fields on their H&E)")
     return (
-        f"HER2ST {' '.join(weak_sections)} trained on (weak supervision by their spots); HER2ST C2 validation "
-        "(same patient), A1 A2 B4 test (other patients), Vizgen, Xenium never seen"
+        f"trained on {'; '.join(how)}; HER2ST C2 validation (same patient), A1 A2 B4 test (other patients), "
+        "Vizgen, Xenium never seen"
     )
 
 
@@ -150,7 +183,7 @@ def export_checkpoint(checkpoints: Path, out: Path, args: dict) -> None:
         )  # recorded by checkpoints since 2026-11-30; older ones held the default set
         or [f"synthetic-{s}" for s in SYNTHETIC_TRAIN_SEEDS] + ["dbit"],
         "validation_pairs": [f"synthetic-{SYNTHETIC_VAL_SEED}"],
-        "held_out": held_out(list(args.get("weak_sections") or [])),
+        "held_out": held_out(list(args.get("weak_sections") or []), list(args.get("semi_sections") or [])),
         "history": history,
     }
     model.save(out, name=args.get("name", "default"), training=recipe)
@@ -227,6 +260,17 @@ def main() -> None:
     )
     p.add_argument("--weak-genes", type=int, default=100, help="genes per weak pair (most variable)")
     p.add_argument(
+        "--semi-sections",
+        nargs="*",
+        default=[],
+        help="HER2ST sections added as semi-synthetic pairs (stsr.datasets.semi_synthetic; the same split as "
+        "--weak-sections)",
+    )
+    p.add_argument(
+        "--semi-seeds", type=int, nargs="+", default=[0], help="draws of genes per semi-synthetic section"
+    )
+    p.add_argument("--semi-genes", type=int, default=30, help="genes per semi-synthetic pair")
+    p.add_argument(
         "--no-dbit",
         action="store_true",
         help="leave out the DBiT-seq pair (its 50 x 50 lattice < a large tile)",
@@ -285,14 +329,15 @@ def main() -> None:
         pairs = pairs * max(1, args.synthetic_repeat)
         if not args.no_dbit:
             pairs += [dbit_pair(k, guide=g)]
-        held = {"C2", "A1", "A2", "B4"} & set(args.weak_sections)
+        held = {"C2", "A1", "A2", "B4"} & (set(args.weak_sections) | set(args.semi_sections))
         if held:
             p.error(
                 f"HER2ST {sorted(held)} are the validation / test sections; train on others (e.g. C3 C4 C5 C6)"
             )
-        if args.weak_sections and g:
-            p.error("--weak-sections and --guide do not combine")
+        if (args.weak_sections or args.semi_sections) and g:
+            p.error("--weak-sections / --semi-sections and --guide do not combine")
         pairs += weak_pairs(args.weak_sections, args.weak_factors, k, args.weak_genes)
+        pairs += semi_pairs(args.semi_sections, args.semi_seeds, k, args.semi_genes)
         validation = [synthetic_pair(SYNTHETIC_VAL_SEED, k, guide=g)]
     print(f"{len(pairs)} training pairs ready in {time.time() - t0:.0f} s", flush=True)
     if args.save_pairs is not None:
@@ -365,7 +410,7 @@ def main() -> None:
         "args": {k: str(v) for k, v in vars(args).items()},
         "train_pairs": [pp.name for pp in pairs],
         "validation_pairs": [v.name for v in validation],
-        "held_out": held_out(args.weak_sections),
+        "held_out": held_out(args.weak_sections, args.semi_sections),
         "wall_time_s": round(time.time() - t0),
         "steps": args.steps,
         "device": str(args.device),

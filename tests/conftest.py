@@ -52,6 +52,16 @@ def her2st_c2_crop(her2st_c2):
 
 
 @pytest.fixture(scope="session")
+def her2st_c2_semi(her2st_c2_crop):
+    """``(source, semi)``: a 1.5 mm square of HER2ST C2 and its semi-synthetic slide
+    (:func:`stsr.datasets.semi_synthetic`, 12 genes, seed 3)."""
+    from stsr.datasets import semi_synthetic
+
+    source = her2st_c2_crop(2400, 3900)
+    return source, semi_synthetic(source, "he", n_genes=12, seed=3)
+
+
+@pytest.fixture(scope="session")
 def vizgen(data_dir):
     """Vizgen MERFISH mouse-brain mini crop, plane z = 1."""
     from stsr.datasets._vizgen import vizgen_mouse_brain_mini

@@ -45,7 +45,9 @@ def _dotted_names(path: Path) -> set[str]:
     return {d for node in ast.walk(tree) if isinstance(node, ast.Attribute) and (d := dotted(node))}
 
 
-@pytest.mark.parametrize("script", ["accuracy.py", "native_resolution.py", "default_call.py"])
+@pytest.mark.parametrize(
+    "script", ["accuracy.py", "native_resolution.py", "default_call.py", "semi_synthetic.py"]
+)
 def test_benchmarks_run_the_public_functions(script):
     names = _dotted_names(BENCHMARKS / script)
     assert {"stsr.tl.prior_map", "stsr.tl.super_resolve"} <= names, script
@@ -172,3 +174,20 @@ def test_a_turned_section_is_resampled_along_its_lattice():
     assert grid.shape == (16, 23)  # array rows x columns of the section
     c2 = stsr.datasets.her2st("C2")
     assert A.lattice_aligned(c2, "he") is c2
+
+
+def test_semi_synthetic_scores_the_public_maps_on_the_truths_grid(her2st_c2_semi):
+    """The semi-synthetic benchmark reads the map a public call wrote on the truth's own pixels and scores it
+    against the generated field: the field scores 1, the spots' interpolation has no structure within the spots
+    that the prior map, reading the H&E, gives."""
+    import semi_synthetic as S
+
+    slide = S.Slide("C2 part", her2st_c2_semi[1])
+    perfect = slide.score(slide.truth)
+    assert perfect["r"] == pytest.approx(1.0) and perfect["within"] == pytest.approx(1.0)
+    interp = slide.score(slide.interpolation())
+    prior = slide.public(stsr.tl.prior_map)
+    assert prior.shape == slide.truth.shape
+    scored = slide.score(prior)
+    assert 0.3 < interp["r"] < 0.99 and scored["within"] > interp["within"] + 0.1, (interp, scored)
+    assert S.MAP_KEY not in slide.sdata  # the benchmark leaves the slide as it found it

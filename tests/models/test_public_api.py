@@ -77,6 +77,7 @@ BUILDING_BLOCKS = {
         "resolve_image_features",
         "DenseNetEncoder",
         "NucleiEncoder",
+        "NUCLEI_CHANNELS",
         "ModuleEncoder",
         "TEACHER_CHANNELS",
         "DenseNetTrunk",

@@ -8,6 +8,7 @@ from ._build import SPATIAL_META_KEY
 from ._dbit import dbit_mouse_embryo
 from ._fetch import REGISTRY, DataUnavailableError, cache_dir, data_path
 from ._her2st import HER2ST_SECTIONS, her2st
+from ._semi_synthetic import semi_synthetic
 from ._synthetic import synthetic
 from ._vizgen import vizgen_mouse_brain_mini
 from ._xenium import xenium_lung_tiny
@@ -19,6 +20,7 @@ __all__ = [
     "dbit_mouse_embryo",
     "xenium_lung_tiny",
     "synthetic",
+    "semi_synthetic",
     "data_path",
     "cache_dir",
     "REGISTRY",

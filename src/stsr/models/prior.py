@@ -10,7 +10,7 @@ the size of its features are here too.
 
 from __future__ import annotations
 
-from ._features import DenseNetEncoder, ModuleEncoder, NucleiEncoder, resolve_image_features
+from ._features import NUCLEI_CHANNELS, DenseNetEncoder, ModuleEncoder, NucleiEncoder, resolve_image_features
 from ._prior import (
     PRIOR_MAP_STRENGTH,
     RIDGE_ALPHAS,
@@ -49,6 +49,7 @@ __all__ = [
     "resolve_image_features",
     "DenseNetEncoder",
     "NucleiEncoder",
+    "NUCLEI_CHANNELS",
     "ModuleEncoder",
     "TEACHER_CHANNELS",
     "DenseNetTrunk",
