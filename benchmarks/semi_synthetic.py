@@ -180,7 +180,9 @@ def main(argv: list[str] | None = None) -> str:  # noqa: D103
         )
     lines += [
         "",
-        "What the default calls' self-checks chose (prior strength, diffusion residual; self-estimated r):",
+        "What the default calls' self-checks chose (prior strength, diffusion residual) and their provenance record "
+        "(its self-estimated r is of the map against the counts a pixel would hold, Poisson noise included, not "
+        "against the noise-free field scored above):",
         "",
     ]
     for s in args.sections:
