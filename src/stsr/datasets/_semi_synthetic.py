@@ -188,10 +188,14 @@ def semi_synthetic(
             f"semi_synthetic segments nuclei in an RGB H&E image; {image_key!r} has {channels} channel(s)."
         )
     table_key = find_spot_table(sdata, table_key)
+    from ..pp import select_genes
+
+    # the slide's own genes set the depth: its 50 most expressed, as super_resolve's default
+    real_genes = select_genes(check_element(sdata, table_key, "tables"), n_top=50)
     inputs = prepare_inputs(
         sdata,
         image_key,
-        None,
+        real_genes,
         table_key=table_key,
         pixel_size=pixel_size,
         coordinate_system=None,
