@@ -40,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import accuracy as A  # noqa: E402,F401  (sets STSR_DATA_DIR like the other benchmarks)
+import baselines as B  # noqa: E402
 
 import stsr  # noqa: E402
 from stsr.tl import _semantic_prior  # noqa: E402
@@ -192,11 +193,7 @@ def main(argv: list[str] | None = None) -> str:  # noqa: D103
                 f"- {s}, {lbl}: prior {rec.get('prior_strength')}, residual {rec.get('diffusion_residual')}"
                 + (f"; self-estimate {est}" if est else "")
             )
-    text = "\n".join(lines) + "\n"
-    if args.out is not None:
-        args.out.write_text(text, encoding="utf-8")
-    print(text)
-    return text
+    return B.publish("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .._constants import INSTANCE_KEY, RASTER_HR_TRUTH, REGION_KEY, TABLE
+from .._constants import RASTER_HR_TRUTH, TABLE
 
 __all__ = ["semi_synthetic"]
 
@@ -282,10 +282,6 @@ def semi_synthetic(
         obsm={key: np.asarray(val)[rows] for key, val in source.obsm.items()},
     )
     adata.uns[ATTRS_KEY] = dict(params)
-    if region_key != REGION_KEY or instance_key != INSTANCE_KEY:
-        log.debug(
-            "semi_synthetic keeps the source table's region / instance keys %r, %r", region_key, instance_key
-        )
     table = TableModel.parse(adata, region=spots_key, region_key=region_key, instance_key=instance_key)
     out = SpatialData(
         images={
