@@ -170,3 +170,21 @@ def test_count_split_gives_an_input_and_a_truth_with_independent_noise():
     assert not np.array_equal(D.count_split(case, seed=2).lr, split.lr)
     with pytest.raises(ValueError, match="not counts"):
         D.count_split(A.Case("rates", A._with(pair, hr=torch.from_numpy(hr + 0.5)), case.lr))
+
+
+def test_pit_factor_finds_the_dispersion_the_counts_were_drawn_with():
+    rng = np.random.default_rng(5)
+    phi = np.array([0.1, 0.3])
+    rates = rng.uniform(5.0, 60.0, (2, 50, 50))
+    n = (1.0 / phi)[:, None, None]
+    counts = rng.negative_binomial(n, n / (n + rates)).astype(float)
+    # the right phi needs no factor; a third of it needs about 3; twice it about a half
+    assert D.pit_factor(rates, phi, counts) == pytest.approx(1.0, rel=0.2)
+    assert D.pit_factor(rates, phi / 3, counts) == pytest.approx(3.0, rel=0.2)
+    assert D.pit_factor(rates, 2 * phi, counts) == pytest.approx(0.5, rel=0.2)
+    # at the factor found the coverage is nominal
+    c = D.pit_factor(rates, phi / 3, counts)
+    assert D.pit_covered(*D.nb_cdfs(rates, c * phi / 3, counts), 0.9).mean() == pytest.approx(0.9, abs=0.002)
+    # it is part of the coverage the report prints
+    cov = D.coverage(rates, phi / 3, counts, np.ones((50, 50), bool))
+    assert cov.pit_factor == pytest.approx(D.pit_factor(rates, phi / 3, counts))
