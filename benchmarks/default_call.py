@@ -648,7 +648,8 @@ def report(results: list[CaseResult], *, header: list[str], figure: Path | None,
         f"PIT coverage {MAIN_LEVEL:.0%} on this case (1: calibrated; above 1: the spread is too narrow; where "
         "most counts are 0 or 1 the coverage hardly moves with phi and the factor says little). The self-check "
         "calibrates phi on the spots predicted from groups of them and carries it unchanged one scale finer; "
-        "counting noise of each finer unit that averages out in the coarser ones (a nugget) is not seen there. "
+        "variation of each finer unit beyond counting noise that averages out in the coarser ones (a nugget) is not "
+        "seen there. "
         "The last column checks that the `_std` layer written is sqrt(phi) × map.",
         "",
         coverage_table(results),
