@@ -185,7 +185,8 @@ def semi_synthetic(
     channels = raster_levels(check_element(sdata, image_key, "images"))[0].shape[0]
     if channels != 3:
         raise ValueError(
-            f"semi_synthetic segments nuclei in an RGB H&E image; {image_key!r} has {channels} channel(s)."
+            f"semi_synthetic segments nuclei in an RGB H&E image; {image_key!r} has {channels} channel(s). "
+            "Pass the key of the slide's H&E (3 channels) as image_key."
         )
     table_key = find_spot_table(sdata, table_key)
     from ..pp import select_genes
@@ -242,7 +243,8 @@ def semi_synthetic(
     real = real[real > 0]
     if real.size == 0:
         raise ValueError(
-            f"Table {table_key!r} has no counts on the spots; semi_synthetic takes its depth from them."
+            f"Table {table_key!r} has no counts on the spots; semi_synthetic takes its depth from them. Pass "
+            "table_key= of the table that holds the spots' counts."
         )
     target = rng.choice(real, n_genes, replace=real.size < n_genes)
     pooled = op.pool(field)[:, measured].mean(1)
