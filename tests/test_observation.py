@@ -292,3 +292,41 @@ def test_expected_counts_cut_the_rate_error_at_low_depth_and_keep_it_at_high_dep
     y = rng.poisson(np.full((2, op.n_obs), 0.3))
     out = op.expected_counts(y)
     assert out.min() >= 0 and abs(out.sum() - y.sum()) < 0.1 * y.sum()
+
+
+def test_expected_counts_with_depth_follow_each_spots_capture():
+    """Spots whose capture (cells, efficiency) differs move all their genes together: with each spot's total count
+    of every gene as its size factor, the expected counts track the spot's rates, where the neighbours' densities
+    alone pull every spot toward the local mean."""
+    n, pitch = 14, 10.0
+    yy, xx = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    centres = np.stack([yy.ravel(), xx.ravel()], 1) * pitch + pitch / 2
+    op = ObservationModel.disks((n * pitch, n * pitch), centres, 4.0)
+    rng = np.random.default_rng(1)
+    capture = rng.lognormal(0.0, 0.5, op.n_obs)  # a factor common to all genes of a spot
+    n_genes = 300
+    smooth = 1.0 + 0.5 * np.sin(centres[:, 0] / 40.0 + rng.uniform(0, 6, (n_genes, 1)))
+    share = rng.dirichlet(np.ones(n_genes))[:, None]  # most genes low, a few high
+    rate = share * smooth * capture[None] * 3000.0
+    y = rng.poisson(rate).astype(float)
+    depth = y.sum(0)
+    genes = slice(0, 20)
+    plain = op.expected_counts(y[genes])
+    sized = op.expected_counts(y[genes], depth=depth)
+
+    def err(x: np.ndarray) -> float:
+        return float(np.sqrt(((x - rate[genes]) ** 2).mean()))
+
+    assert err(sized) < 0.8 * err(plain) and err(sized) < 0.8 * err(y[genes])
+    # a spot's own count of the gene is left out of its size factor: a gene alone in the table keeps the densities
+    one = y[:1]
+    np.testing.assert_allclose(op.expected_counts(one, depth=one[0]), op.expected_counts(one))
+    # the same capture everywhere: the size factors change little
+    flat = rng.poisson(share * smooth * 3000.0).astype(float)
+    a, b = op.expected_counts(flat[genes]), op.expected_counts(flat[genes], depth=flat.sum(0))
+    truth = (share * smooth * 3000.0)[genes]
+    assert np.sqrt(((b - truth) ** 2).mean()) <= 1.1 * np.sqrt(((a - truth) ** 2).mean())
+    with pytest.raises(ValueError, match="depth must be"):
+        op.expected_counts(y[genes], depth=depth[:-1])
+    with pytest.raises(ValueError, match="at least its count"):
+        op.expected_counts(y[genes], depth=y[0])

@@ -59,8 +59,8 @@ def test_output_overlays_image_and_reproduces_spot_counts(slide, model):
     counts = table[:, GENES].X
     counts = counts.toarray() if hasattr(counts, "toarray") else np.asarray(counts)
     pooled = op.pool(out.astype(np.float64))
-    empty = np.asarray(table.X.sum(1)).ravel() == 0  # spots without any count stay empty
-    want = op.expected_counts(counts.T, empty=empty)
+    totals = np.asarray(table.X.sum(1)).ravel()  # every gene's counts: the spots' size factors
+    want = op.expected_counts(counts.T, empty=totals == 0, depth=totals)  # spots without any count stay empty
     assert not np.allclose(want, counts.T)  # a low-count slide: the expected counts differ from the counts
     has = counts.T > 0
     np.testing.assert_allclose(pooled[has], want[has], rtol=1e-4)
@@ -98,10 +98,11 @@ def test_cache_interval_is_recorded_checked_and_keeps_the_spot_sums(slide, model
     grid = stsr.pp.hr_grid(cached_sdata, "he", 5.5)
     op = spots_observation_model(cached_sdata, "spots", grid, "he")
     counts = np.asarray(cached_sdata["table"][:, GENES].X.todense()).T
+    totals = np.asarray(cached_sdata["table"].X.sum(1)).ravel()  # the spots' size factors
     has = counts > 0
     np.testing.assert_allclose(
         op.pool(cached.astype(np.float64))[has],
-        op.expected_counts(counts, empty=np.asarray(cached_sdata["table"].X.sum(1)).ravel() == 0)[has],
+        op.expected_counts(counts, empty=totals == 0, depth=totals)[has],
         rtol=1e-4,
     )
     for bad in (0, 1.5):

@@ -163,10 +163,9 @@ def test_super_resolve_vizgen_pseudo_spots(crop, fluo_model):
     op = spots_observation_model(sdata, "pseudo_spots", grid, IMAGE)
     counts = sdata["pseudo_spots_table"][:, GENES].X.toarray().T.astype(float)
     pooled = op.pool(out.astype(np.float64))
-    empty = (
-        np.asarray(sdata["pseudo_spots_table"].X.sum(1)).ravel() == 0
-    )  # spots without any count stay empty
-    want = op.expected_counts(counts, empty=empty)  # the counts as Poisson draws (poisson=True, the default)
+    totals = np.asarray(sdata["pseudo_spots_table"].X.sum(1)).ravel()  # size factors; 0: the spot stays empty
+    # the counts as Poisson draws (poisson=True, the default)
+    want = op.expected_counts(counts, empty=totals == 0, depth=totals)
     has = counts > 0
     np.testing.assert_allclose(pooled[has], want[has], rtol=1e-4)
 

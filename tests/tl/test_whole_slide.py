@@ -60,8 +60,9 @@ def _check_whole_slide_map(sdata: sd.SpatialData, key: str) -> None:
     assert np.isfinite(out).all() and out.min() >= 0
     # consistency: pooled over each spot (stsr's own operator, on the element's grid), its expected count (the
     # counts as Poisson draws)
-    empty = np.asarray(sdata["table"].X.sum(1)).ravel() == 0  # spots without any count stay empty
-    np.testing.assert_allclose(op.pool(out), op.expected_counts(lr, empty=empty), rtol=1e-4, atol=1e-3)
+    totals = np.asarray(sdata["table"].X.sum(1)).ravel()  # size factors; 0: the spot stays empty
+    want = op.expected_counts(lr, empty=totals == 0, depth=totals)
+    np.testing.assert_allclose(op.pool(out), want, rtol=1e-4, atol=1e-3)
     # zero outside the measured area: nothing further than a spot pitch from every spot centre
     rr, cc = np.meshgrid(np.arange(grid.shape[0]) + 0.5, np.arange(grid.shape[1]) + 0.5, indexing="ij")
     dist, _ = tree.query(np.stack([rr.ravel(), cc.ravel()], 1))

@@ -93,13 +93,13 @@ class SlideInputs:
 
 def expected_inputs(inputs: SlideInputs) -> SlideInputs:
     """``inputs`` with each spot's expected count in place of its measured count
-    (:meth:`stsr.observation.ObservationModel.expected_counts`: counts as Poisson draws of the expression). Spots
-    without a count of any gene of the table (all of its genes, not only those mapped) are empty: they keep their
-    zeros."""
+    (:meth:`stsr.observation.ObservationModel.expected_counts`: counts as Poisson draws of the expression, each
+    spot's total count of every gene of the table its size factor). Spots without a count of any gene of the table
+    (all of its genes, not only those mapped) are empty: they keep their zeros."""
     from dataclasses import replace
 
-    empty = spot_totals(inputs.sdata, inputs.table_key, inputs.spots_key) <= 0
-    return replace(inputs, lr=inputs.observation.expected_counts(inputs.lr, empty=empty))
+    totals = spot_totals(inputs.sdata, inputs.table_key, inputs.spots_key)
+    return replace(inputs, lr=inputs.observation.expected_counts(inputs.lr, empty=totals <= 0, depth=totals))
 
 
 def spot_totals(sdata: sd.SpatialData, table_key: str, spots_key: str) -> np.ndarray:
