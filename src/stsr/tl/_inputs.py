@@ -91,6 +91,10 @@ class SlideInputs:
         return self.pixel_size * self.um_per_unit
 
 
+#: The provenance's ``counts`` of a map made from :func:`expected_inputs` (``poisson=True``).
+EXPECTED_COUNTS = "expected (poisson; each spot's total count its size factor)"
+
+
 def expected_inputs(inputs: SlideInputs) -> SlideInputs:
     """``inputs`` with each spot's expected count in place of its measured count
     (:meth:`stsr.observation.ObservationModel.expected_counts`: counts as Poisson draws of the expression, each

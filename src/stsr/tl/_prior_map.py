@@ -14,7 +14,7 @@ from ..models.prior import PRIOR_MAP_STRENGTH, check_strength
 from ..pp._transforms import raster_levels
 from ._cache import RunCache
 from ._image_tiles import ImageSource
-from ._inputs import SlideInputs, expected_inputs, prepare_inputs, teacher_image_scale
+from ._inputs import EXPECTED_COUNTS, SlideInputs, expected_inputs, prepare_inputs, teacher_image_scale
 from ._semantic_prior import SlidePrior, describe_features, slide_prior
 from ._super_resolve import _describe_tissue, _prior_map_array, _raster, resolve_device
 from ._write import add_elements, check_new_keys
@@ -184,7 +184,7 @@ def _write_map(
         "coordinate_system": inputs.coordinate_system,
         "prior_strength": strength,
         "tissue": tissue,
-        "counts": "expected (poisson)" if poisson else "measured",
+        "counts": EXPECTED_COUNTS if poisson else "measured",
         "image_scale": image_scale,
         "teacher_sha256": prior.teacher_hash,
         "image_features": describe_features(image_features),

@@ -20,7 +20,7 @@ from ..observation import ObservationModel
 from . import _semantic_prior
 from ._cache import RunCache
 from ._image_tiles import ImageSource
-from ._inputs import SlideInputs, expected_inputs, prepare_inputs, teacher_image_scale
+from ._inputs import EXPECTED_COUNTS, SlideInputs, expected_inputs, prepare_inputs, teacher_image_scale
 from ._store import TileStore, input_fingerprint
 from ._tile_job import TileJob, compute_tiles
 from ._tiling import TilePlan, assemble, fit_tiles, plan_tiles
@@ -273,7 +273,7 @@ def super_resolve(
         "overlap": overlap,
         "seed": seed,
         "tissue": _describe_tissue(tissue),
-        "counts": "expected (poisson)" if poisson else "measured",
+        "counts": EXPECTED_COUNTS if poisson else "measured",
         "stsr_version": __version__,
     }
     # the tiles do not depend on the prior or the self-check: a rerun with another prior resumes them
