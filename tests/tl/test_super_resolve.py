@@ -68,7 +68,9 @@ def test_output_overlays_image_and_reproduces_spot_counts(slide, model):
     measured, raw = _run(slide, model, poisson=False)
     np.testing.assert_allclose(op.pool(raw.astype(np.float64))[has], counts.T[has], rtol=1e-4)
     assert measured["stsr"].attrs["stsr"]["counts"] == "measured"
-    assert sdata["stsr"].attrs["stsr"]["counts"] == "expected (poisson; each spot's total count its size factor)"
+    assert (
+        sdata["stsr"].attrs["stsr"]["counts"] == "expected (poisson; each spot's total count its size factor)"
+    )
     # provenance
     prov = sdata["stsr"].attrs["stsr"]
     assert prov["genes"] == GENES and prov["steps"] == 2 and prov["stsr_version"] == stsr.__version__
