@@ -219,9 +219,8 @@ class ObservationModel:
         has = total > 0
         mu = np.where(has, (weights @ dens.T).T / np.where(has, total, 1.0), dens) * area[idx]
         if depth is not None:
-            others = np.clip(
-                depth[idx][None] - y[:, idx], 0.0, None
-            )  # (G, n): the spot's count of other genes
+            # (G, n): each observation's count of the other genes
+            others = np.clip(depth[idx][None] - y[:, idx], 0.0, None)
             near = (weights @ others.T).T
             per_count = (weights @ y[:, idx].T).T / np.where(near > 0, near, 1.0)
             mu = np.where(has[None] & (near > 0) & (others > 0), per_count * others, mu)
