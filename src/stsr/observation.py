@@ -215,25 +215,35 @@ class ObservationModel:
             shape=(n, n),
         ).tocsr()
         total = np.asarray(weights.sum(1)).ravel()
-        dens = y[:, idx] / area[idx]
         has = total > 0
-        mu = np.where(has, (weights @ dens.T).T / np.where(has, total, 1.0), dens) * area[idx]
+
+        def from_neighbours(v: np.ndarray) -> np.ndarray:
+            """``(G, n)`` each observation's count of ``v`` predicted by the neighbours' densities per pixel."""
+            dens = v / area[idx]
+            return np.where(has, (weights @ dens.T).T / np.where(has, total, 1.0), dens) * area[idx]
+
+        def posterior(v: np.ndarray, mu: np.ndarray) -> np.ndarray:
+            """The Gamma-Poisson posterior means of the counts ``v`` (G, n) under prior means ``mu``."""
+            resid = ((v - mu) ** 2 - mu).sum(1)
+            inv_kappa = np.clip(resid / np.maximum((mu**2).sum(1), 1e-12), 1e-6, None)[:, None]
+            # mu (kappa + y) / (kappa + mu), written with 1 / kappa so that kappa -> infinity stays finite
+            post = mu * (1 + inv_kappa * v) / (1 + inv_kappa * mu)
+            # robust to spots the neighbours do not describe (a tissue edge, a boundary between regions): the
+            # expected count stays within what the Poisson measurement allows, about two standard deviations of it
+            bound = 2.0 * np.sqrt(v + 1.0)
+            return np.where(has, np.clip(post, np.clip(v - bound, 0.0, None), v + bound), v)
+
+        mu = from_neighbours(y[:, idx])
         if depth is not None:
-            # (G, n): each observation's count of the other genes
+            # (G, n): each observation's count of the other genes, itself a Poisson count: where it is low (a few
+            # counts per spot, a small panel) it is taken as its expected count too, else a noisy size factor
             others = np.clip(depth[idx][None] - y[:, idx], 0.0, None)
+            others = posterior(others, from_neighbours(others))
             near = (weights @ others.T).T
             per_count = (weights @ y[:, idx].T).T / np.where(near > 0, near, 1.0)
             mu = np.where(has[None] & (near > 0) & (others > 0), per_count * others, mu)
-        resid = ((y[:, idx] - mu) ** 2 - mu).sum(1)
-        inv_kappa = np.clip(resid / np.maximum((mu**2).sum(1), 1e-12), 1e-6, None)[:, None]
         out = y.copy()
-        # mu (kappa + y) / (kappa + mu), written with 1 / kappa so that kappa -> infinity stays finite
-        post = mu * (1 + inv_kappa * y[:, idx]) / (1 + inv_kappa * mu)
-        # robust to spots the neighbours do not describe (a tissue edge, a boundary between regions): the expected
-        # count stays within what the Poisson measurement allows, about two standard deviations of it
-        bound = 2.0 * np.sqrt(y[:, idx] + 1.0)
-        post = np.clip(post, np.clip(y[:, idx] - bound, 0.0, None), y[:, idx] + bound)
-        out[:, idx] = np.where(has, post, y[:, idx])
+        out[:, idx] = posterior(y[:, idx], mu)
         return out
 
     def grouped(self, groups: np.ndarray) -> ObservationModel:
