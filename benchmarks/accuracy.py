@@ -135,6 +135,9 @@ class Case:
     notes: list[str] = field(default_factory=list)
     teacher_image: np.ndarray | None = None  # the same grid's image at about TEACHER_UM_PER_PX, for the prior
     slide: Slide | None = None  # needed by the public-function rows (case_sdata)
+    #: ``(h, w)`` count of every other gene of the source (those the case does not score) per truth pixel: the
+    #: user's table holds them (:func:`case_sdata` pools them into one column), so each bin has a user's total count
+    others: np.ndarray | None = None
 
     @property
     def mask(self) -> np.ndarray:
@@ -211,6 +214,7 @@ def whole_blocks(case: Case) -> Case:
         observation=ObservationModel.blocks((h, w), f),
         mask=pair.mask[:h, :w] if pair.mask is not None else None,
     )
+    others = None if case.others is None else case.others[:h, :w]
     teacher = case.teacher_image
     if teacher is not None:
         kt = teacher.shape[-1] // w0
@@ -228,7 +232,33 @@ def whole_blocks(case: Case) -> Case:
         notes=list(case.notes),
         teacher_image=teacher,
         slide=slide,
+        others=others,
     )
+
+
+#: The column of a case's table (:func:`case_sdata`) that holds each bin's count of every gene it does not score.
+OTHER_GENES = "other genes"
+
+
+def table_others(sdata: Any, image_key: str, genes: list[str], **kw: Any) -> np.ndarray:
+    """``(h, w)``: the count of every gene of the table but ``genes`` per pixel of the truth's grid that
+    :func:`stsr.tl.training_pair` builds with ``kw`` (``table_key``, ``factor``, ...) -- the pair of a table with one
+    column, the row sums of the others."""
+    from scipy import sparse
+
+    key = kw.get("table_key", "table")
+    table = sdata[key]
+    x = sparse.csr_matrix(table.X)
+    own = np.asarray(x[:, table.var_names.get_indexer(genes)].sum(1)).ravel()
+    one = table[:, :1].copy()
+    one.X = sparse.csr_matrix((np.asarray(x.sum(1)).ravel() - own)[:, None].astype(np.float32))
+    one.var_names = [OTHER_GENES]
+    try:
+        sdata.tables[key] = one
+        pair = stsr.tl.training_pair(sdata, image_key, image_scale=1, genes=[OTHER_GENES], **kw)
+    finally:
+        sdata.tables[key] = table
+    return pair.hr[0].double().numpy()
 
 
 def lattice_grid(sdata: Any, image_key: str, genes: list[str], table_key: str = "table") -> Grid:
@@ -340,6 +370,7 @@ def her2st_case(
     genes = stsr.pp.select_genes(sdata["table"], n_top=n_genes)
     kw = {"table_key": "table", "genes": genes, "factor": 2, "name": f"HER2ST {section}"}
     pair = stsr.tl.training_pair(sdata, "he", image_scale=k, **kw)
+    others = table_others(sdata, "he", genes, **{n: v for n, v in kw.items() if n != "genes"})
     grid = lattice_grid(sdata, "he", genes)
     native = native_teacher_scale(sdata, "he", 200.0) if teacher_native else None
     scale = _teacher_k(public, grid.pixel_size * image_um_per_px(sdata, "he"), 200.0, native)
@@ -350,6 +381,7 @@ def her2st_case(
         B.pair_lr(pair),
         teacher_image=teacher,
         slide=Slide(sdata, "he", grid, lattice=True),
+        others=others,
     )
     return whole_blocks(case) if public else case
 
@@ -369,6 +401,7 @@ def dbit_cases(
         kw = {"table_key": "table", "genes": genes, "factor": f, "name": f"DBiT x{f}"}
         pair = stsr.tl.training_pair(sdata, "brightfield", image_scale=k, **kw)
         teacher = stsr.tl.training_pair(sdata, "brightfield", image_scale=scale, **kw).image
+        others = table_others(sdata, "brightfield", genes, **{n: v for n, v in kw.items() if n != "genes"})
         case = Case(
             f"DBiT-seq (x{f})",
             pair,
@@ -376,6 +409,7 @@ def dbit_cases(
             seen_by_default=True,
             teacher_image=teacher.numpy(),
             slide=Slide(sdata, "brightfield", grid, lattice=True),
+            others=others,
         )
         out.append(whole_blocks(case) if public else case)
     return out
@@ -388,6 +422,8 @@ def vizgen_cases(
     sdata = stsr.datasets.vizgen_mouse_brain_mini()
     counts = sdata["transcripts"]["gene"].compute().value_counts()
     genes = [str(g) for g in counts.index[:n_genes]]
+    # the panel's other genes (not its blank barcodes): the user's table of the bins holds them
+    rest = [str(g) for g in counts.index[n_genes:] if not str(g).startswith("Blank")]
     out = []
     for size, f in pixels:
         key = f"hr_{size:g}um"
@@ -400,6 +436,13 @@ def vizgen_cases(
         pair = _with(pair, image=torch.as_tensor(B.fluorescence_to_he(pair.image.numpy())))
         scale = _teacher_k(public, grid.pixel_size * image_um_per_px(sdata, "morphology"), size)
         teacher = stsr.tl.training_pair(sdata, "morphology", image_scale=scale, **kw).image
+        stsr.pp.bin_transcripts(
+            sdata, "transcripts", size, genes=rest, image_key="morphology", key_added=f"{key}_rest"
+        )
+        rest_kw = {**kw, "hr_key": f"{key}_rest", "genes": rest}
+        others = (
+            stsr.tl.training_pair(sdata, "morphology", image_scale=1, **rest_kw).hr.double().numpy().sum(0)
+        )
         case = Case(
             f"Vizgen {size:g} µm (x{f})",
             pair,
@@ -407,6 +450,7 @@ def vizgen_cases(
             notes=["image: DAPI/polyT as virtual H&E (DAPI = haematoxylin, polyT = eosin)"],
             teacher_image=B.fluorescence_to_he(teacher.numpy()),
             slide=Slide(sdata, "morphology", grid, virtual_he=True),
+            others=others,
         )
         out.append(whole_blocks(case) if public else case)
     return out
@@ -421,6 +465,9 @@ def synthetic_case(size_um: float, n_genes: int, k: int, factor: int = 4, *, pub
     rng = np.random.default_rng(SYNTHETIC_EVAL_SEED)
     expected = pair.hr.double().numpy()[:n_genes]
     counts = rng.poisson(expected).astype(np.float32)
+    others = (
+        rng.poisson(pair.hr.double().numpy()[n_genes:]).sum(0).astype(np.float64)
+    )  # the slide's other genes
     pair = _with(pair, hr=counts, genes=pair.genes[:n_genes], name="synthetic")
     scale = _teacher_k(public, grid.pixel_size * image_um_per_px(sdata, "he"), 5.5)
     teacher = stsr.tl.training_pair(sdata, "he", hr_key="hr_truth", factor=factor, image_scale=scale)
@@ -431,6 +478,7 @@ def synthetic_case(size_um: float, n_genes: int, k: int, factor: int = 4, *, pub
         notes=["truth: Poisson counts of the known field (seed 42)"],
         teacher_image=teacher.image.numpy(),
         slide=Slide(sdata, "he", grid),
+        others=others,
     )
     return whole_blocks(case) if public else case
 
@@ -531,7 +579,9 @@ def _virtual_he_element(element: Any) -> Any:
 def case_sdata(case: Case, margin: int = 0) -> UserSlide:
     """The case as a user's slide: a SpatialData with the image, the LR blocks as a shapes element of square bins,
     and a table of their counts annotating them (raw integer counts in ``X``, ``array_row``/``array_col`` the
-    block's lattice position); nothing of the truth but its pooling.
+    block's lattice position); nothing of the truth but its pooling. The table holds the scored genes and, where the
+    case has them (``Case.others``), one more column :data:`OTHER_GENES` with each bin's count of the source's other
+    genes, so that a bin's total count (a spot's size factor for ``poisson=True``) is what a user's table gives.
 
     The bins are squares in the image's intrinsic pixel frame and get the image's transformations, so that they lie
     on the truth's blocks exactly (the lattice was fitted in that frame). On a spot lattice (``Slide.lattice``),
@@ -592,6 +642,10 @@ def case_sdata(case: Case, margin: int = 0) -> UserSlide:
     counts = np.rint(case.lr[:, keep].T)
     if not np.allclose(counts, case.lr[:, keep].T, atol=1e-3):
         raise ValueError(f"Case {case.name!r}: the LR input is not integer counts.")
+    names = list(case.pair.genes)
+    if case.others is not None:  # one more column: each bin's count of the source's other genes
+        counts = np.concatenate([counts, np.rint(op.pool(case.others[None])[0][keep])[:, None]], axis=1)
+        names.append(OTHER_GENES)
     obs = pd.DataFrame(
         {
             "region": pd.Categorical([SLIDE_BINS] * len(keep), categories=[SLIDE_BINS]),
@@ -604,7 +658,7 @@ def case_sdata(case: Case, margin: int = 0) -> UserSlide:
     table = ad.AnnData(
         X=sparse.csr_matrix(counts.astype(np.float32)),
         obs=obs,
-        var=pd.DataFrame(index=pd.Index(list(case.pair.genes), dtype=str)),
+        var=pd.DataFrame(index=pd.Index(names, dtype=str)),
     )
     table = TableModel.parse(table, region=SLIDE_BINS, region_key="region", instance_key="instance_id")
     sdata = sd.SpatialData(

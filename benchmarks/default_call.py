@@ -292,11 +292,17 @@ def count_split(case: A.Case, seed: int = 0) -> A.Case:
     half = rng.binomial(np.rint(hr).astype(np.int64), 0.5)
     other = np.rint(hr).astype(np.int64) - half
     op = case.pair.observation
+    others = case.others
+    if others is not None:  # the input's other genes come from the same half (their own thinning)
+        others = (
+            np.random.default_rng([seed, 1]).binomial(np.rint(others).astype(np.int64), 0.5).astype(float)
+        )
     return replace(
         case,
         name=f"{case.name}, split",
         pair=A._with(case.pair, hr=torch.from_numpy(other.astype(np.float32))),
         lr=op.pool(half.astype(np.float64)),
+        others=others,
     )
 
 

@@ -65,7 +65,13 @@ def test_prior_map_of_a_case_slide_is_the_element_it_wrote(tiny_model):
     table = user.sdata["table"]
     assert user.n_bins == table.n_obs and user.image_key in user.sdata.images
     ids = table.obs["instance_id"].to_numpy()
-    np.testing.assert_array_equal(table.X.toarray().T, case.lr[:, ids])  # the LR input, nothing of the truth
+    x = table.X.toarray().T
+    assert list(table.var_names) == [*case.pair.genes, A.OTHER_GENES]
+    np.testing.assert_array_equal(x[:3], case.lr[:, ids])  # the LR input, nothing of the truth
+    # and each bin's count of the slide's other genes (its total is a user's table's): pooled from the case's own
+    others = case.pair.observation.pool(case.others[None])[0][ids]
+    np.testing.assert_array_equal(x[3], np.rint(others))
+    assert x[3].sum() > x[:3].sum()  # 27 more genes of the synthetic slide
 
     stsr.tl.prior_map(user.sdata, user.image_key, user.genes, pixel_size=user.pixel_size, progress=False)
     element = np.asarray(A._level0(user.sdata["stsr_prior"]).data)
@@ -80,9 +86,10 @@ def test_prior_map_of_a_case_slide_is_the_element_it_wrote(tiny_model):
     # on the truth's grid: pooled over the case's blocks, it gives back every block's expected count (the counts as
     # Poisson draws, the default)
     op = case.pair.observation
+    depth = case.lr.sum(0) + op.pool(case.others[None])[0]  # every gene's count of each bin: its size factor
     np.testing.assert_allclose(
         op.pool(pred),
-        op.expected_counts(case.lr, empty=case.lr.sum(0) == 0, depth=case.lr.sum(0)),
+        op.expected_counts(case.lr, empty=depth == 0, depth=depth),
         rtol=1e-4,
         atol=1e-3,
     )
@@ -102,7 +109,7 @@ def test_prior_map_of_a_case_slide_is_the_element_it_wrote(tiny_model):
     assert sampled.shape == (3, h, w) and "stsr" not in user.sdata
     np.testing.assert_allclose(
         op.pool(sampled),
-        op.expected_counts(case.lr, empty=case.lr.sum(0) == 0, depth=case.lr.sum(0)),
+        op.expected_counts(case.lr, empty=depth == 0, depth=depth),
         rtol=1e-3,
         atol=1e-2,
     )
