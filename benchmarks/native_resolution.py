@@ -133,7 +133,8 @@ class Section:
         m = np.linalg.inv(A._affine_yx(image)) @ A._affine_yx(u.sdata[A.SLIDE_BINS])
         local = Grid(grid.shape, grid.pixel_size, tuple(m[:2, :2] @ np.asarray(grid.origin) + m[:2, 2]))
         bins = stsr.pp.spots_observation_model(u.sdata, A.SLIDE_BINS, local, u.image_key)
-        lr = np.asarray(u.sdata[A.SLIDE_TABLE].X.toarray().T, np.float64)  # rows: the bins, in order
+        # rows: the bins, in order; the scored genes (the table also holds the bins' count of the other genes)
+        lr = np.asarray(u.sdata[A.SLIDE_TABLE][:, u.genes].X.toarray().T, np.float64)
         return bins.project(bins.interpolate(lr), lr, mode="multiplicative")
 
 

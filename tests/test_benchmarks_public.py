@@ -153,6 +153,27 @@ def test_native_resolution_reports_what_each_default_call_chose():
     assert N.choice_lines({"C2": {}, "C3": {}}) == []  # no default call run: no table
 
 
+def test_native_fine_interpolation_maps_the_scored_genes_and_keeps_each_bins_count():
+    """The user's table also holds the bins' count of the other genes; the fine interpolation maps the scored genes
+    only, each bin's pooled map is its count, and the map pools onto the measured spots' lattice."""
+    import native_resolution as N
+
+    sec = N.Section("C2", 3, 4, 40.0)
+    u = sec.user
+    assert A.OTHER_GENES in u.sdata[A.SLIDE_TABLE].var_names and A.OTHER_GENES not in u.genes
+    g = N.element_grid(u.sdata, u.image_key, A.SLIDE_BINS)  # the image's pixels, 32 to a grid pixel
+    grid = N.Grid((g.shape[0] // 32, g.shape[1] // 32), g.pixel_size * 32, g.origin)
+    fine = sec.fine_interpolation(grid)
+    assert fine.shape == (3, *grid.shape)
+    image = A._level0(u.sdata[u.image_key])
+    m = np.linalg.inv(A._affine_yx(image)) @ A._affine_yx(u.sdata[A.SLIDE_BINS])
+    local = N.Grid(grid.shape, grid.pixel_size, tuple(m[:2, :2] @ np.asarray(grid.origin) + m[:2, 2]))
+    bins = stsr.pp.spots_observation_model(u.sdata, A.SLIDE_BINS, local, u.image_key)
+    counts = u.sdata[A.SLIDE_TABLE][:, u.genes].X.toarray().T
+    np.testing.assert_allclose(bins.pool(fine), counts, rtol=1e-6, atol=1e-6)
+    assert sec.on_lattice(fine, grid).shape == sec.case.pair.hr.shape
+
+
 def _lattice_misfit(sdata) -> float:
     """Mean distance (in pitches) of the spot centres from the lattice fitted along the image's axes."""
     from stsr.tl import _pairs
