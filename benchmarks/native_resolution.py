@@ -124,17 +124,25 @@ class Section:
                 if key in u.sdata:
                     del u.sdata[key]
 
-    def fine_interpolation(self, grid: Grid) -> np.ndarray:
-        """The bins' densities interpolated onto ``grid`` (frame of the dataset's image) and projected onto the bin
-        sums (in memory; the bins' operator from :func:`stsr.pp.spots_observation_model`)."""
+    def bins_operator(self, grid: Grid) -> Any:
+        """The user's bins on ``grid`` (frame of the dataset's image), from :func:`stsr.pp.spots_observation_model`."""
         u = self.user
         image = A._level0(u.sdata[u.image_key])
         # the same pixels in the frame of the slide's (cropped) image
         m = np.linalg.inv(A._affine_yx(image)) @ A._affine_yx(u.sdata[A.SLIDE_BINS])
         local = Grid(grid.shape, grid.pixel_size, tuple(m[:2, :2] @ np.asarray(grid.origin) + m[:2, 2]))
-        bins = stsr.pp.spots_observation_model(u.sdata, A.SLIDE_BINS, local, u.image_key)
-        # rows: the bins, in order; the scored genes (the table also holds the bins' count of the other genes)
-        lr = np.asarray(u.sdata[A.SLIDE_TABLE][:, u.genes].X.toarray().T, np.float64)
+        return stsr.pp.spots_observation_model(u.sdata, A.SLIDE_BINS, local, u.image_key)
+
+    def bin_counts(self) -> np.ndarray:
+        """``(genes, bins)`` the bins' counts of the scored genes, in the bins' order (the table also holds each
+        bin's count of the other genes)."""
+        u = self.user
+        return np.asarray(u.sdata[A.SLIDE_TABLE][:, u.genes].X.toarray().T, np.float64)
+
+    def fine_interpolation(self, grid: Grid) -> np.ndarray:
+        """The bins' densities interpolated onto ``grid`` (frame of the dataset's image) and projected onto the bin
+        sums (in memory; :meth:`bins_operator`)."""
+        bins, lr = self.bins_operator(grid), self.bin_counts()
         return bins.project(bins.interpolate(lr), lr, mode="multiplicative")
 
 

@@ -165,12 +165,8 @@ def test_native_fine_interpolation_maps_the_scored_genes_and_keeps_each_bins_cou
     grid = N.Grid((g.shape[0] // 32, g.shape[1] // 32), g.pixel_size * 32, g.origin)
     fine = sec.fine_interpolation(grid)
     assert fine.shape == (3, *grid.shape)
-    image = A._level0(u.sdata[u.image_key])
-    m = np.linalg.inv(A._affine_yx(image)) @ A._affine_yx(u.sdata[A.SLIDE_BINS])
-    local = N.Grid(grid.shape, grid.pixel_size, tuple(m[:2, :2] @ np.asarray(grid.origin) + m[:2, 2]))
-    bins = stsr.pp.spots_observation_model(u.sdata, A.SLIDE_BINS, local, u.image_key)
     counts = u.sdata[A.SLIDE_TABLE][:, u.genes].X.toarray().T
-    np.testing.assert_allclose(bins.pool(fine), counts, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(sec.bins_operator(grid).pool(fine), counts, rtol=1e-6, atol=1e-6)
     assert sec.on_lattice(fine, grid).shape == sec.case.pair.hr.shape
 
 
