@@ -13,7 +13,9 @@ sys.path.insert(0, str(BENCHMARKS))
 import capture_dispersion as C  # noqa: E402
 
 
-def _lattice(capture_sd: float, seed: int = 0, shape: tuple[int, int] = (40, 40)) -> tuple[np.ndarray, np.ndarray]:
+def _lattice(
+    capture_sd: float, seed: int = 0, shape: tuple[int, int] = (40, 40)
+) -> tuple[np.ndarray, np.ndarray]:
     """Genes whose rate is one share of each spot's capture (log-normal with ``capture_sd``): spots differ inside a
     block only by their capture and counting noise; the totals add 2000 counts of other genes per unit capture."""
     rng = np.random.default_rng(seed)

@@ -156,6 +156,50 @@ def test_prior_map_into_a_copy_and_in_place(store, tmp_path, capsys):
     assert "overwrite" in capsys.readouterr().err
 
 
+def test_both_commands_take_the_image_features_and_the_device(store, weights, tmp_path, capsys):
+    """``--image-features`` reaches the prior as the library's ``image_features=`` (one name, or a list), and the
+    map is the library call's; ``prior-map`` also takes ``--device``."""
+    reference = sd.read_zarr(store)  # before the command line adds anything
+    base = [
+        "prior-map",
+        str(store),
+        "--image-key",
+        "he",
+        "--genes",
+        "gene_000",
+        "gene_001",
+        "--device",
+        "cpu",
+        "-q",
+    ]
+    assert main(base + ["--key-added", "dense"]) == 0
+    assert main(base + ["--key-added", "nuc", "--image-features", "nuclei"]) == 0
+    assert main(base + ["--key-added", "both", "--image-features", "densenet121", "nuclei"]) == 0
+    before = snapshot(store)
+    assert main(base + ["--key-added", "bad", "--image-features", "nuclei", "emb"]) == 2  # no such element
+    assert_one_line_error(capsys.readouterr().err, "'emb' is neither a built-in encoder")
+    assert snapshot(store) == before
+    back = sd.read_zarr(store)
+    record = back.attrs["stsr"]
+    assert record["dense"]["image_features"] == "densenet121"
+    assert record["nuc"]["image_features"] == "nuclei"
+    assert record["both"]["image_features"] == ["densenet121", "nuclei"]
+    stsr.tl.prior_map(reference, "he", ["gene_000", "gene_001"], image_features="nuclei", progress=False)
+    nuclei_map = _values(back, "nuc")
+    np.testing.assert_allclose(nuclei_map, _values(reference, "stsr_prior"), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(nuclei_map, _values(back, "dense"), rtol=1e-3)  # the features change the map
+    out = tmp_path / "sr.zarr"
+    argv = ["super-resolve", str(store), "--image-key", "he", "--genes", "gene_000", "--model", str(weights),
+            "--steps", "1", "--tile-size", "32", "--overlap", "8", "--no-self-check", "--image-features", "nuclei",
+            "--out", str(out), "-q"]  # fmt: skip
+    assert main(argv) == 0
+    assert sd.read_zarr(out).attrs["stsr"]["stsr"]["image_features"] == "nuclei"
+
+
+def _values(sdata, key: str) -> np.ndarray:
+    return np.asarray(sdata[key]["scale0"]["image"].values)
+
+
 # ------------------------------------------------------------------------------------------------- user errors
 USER_ERRORS = {
     # id: (command line after the input store, a fragment of the message)
@@ -173,6 +217,7 @@ USER_ERRORS = {
     "key-added hidden": (["--key-added", ".hidden"], "start with '.'"),
     "key-added dunder": (["--key-added", "__x"], "cannot start with '__'"),
     "unknown device": (["--device", "gpu"], "--device 'gpu'"),
+    "image features without the prior": (["--image-features", "nuclei"], "the prior is off"),
     "out inside the input": (["--out", "{store}/copy.zarr"], "inside the input store"),
     "missing image key": (["--no-image-key"], "required: --image-key"),
 }

@@ -280,9 +280,18 @@ def _report(target: Path, key: str, sdata: Any) -> None:
     print(text)
 
 
+def _image_features(args: argparse.Namespace) -> Any:
+    """``image_features=`` of the library call: its default, one name or key, or the list of them."""
+    names = args.image_features
+    if not names:
+        return "densenet121"
+    return names[0] if len(names) == 1 else list(names)
+
+
 # ---------------------------------------------------------------------------------------------------- commands
 def _prior_map(args: argparse.Namespace) -> int:
     _check_slide_args(args)
+    _check_device(args.device)
     with _target_store(args) as target:
         import spatialdata as sd
 
@@ -304,6 +313,8 @@ def _prior_map(args: argparse.Namespace) -> int:
             tissue=args.tissue,
             integer_counts=not args.non_integer_counts,
             poisson=not args.measured_counts,
+            device=args.device,
+            image_features=_image_features(args),
             progress=not args.quiet,
             **options,
         )
@@ -335,6 +346,7 @@ def _super_resolve(args: argparse.Namespace) -> int:
             semantic_prior=not args.no_semantic_prior,
             prior_strength=args.prior_strength,
             self_check=not args.no_self_check,
+            image_features=_image_features(args),
             tile_size=args.tile_size,
             overlap=args.overlap,
             batch_size=args.batch_size,
@@ -431,6 +443,18 @@ def _slide_options(p: argparse.ArgumentParser, key_added: str, verb: str) -> Non
         help="the map pools to every spot's measured count exactly (default: to its expected count, the counts "
         "treated as Poisson draws)",
     )
+    p.add_argument(
+        "--image-features",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="what the semantic prior reads from the image: 'densenet121', 'nuclei' (nuclear morphology, no "
+        "weights), the key of an image element of precomputed embeddings in INPUT, or several of these "
+        "(concatenated; docs/image_features.md); default: densenet121",
+    )
+    p.add_argument(
+        "--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', ..."
+    )
     p.add_argument("--key-added", default=key_added, help="name of the new image element")
     p.add_argument("--overwrite", action="store_true", help="replace an existing element named --key-added")
     p.add_argument(
@@ -519,9 +543,6 @@ def _parser() -> argparse.ArgumentParser:
         type=_int_at_least(1),
         default=None,
         help="tiles per model batch (default: 1 on a CPU, 8 on a GPU)",
-    )
-    sr.add_argument(
-        "--device", default="auto", help="'auto' (cuda when present, else cpu), 'cpu', 'cuda', ..."
     )
     sr.add_argument("--seed", type=int, default=0, help="seed of the noise field")
     _common(sr)

@@ -76,7 +76,7 @@ def test_embeddings_clear_errors():
     bad[0, 2, 3] = np.nan
     with pytest.raises(ValueError, match="1 NaN"):
         EmbeddingSource.from_sdata(_sdata(bad), "emb", grid, "global", image_key="he")
-    with pytest.raises(KeyError, match="No image element 'embx'"):
+    with pytest.raises(KeyError, match="neither a built-in encoder.*No image element 'embx'"):
         EmbeddingSource.from_sdata(_sdata(emb), "embx", grid, "global", image_key="he")
     with pytest.raises(ValueError, match="has 3 channels, but 1024"):
         EmbeddingSource.from_sdata(_sdata(emb), "emb", grid, "global", image_key="he", n_channels=1024)

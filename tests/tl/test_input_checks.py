@@ -194,6 +194,28 @@ def test_float_image_of_unknown_scale_is_refused(slide, tiny_model, no_heavy_wor
     _refused_by_both(_with_image(slide, convert), tiny_model, match)
 
 
+# ------------------------------------------------------------------------------------------ image features
+def test_image_features_without_the_prior_and_unknown_features_are_refused(slide, tiny_model, no_heavy_work):
+    """``image_features`` is read by the semantic prior only: asking for it with the prior off is a contradiction,
+    refused before any work instead of being ignored; a name that is neither an encoder nor an element is named."""
+    sdata = sd.deepcopy(slide)
+    before = _state(sdata)
+    with pytest.raises(
+        ValueError, match=r"image_features='nuclei' is what the semantic prior reads.*prior is off"
+    ):
+        stsr.tl.super_resolve(sdata, "he", GENES, model=tiny_model, image_features="nuclei", **FAST)
+    _assert_unchanged(sdata, before)
+
+
+def test_unknown_image_features_name_the_encoders_and_the_elements(slide):
+    sdata = sd.deepcopy(slide)
+    before = _state(sdata)
+    with pytest.raises(KeyError, match=r"'densenet' is neither a built-in encoder \('densenet121', 'nuclei'\).*"
+                       r"Available images: 'he'"):  # fmt: skip
+        stsr.tl.prior_map(sdata, "he", GENES, image_features="densenet", progress=False)
+    _assert_unchanged(sdata, before)
+
+
 # ------------------------------------------------------------------------------------------ one row per spot
 def test_duplicated_spot_ids_are_refused(slide, tiny_model, no_heavy_work):
     sdata = sd.deepcopy(slide)

@@ -143,7 +143,13 @@ class EmbeddingSource:
             overlap with the grid, or less than :data:`MIN_TISSUE_COVERAGE` of the tissue covered (saying how much and
             where each lies).
         """
-        element = check_element(sdata, key, "images")
+        try:
+            element = check_element(sdata, key, "images")
+        except KeyError as err:
+            raise KeyError(
+                f"image_features {key!r} is neither a built-in encoder ('densenet121', 'nuclei') nor an element of "
+                f"precomputed embeddings: {err.args[0]}"
+            ) from None
         if interpolation not in ("nearest", "bilinear"):
             raise ValueError(f"interpolation must be 'nearest' or 'bilinear', got {interpolation!r}.")
         cs = shared_coordinate_system(sdata, [key], coordinate_system, names="embedding image")

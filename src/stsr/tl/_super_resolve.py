@@ -211,6 +211,12 @@ def super_resolve(
         from ..pp._transforms import raster_levels
 
         semantic_prior = raster_levels(check_element(sdata, image_key, "images"))[0].shape[0] in (1, 3)
+    if not semantic_prior and not (isinstance(image_features, str) and image_features == "densenet121"):
+        raise ValueError(
+            f"image_features={_semantic_prior.describe_features(image_features)!r} is what the semantic prior reads "
+            "from the image, but the prior is off (semantic_prior=False, or an image the prior cannot read): turn "
+            "the prior on or leave image_features at its default."
+        )
     checked = semantic_prior and self_check
     out_keys = [key_added] + ([f"{key_added}_std"] if n_samples > 1 or checked else [])
     check_new_keys(sdata, out_keys, overwrite, inputs=(image_key, table_key))  # before any path or work
