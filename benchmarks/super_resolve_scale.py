@@ -7,9 +7,13 @@ is measured in HR gene-pixel-steps per second and extrapolated to a full Visium 
 
     python benchmarks/super_resolve_scale.py [--sizes 500 1000 2000] [--genes 50] [--steps 2] [--model fast]
         [--tile-size 64] [--overlap 16] [--batch-size 8] [--cache-interval 1 2] [--full] [--defaults]
+        [--full-steps 20 4] [--no-self-check]
 
 ``--defaults`` times the default call, ``super_resolve(sdata, "he", genes)`` (semantic prior, self-check, shipped
-weights, every setting at its default) instead of the settings named on the command line.
+weights, every setting at its default) instead of the settings named on the command line. ``--full-steps 20 4``
+runs the full capture area once per number of sampler steps (the time a 4-step sampler would take), and
+``--no-self-check`` passes ``self_check=False``, which keeps the diffusion core's map whole, so the network runs
+over every tissue tile even where the slide's check would keep none of it.
 
 ``--cache-interval 1 2`` runs every size once per interval (``super_resolve(cache_interval=...)``, deep features
 reused across steps) and prints the capture-area estimates side by side, with the speed-up over the first.
@@ -43,7 +47,10 @@ sdata = sd.read_zarr(path)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.time()
 if name == "--defaults":  # what a user gets from the default call: every other argument at its default
-    stsr.tl.super_resolve(sdata, "he", list(sdata["table"].var_names[:genes]), progress=False)
+    more = {} if steps == 20 else {"steps": steps}  # --full-steps: the default call with fewer sampler steps
+    if sys.argv[10] == "no-check":  # --no-self-check: the diffusion core's map kept whole (the network's time)
+        more["self_check"] = False
+    stsr.tl.super_resolve(sdata, "he", list(sdata["table"].var_names[:genes]), progress=False, **more)
 else:
     stsr.tl.super_resolve(sdata, "he", list(sdata["table"].var_names[:genes]), model=model, steps=steps,
                           batch_size=batch, tile_size=tile, overlap=overlap, cache_interval=interval,
@@ -62,7 +69,12 @@ def run(args: argparse.Namespace, size: float, genes: int, steps: int, interval:
     """Run ``super_resolve`` on a fresh synthetic slide of ``size`` um in a subprocess; its measurements."""
     name = "--defaults" if args.defaults else args.model
     cmd = [str(v) for v in (size, genes, steps, args.threads, args.batch_size, name)]
-    cmd += [str(args.tile_size), str(args.overlap), str(interval)]
+    cmd += [
+        str(args.tile_size),
+        str(args.overlap),
+        str(interval),
+        "no-check" if args.no_self_check else "check",
+    ]
     out = subprocess.run(
         [sys.executable, "-c", WORKER, *cmd],
         capture_output=True,
@@ -91,11 +103,26 @@ def main() -> None:
     )
     p.add_argument("--full", action="store_true", help="also run a full 6.5 mm capture area at 20 steps")
     p.add_argument(
+        "--full-steps",
+        type=int,
+        nargs="+",
+        default=[20],
+        help="sampler steps of the full capture-area runs, one run each, the first the baseline of the ratios "
+        "(with --defaults, the default call with only steps= changed: e.g. 20 4 for the time a 4-step sampler "
+        "would take)",
+    )
+    p.add_argument(
         "--defaults",
         action="store_true",
         help="call super_resolve(sdata, 'he', genes) with every other argument at its default (the semantic prior, "
         "the self-check, the shipped weights); --model, --steps, --tile-size, --overlap, --batch-size and "
         "--cache-interval are then not passed",
+    )
+    p.add_argument(
+        "--no-self-check",
+        action="store_true",
+        help="with --defaults: the default call with self_check=False, which keeps the diffusion core's map whole, "
+        "so that the network runs over every tissue tile (its time where a slide's check keeps the core)",
     )
     args = p.parse_args()
     from stsr.tl._tiling import plan_tiles
@@ -144,18 +171,36 @@ def main() -> None:
         )
     if args.full:
         interval = args.cache_interval[-1]
-        r = run(args, 6500.0, 50, 20, interval)
-        print(
-            f"\nFull capture area measured ({'the default call' if args.defaults else f'cache interval {interval}'}): "
-            f"{r['seconds'] / 60:.1f} min, peak RSS "
-            f"{r['peak_rss_mb']:.0f} MB, {r['tiles']} tiles of {r['tile']} (overlap {r['overlap']}), HR grid "
-            f"{r['grid'][0]}x{r['grid'][1]}"
-            + (
-                f"; self-check: prior strength {r['prior_strength']}, diffusion residual {r['diffusion_residual']}."
-                if r.get("diffusion_residual") is not None
-                else "."
-            )
+        full = []
+        for steps in args.full_steps:
+            r = run(args, 6500.0, 50, steps, interval)
+            full.append((steps, r))
+            _print_full(args, interval, steps, r)
+        if len(full) > 1:
+            print("\n| steps | wall (min) | ratio to the first | diffusion tiles | diffusion residual kept |")
+            print("|---|---|---|---|---|")
+            for steps, r in full:
+                print(
+                    f"| {steps} | {r['seconds'] / 60:.1f} | {r['seconds'] / full[0][1]['seconds']:.2f} | "
+                    f"{r['tiles']} | {r.get('diffusion_residual')} |"
+                )
+
+
+def _print_full(args: argparse.Namespace, interval: int, steps: int, r: dict) -> None:
+    """One line on a full capture-area run."""
+    what = "the default call" if args.defaults else f"cache interval {interval}"
+    what += ", self_check=False" if args.no_self_check else ""
+    print(
+        f"\nFull capture area measured ({what}{'' if steps == 20 else f', steps={steps}'}): "
+        f"{r['seconds'] / 60:.1f} min, peak RSS "
+        f"{r['peak_rss_mb']:.0f} MB, {r['tiles']} tiles of {r['tile']} (overlap {r['overlap']}), HR grid "
+        f"{r['grid'][0]}x{r['grid'][1]}"
+        + (
+            f"; self-check: prior strength {r['prior_strength']}, diffusion residual {r['diffusion_residual']}."
+            if r.get("diffusion_residual") is not None
+            else "."
         )
+    )
 
 
 def table(args: argparse.Namespace, rows: list[dict], interval: int) -> None:
