@@ -160,18 +160,8 @@ def test_both_commands_take_the_image_features_and_the_device(store, weights, tm
     """``--image-features`` reaches the prior as the library's ``image_features=`` (one name, or a list), and the
     map is the library call's; ``prior-map`` also takes ``--device``."""
     reference = sd.read_zarr(store)  # before the command line adds anything
-    base = [
-        "prior-map",
-        str(store),
-        "--image-key",
-        "he",
-        "--genes",
-        "gene_000",
-        "gene_001",
-        "--device",
-        "cpu",
-        "-q",
-    ]
+    base = ["prior-map", str(store), "--image-key", "he", "--genes", "gene_000", "gene_001", "--device", "cpu",
+            "-q"]  # fmt: skip
     assert main(base + ["--key-added", "dense"]) == 0
     assert main(base + ["--key-added", "nuc", "--image-features", "nuclei"]) == 0
     assert main(base + ["--key-added", "both", "--image-features", "densenet121", "nuclei"]) == 0
