@@ -186,6 +186,24 @@ def test_both_commands_take_the_image_features_and_the_device(store, weights, tm
     assert sd.read_zarr(out).attrs["stsr"]["stsr"]["image_features"] == "nuclei"
 
 
+def test_layer_reads_the_counts_of_a_normalised_table(tmp_path, capsys):
+    """A store whose table holds log values in X and the counts in ``layers["counts"]``: without ``--layer`` the
+    command says to pass it, with ``--layer counts`` it maps them."""
+    import scipy.sparse as sparse
+
+    sdata = stsr.datasets.synthetic(size_um=(300, 300), n_genes=4, seed=3)
+    table = sdata["table"]
+    table.layers["counts"] = table.X.copy()
+    table.X = sparse.csr_matrix(np.log1p(table.X.toarray()))
+    store = tmp_path / "normalised.zarr"
+    sdata.write(store)
+    argv = ["prior-map", str(store), "--image-key", "he", "--genes", "gene_000", "-q"]
+    assert main(argv) == 2
+    assert_one_line_error(capsys.readouterr().err, "pass layer='counts'")
+    assert main(argv + ["--layer", "counts"]) == 0
+    assert sd.read_zarr(store).attrs["stsr"]["stsr_prior"]["layer"] == "counts"
+
+
 def _values(sdata, key: str) -> np.ndarray:
     return np.asarray(sdata[key]["scale0"]["image"].values)
 

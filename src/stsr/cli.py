@@ -305,6 +305,7 @@ def _prior_map(args: argparse.Namespace) -> int:
             args.image_key,
             args.genes or None,
             table_key=args.table_key,
+            layer=args.layer,
             pixel_size=args.pixel_size,
             coordinate_system=args.coordinate_system,
             key_added=args.key_added,
@@ -336,6 +337,7 @@ def _super_resolve(args: argparse.Namespace) -> int:
             args.image_key,
             args.genes or None,
             table_key=args.table_key,
+            layer=args.layer,
             model=model,
             pixel_size=args.pixel_size,
             coordinate_system=args.coordinate_system,
@@ -414,6 +416,11 @@ def _slide_options(p: argparse.ArgumentParser, key_added: str, verb: str) -> Non
     )
     p.add_argument(
         "--table-key", default=None, help="table holding the spot counts (default: found automatically)"
+    )
+    p.add_argument(
+        "--layer",
+        default=None,
+        help="layer of the table holding the raw counts, e.g. 'counts' when X is normalised (default: X)",
     )
     p.add_argument(
         "--pixel-size",

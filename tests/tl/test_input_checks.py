@@ -95,7 +95,9 @@ def test_log_normalised_counts_are_refused_with_the_fix(slide, tiny_model, no_he
     per_spot = np.asarray(counts.sum(1)).ravel()
     table.X = sparse.csr_matrix(np.log1p(counts.toarray() / np.maximum(per_spot, 1)[:, None] * 1e4))
     _refused_by_both(
-        sdata, tiny_model, r"table 'table' \(X\) are not raw counts.*log1p.*X = .*layers\['counts'\]"
+        sdata,
+        tiny_model,
+        r"table 'table' \(X\) are not raw counts.*log1p.*layers\['counts'\]: pass layer='counts'",
     )
     # a table with the counts in .raw is told so
     del table.layers["counts"]
@@ -192,6 +194,41 @@ def test_image_value_scale_of_each_type():
 )
 def test_float_image_of_unknown_scale_is_refused(slide, tiny_model, no_heavy_work, convert, match):
     _refused_by_both(_with_image(slide, convert), tiny_model, match)
+
+
+def test_counts_from_a_layer_give_the_map_of_the_same_counts_in_x(slide, tiny_model):
+    """A scanpy user's table: X normalised and log1p'd, the raw counts in ``layers["counts"]``. ``layer="counts"``
+    reads them (genes, checks, counts, size factors): the map is the one of the same counts in X, and X is left as
+    it was. A layer that does not exist, or one that is not counts, is refused with the fix."""
+    plain = sd.deepcopy(slide)
+    stsr.tl.prior_map(plain, "he", progress=False)
+    user = sd.deepcopy(slide)
+    table = user["table"]
+    counts = table.X.copy()
+    table.layers["counts"] = counts
+    per_spot = np.asarray(counts.sum(1)).ravel()
+    logged = sparse.csr_matrix(np.log1p(counts.toarray() / np.maximum(per_spot, 1)[:, None] * 1e4))
+    table.X = logged.copy()
+    stsr.tl.prior_map(user, "he", layer="counts", progress=False)
+    record = user.attrs["stsr"]["stsr_prior"]
+    assert record["layer"] == "counts" and plain.attrs["stsr"]["stsr_prior"]["layer"] is None
+    assert (
+        record["genes"] == plain.attrs["stsr"]["stsr_prior"]["genes"]
+    )  # the default genes come from the layer
+    np.testing.assert_allclose(
+        user["stsr_prior"]["scale0"]["image"].values, plain["stsr_prior"]["scale0"]["image"].values, rtol=1e-6
+    )
+    assert (table.X != logged).nnz == 0  # X untouched
+    stsr.tl.super_resolve(user, "he", GENES, model=tiny_model, layer="counts", **FAST)
+    assert user.attrs["stsr"]["stsr"]["layer"] == "counts"
+    before = _state(user)
+    with pytest.raises(KeyError, match=r"no layer 'raw'; its layers: \['expected', 'counts'\]"):
+        stsr.tl.prior_map(user, "he", GENES, layer="raw", key_added="other", progress=False)
+    table.layers["logged"] = logged
+    with pytest.raises(ValueError, match=r"\(layers\['logged'\]\) are not raw counts.*pass layer='counts'"):
+        stsr.tl.prior_map(user, "he", GENES, layer="logged", key_added="other", progress=False)
+    del table.layers["logged"]
+    _assert_unchanged(user, before)
 
 
 # ------------------------------------------------------------------------------------------ image features

@@ -84,6 +84,7 @@ class SlideInputs:
     image_levels: ImageLevels
     um_per_unit: float = 1.0
     spots: Spots | None = None
+    layer: str | None = None  # the table's layer of counts (None: X)
 
     @property
     def um_per_px(self) -> float:
@@ -102,16 +103,20 @@ def expected_inputs(inputs: SlideInputs) -> SlideInputs:
     (all of its genes, not only those mapped) are empty: they keep their zeros."""
     from dataclasses import replace
 
-    totals = spot_totals(inputs.sdata, inputs.table_key, inputs.spots_key)
+    totals = spot_totals(inputs.sdata, inputs.table_key, inputs.spots_key, inputs.layer)
     return replace(inputs, lr=inputs.observation.expected_counts(inputs.lr, empty=totals <= 0, depth=totals))
 
 
-def spot_totals(sdata: sd.SpatialData, table_key: str, spots_key: str) -> np.ndarray:
-    """``(n_spots,)`` total count of every gene of the table per spot, in the order of the spots' operator (the
-    table's rows annotating ``spots_key``): zero for an empty spot (off the tissue, or failed)."""
+def spot_totals(
+    sdata: sd.SpatialData, table_key: str, spots_key: str, layer: str | None = None
+) -> np.ndarray:
+    """``(n_spots,)`` total count of every gene of the table (its ``layer``, default ``X``) per spot, in the order of
+    the spots' operator (the table's rows annotating ``spots_key``): zero for an empty spot (off the tissue, or
+    failed)."""
     table, spots_key, region_key, _ = table_region(sdata, table_key, spots_key)
     rows = np.flatnonzero((table.obs[region_key] == spots_key).to_numpy())
-    return np.asarray(table.X[rows].sum(1), np.float64).ravel()
+    x = table.layers[layer] if layer is not None else table.X
+    return np.asarray(x[rows].sum(1), np.float64).ravel()
 
 
 def teacher_image_scale(inputs: SlideInputs) -> int:
@@ -161,6 +166,7 @@ def prepare_inputs(
     n_default_genes: int = 50,
     integer_counts: bool = True,
     tissue: Any = None,
+    layer: str | None = None,
 ) -> SlideInputs:
     """Validate the inputs of :func:`stsr.tl.super_resolve` and build the grid, operator and LR counts.
 
@@ -186,7 +192,7 @@ def prepare_inputs(
     n_default_genes
         Genes chosen when ``genes`` is None.
     integer_counts
-        Require raw integer counts in the table's ``X`` for the genes used (default): normalised or log-transformed
+        Require raw integer counts in the table's ``X`` (or ``layer``) for the genes used (default): normalised or log-transformed
         values are refused, with the fix (raw counts are often in ``layers["counts"]`` or ``.raw``). ``False``
         accepts non-integer values for tables that hold counts which are not integers by design (e.g. corrected for
         ambient RNA); they must still be counts (not log values), and negative values are always refused.
@@ -197,6 +203,10 @@ def prepare_inputs(
         places it on the HR grid (a pixel is tissue when at least half of it is covered). Pixels farther than 0.75
         spot pitch from every spot stay out, and spots with no tissue pixel are left out of the map (a warning
         gives how many and the share of the counts). ``None`` (default): the Otsu mask of the image.
+    layer
+        The layer of the table that holds the raw counts (e.g. ``"counts"`` after ``sc.pp.normalize_total`` and
+        ``sc.pp.log1p`` replaced ``X``); ``None`` (default): ``X``. Gene choice, checks, counts and size factors all
+        read it.
     """
     image = check_element(sdata, image_key, "images")
     levels = raster_levels(image)
@@ -211,6 +221,11 @@ def prepare_inputs(
     image_value_scale(levels, image_key)  # an image of unknown value scale fails here, not in the tile loop
     table_key = find_spot_table(sdata, table_key)
     table = sdata.tables[table_key]
+    if layer is not None and layer not in table.layers:
+        raise KeyError(
+            f"Table {table_key!r} has no layer {layer!r}; its layers: {list(table.layers)}. Pass the layer that "
+            "holds the raw counts, or layer=None for X."
+        )
     from spatialdata.models import get_table_keys
 
     spots_key = get_table_keys(table)[0]
@@ -227,11 +242,11 @@ def prepare_inputs(
             cs,
         )
     if genes is None:
-        genes = select_genes(table, n_top=n_default_genes)
+        genes = select_genes(table, n_top=n_default_genes, layer=layer)
         log.info("super_resolve: %d highly expressed genes chosen (pass genes= to choose)", len(genes))
     elif isinstance(genes, str):
         genes = [genes]
-    genes, n_spots = _check_table(sdata, table_key, spots_key, genes, integer_counts)
+    genes, n_spots = _check_table(sdata, table_key, spots_key, genes, integer_counts, layer)
     diameter = spots.diameter
     if pixel_size is None:
         pixel_size = diameter / PIXELS_PER_SPOT_DIAMETER
@@ -244,7 +259,7 @@ def prepare_inputs(
     given = None
     if tissue is not None:  # a bad key, array or coordinate system fails before the spots' operator is built
         given = tissue_mask(sdata, image_key, grid=grid, coordinate_system=cs, tissue=tissue)
-    op, lr, genes = spot_counts(sdata, table_key, spots_key, genes, grid, image_key, cs, spots=spots)
+    op, lr, genes = spot_counts(sdata, table_key, spots_key, genes, grid, image_key, cs, layer, spots=spots)
     empty = [g for g, total in zip(genes, lr.sum(1)) if total <= 0]
     if empty:
         raise ValueError(
@@ -254,7 +269,7 @@ def prepare_inputs(
     pitch = spots.pitch_on(grid)
     if given is None:
         # the lattice around the spots that caught anything is tissue; empty spots (off the tissue) are not
-        occupied = spot_totals(sdata, table_key, spots_key) > 0
+        occupied = spot_totals(sdata, table_key, spots_key, layer) > 0
         mask = (tissue_mask(sdata, image_key, grid=grid, coordinate_system=cs) & _near_spots(op, pitch)) | (
             _between_spots(op, pitch, occupied)
         )
@@ -278,6 +293,7 @@ def prepare_inputs(
         image_levels=ImageLevels(levels, spots.frame.to_image),
         um_per_unit=float(um_per_unit),
         spots=spots,
+        layer=layer,
     )
 
 
@@ -292,7 +308,12 @@ def estimate_memory(shape: tuple[int, int], n_spots: int, spot_radius_px: float,
 
 
 def _check_table(
-    sdata: sd.SpatialData, table_key: str, spots_key: str, genes: list[str], integer_counts: bool
+    sdata: sd.SpatialData,
+    table_key: str,
+    spots_key: str,
+    genes: list[str],
+    integer_counts: bool,
+    layer: str | None = None,
 ) -> tuple[list[str], int]:
     """Check the table's rows and values for ``genes`` (cheap; nothing is built). Returns the genes and the number of
     spots (rows of the spots' region)."""
@@ -302,9 +323,12 @@ def _check_table(
     if rows.size == 0:
         raise ValueError(f"Table {table_key!r} has no rows for region {spots_key!r}.")
     check_unique_instances(table, table_key, spots_key, instance_key, rows, sdata.shapes[spots_key].index)
-    if table.X is None:
-        raise ValueError(f"Table {table_key!r} has no X; put the raw spot counts in X.")
-    x = table.X[rows][:, table.var_names.get_indexer(genes)]
+    if layer is None and table.X is None:
+        raise ValueError(
+            f"Table {table_key!r} has no X; put the raw spot counts in X, or pass layer= naming the layer that "
+            "holds them."
+        )
+    x = (table.layers[layer] if layer is not None else table.X)[rows][:, table.var_names.get_indexer(genes)]
     obs_names = table.obs_names[rows]
     check_counts(x, genes, obs_names, what=f"Counts of table {table_key!r}")
     if integer_counts:
@@ -312,25 +336,29 @@ def _check_table(
             x,
             genes,
             obs_names,
-            what=f"The values of table {table_key!r} (X)",
-            fix=_raw_counts_fix(table, table_key),
+            what=f"The values of table {table_key!r} ({'X' if layer is None else f'layers[{layer!r}]'})",
+            fix=_raw_counts_fix(table, table_key, layer),
         )
     return genes, int(rows.size)
 
 
-def _raw_counts_fix(table: Any, table_key: str) -> str:
+def _raw_counts_fix(table: Any, table_key: str, layer: str | None = None) -> str:
     t = f"sdata.tables[{table_key!r}]"
-    if "counts" in table.layers:
-        where = f"This table keeps them in layers['counts']: {t}.X = {t}.layers['counts']."
+    others = [name for name in table.layers if name != layer]
+    if "counts" in others:
+        where = "This table keeps them in layers['counts']: pass layer='counts'."
     elif table.raw is not None:
-        where = f"This table has a .raw: {t}.X = {t}.raw[:, {t}.var_names].X (if .raw holds the counts)."
+        where = (
+            f"This table has a .raw: {t}.layers['counts'] = {t}.raw[:, {t}.var_names].X, then layer='counts'."
+        )
+    elif others:
+        where = f"Pass layer= naming the layer that holds them (its layers: {others})."
     else:
-        layers = f" (its layers: {list(table.layers)})" if len(table.layers) else ""
-        where = f"Copy them there, e.g. {t}.X = {t}.layers['counts'] or {t}.X = {t}.raw[:, {t}.var_names].X{layers}."
+        where = "Put them in a layer of the table and pass layer= naming it."
     return (
-        "stsr models raw counts (each spot's counts are kept exactly) and needs them in the table's X. "
-        f"{where} If the values are counts that are not integers by design (e.g. corrected for ambient RNA), pass "
-        "integer_counts=False."
+        "stsr models raw counts (each spot's counts are kept exactly) and reads them from the table's X or from "
+        f"the layer given by layer=. {where} If the values are counts that are not integers by design (e.g. "
+        "corrected for ambient RNA), pass integer_counts=False."
     )
 
 

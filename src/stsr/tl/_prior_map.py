@@ -26,6 +26,7 @@ def prior_map(
     genes: list[str] | str | None = None,
     *,
     table_key: str | None = None,
+    layer: str | None = None,
     pixel_size: float | None = None,
     coordinate_system: str | None = None,
     prior_strength: float = PRIOR_MAP_STRENGTH,
@@ -58,8 +59,9 @@ def prior_map(
         The image element holding the histology: RGB (H&E) or one channel (bright field), read by the image teacher.
     genes
         Genes to map; default: 50 highly expressed genes of the table (as :func:`super_resolve`).
-    table_key, pixel_size, coordinate_system
-        As in :func:`super_resolve`: the HR grid is the same, so the two results can be compared pixel by pixel.
+    table_key, layer, pixel_size, coordinate_system
+        As in :func:`super_resolve`: the counts are read from the table's ``layer`` (default ``X``), and the HR grid
+        is the same, so the two results can be compared pixel by pixel.
     prior_strength
         Exponent of the prior (0 = the interpolation alone, 1 = the full read-out; 0.25 was chosen on HER2ST C2);
         the same setting as :func:`super_resolve`'s ``prior_strength``.
@@ -122,6 +124,7 @@ def prior_map(
         image_channels=n_channels,
         integer_counts=integer_counts,
         tissue=tissue,
+        layer=layer,
     )
     inputs = expected_inputs(inputs) if poisson else inputs
     image_scale = teacher_image_scale(inputs) if image_scale is None else image_scale
@@ -178,6 +181,7 @@ def _write_map(
         "method": "prior_map",
         "image_key": image_key,
         "table_key": inputs.table_key,
+        "layer": inputs.layer,
         "spots_key": inputs.spots_key,
         "genes": inputs.genes,
         "pixel_size": inputs.pixel_size,

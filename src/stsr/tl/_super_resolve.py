@@ -73,6 +73,7 @@ def super_resolve(
     genes: list[str] | str | None = None,
     *,
     table_key: str | None = None,
+    layer: str | None = None,
     model: Any = None,
     pixel_size: float | None = None,
     coordinate_system: str | None = None,
@@ -109,6 +110,9 @@ def super_resolve(
         Genes to super-resolve; default: 50 highly expressed genes of the table (no MT-/ribosomal genes).
     table_key
         Table holding the spot counts; found automatically when only one table annotates a shapes element.
+    layer
+        Layer of the table holding the raw counts (e.g. ``"counts"`` once ``X`` holds normalised or log values, as
+        after ``sc.pp.normalize_total`` and ``sc.pp.log1p``); default: ``X``.
     model
         A model object, a name of shipped weights, or a path to saved weights; default: set by the device
         (:data:`DEVICE_DEFAULTS`: the shipped ``fast`` weights on a CPU, ``default`` on a GPU).
@@ -253,6 +257,7 @@ def super_resolve(
         image_channels=net.config.image_channels,
         integer_counts=integer_counts,
         tissue=tissue,
+        layer=layer,
     )
     check_new_keys(sdata, out_keys, overwrite, inputs=(image_key, inputs.table_key, inputs.spots_key))
     measured = inputs.lr
@@ -267,6 +272,7 @@ def super_resolve(
         "weights_sha256": getattr(net, "weights_hash", None),
         "image_key": image_key,
         "table_key": inputs.table_key,
+        "layer": inputs.layer,
         "spots_key": inputs.spots_key,
         "genes": inputs.genes,
         "pixel_size": inputs.pixel_size,
