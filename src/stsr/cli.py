@@ -280,12 +280,13 @@ def _report(target: Path, key: str, sdata: Any) -> None:
     print(text)
 
 
-def _image_features(args: argparse.Namespace) -> Any:
-    """``image_features=`` of the library call: its default, one name or key, or the list of them."""
+def _image_features(args: argparse.Namespace) -> dict[str, Any]:
+    """``image_features=`` of the library call when ``--image-features`` was given (one name or key, or the list of
+    them); otherwise nothing, so that the library's default applies."""
     names = args.image_features
     if not names:
-        return "densenet121"
-    return names[0] if len(names) == 1 else list(names)
+        return {}
+    return {"image_features": names[0] if len(names) == 1 else list(names)}
 
 
 # ---------------------------------------------------------------------------------------------------- commands
@@ -315,9 +316,9 @@ def _prior_map(args: argparse.Namespace) -> int:
             integer_counts=not args.non_integer_counts,
             poisson=not args.measured_counts,
             device=args.device,
-            image_features=_image_features(args),
             progress=not args.quiet,
             **options,
+            **_image_features(args),
         )
     _report(target, args.key_added, sdata)
     return 0
@@ -348,7 +349,6 @@ def _super_resolve(args: argparse.Namespace) -> int:
             semantic_prior=not args.no_semantic_prior,
             prior_strength=args.prior_strength,
             self_check=not args.no_self_check,
-            image_features=_image_features(args),
             tile_size=args.tile_size,
             overlap=args.overlap,
             batch_size=args.batch_size,
@@ -361,6 +361,7 @@ def _super_resolve(args: argparse.Namespace) -> int:
             integer_counts=not args.non_integer_counts,
             poisson=not args.measured_counts,
             progress=not args.quiet,
+            **_image_features(args),
         )
     _report(target, args.key_added, sdata)
     return 0

@@ -212,9 +212,8 @@ def test_counts_from_a_layer_give_the_map_of_the_same_counts_in_x(slide, tiny_mo
     stsr.tl.prior_map(user, "he", layer="counts", progress=False)
     record = user.attrs["stsr"]["stsr_prior"]
     assert record["layer"] == "counts" and plain.attrs["stsr"]["stsr_prior"]["layer"] is None
-    assert (
-        record["genes"] == plain.attrs["stsr"]["stsr_prior"]["genes"]
-    )  # the default genes come from the layer
+    # the default genes are chosen from the layer
+    assert record["genes"] == plain.attrs["stsr"]["stsr_prior"]["genes"]
     np.testing.assert_allclose(
         user["stsr_prior"]["scale0"]["image"].values, plain["stsr_prior"]["scale0"]["image"].values, rtol=1e-6
     )
@@ -234,7 +233,7 @@ def test_counts_from_a_layer_give_the_map_of_the_same_counts_in_x(slide, tiny_mo
 # ------------------------------------------------------------------------------------------ image features
 def test_image_features_without_the_prior_and_unknown_features_are_refused(slide, tiny_model, no_heavy_work):
     """``image_features`` is read by the semantic prior only: asking for it with the prior off is a contradiction,
-    refused before any work instead of being ignored; a name that is neither an encoder nor an element is named."""
+    refused before any work instead of being ignored."""
     sdata = sd.deepcopy(slide)
     before = _state(sdata)
     with pytest.raises(
