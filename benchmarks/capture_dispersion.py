@@ -69,7 +69,9 @@ def within_block_dispersion(counts: np.ndarray, totals: np.ndarray) -> dict[str,
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", nargs="+", default=list(SECTIONS))
-    p.add_argument("--genes", type=int, default=20, help="the most expressed genes, as default_call.py --genes")
+    p.add_argument(
+        "--genes", type=int, default=20, help="the most expressed genes, as default_call.py --genes"
+    )
     p.add_argument("--out", type=Path, default=HERE / "results" / "capture_dispersion.md")
     a = p.parse_args(argv)
     import accuracy as A

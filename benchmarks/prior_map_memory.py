@@ -6,7 +6,7 @@ the image teacher, notes its peak resident memory so far (``baseline``: the inte
 slide), runs ``stsr.tl.prior_map`` and notes the peak again (``resource.getrusage``: the process's high-water mark,
 every allocator counted, numpy and torch alike). A third fresh subprocess measures the teacher alone
 (``stsr.models.teacher_features``, as ``prior_map`` calls it) on the largest window ``prior_map`` gives it on this
-slide (``PRIOR_WINDOW`` HR pixels plus ``PRIOR_HALO`` on each side, cut at the slide's edges, at the image scale
+slide (``PRIOR_WINDOW`` HR pixels plus the teacher's halo on each side, cut at the slide's edges, at the image scale
 ``prior_map`` chose), above that process's baseline. ``beyond the teacher`` = what ``prior_map`` adds above its
 baseline minus what the teacher alone adds above its own: what the map needs besides the one window the teacher
 reads. Bounded by the window means that column stays flat as the slide grows (up to the HR-grid-sized arrays of a few bytes
@@ -43,14 +43,16 @@ def _build(size: float, genes: int, path: Path) -> None:
     stsr.datasets.synthetic(size_um=(size, size), n_genes=genes, seed=0).write(path, overwrite=True)
 
 
-def _largest_window(height: int, width: int) -> tuple[int, int]:
-    """HR pixels of the largest window (halo included) that ``slide_prior`` reads on a grid of this size."""
-    from stsr.tl._semantic_prior import PRIOR_HALO, PRIOR_WINDOW
+def _largest_window(height: int, width: int, scale: int) -> tuple[int, int]:
+    """HR pixels of the largest window (the teacher's halo included) that ``slide_prior`` reads on a grid of this
+    size at ``scale`` image pixels per HR pixel."""
+    from stsr.models.prior import DenseNetEncoder
+    from stsr.tl._semantic_prior import PRIOR_WINDOW, _teacher_halo
+
+    halo = _teacher_halo(DenseNetEncoder.halo_px, scale)
 
     def extent(n: int) -> int:
-        return max(
-            min(s + PRIOR_WINDOW + PRIOR_HALO, n) - max(s - PRIOR_HALO, 0) for s in range(0, n, PRIOR_WINDOW)
-        )
+        return max(min(s + PRIOR_WINDOW + halo, n) - max(s - halo, 0) for s in range(0, n, PRIOR_WINDOW))
 
     return extent(height), extent(width)
 
@@ -97,9 +99,14 @@ def _teacher(height: int, width: int, scale: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     teacher = stsr.models.load_teacher()
     baseline = _peak_mib()
+    from stsr.models.prior import DenseNetEncoder
+    from stsr.tl._semantic_prior import TEACHER_TILE
+
     image = torch.rand(3, scale * height, scale * width, generator=torch.Generator().manual_seed(0))
-    whole = 16 * -(-max(image.shape[1:]) // 16)  # as slide_prior: the window in one piece
-    stsr.models.teacher_features(image, (height, width), teacher=teacher, tile=whole)
+    # as slide_prior: pieces of TEACHER_TILE with the teacher's halo (all of them: a window all tissue)
+    stsr.models.teacher_features(
+        image, (height, width), teacher=teacher, tile=TEACHER_TILE, halo=DenseNetEncoder.halo_px
+    )
     return {"baseline_mib": baseline, "peak_mib": _peak_mib()}
 
 
@@ -139,7 +146,7 @@ def main(argv: list[str] | None = None) -> str:  # noqa: D103
     import torch
 
     import stsr
-    from stsr.tl._semantic_prior import PRIOR_HALO, PRIOR_WINDOW
+    from stsr.tl._semantic_prior import PRIOR_WINDOW, TEACHER_TILE
 
     cmd = " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
@@ -147,7 +154,8 @@ def main(argv: list[str] | None = None) -> str:  # noqa: D103
         "",
         f"`python benchmarks/prior_map_memory.py {cmd}` (stsr {stsr.__version__}, torch {torch.__version__}, "
         f"{platform.machine()}, {args.threads} thread(s); synthetic slides of 1 µm image pixels, 5.5 µm HR pixels, "
-        f"{args.genes} genes; the teacher reads windows of {PRIOR_WINDOW} HR px plus {PRIOR_HALO} on each side, at "
+        f"{args.genes} genes; the teacher reads windows of {PRIOR_WINDOW} HR px plus its halo, in pieces of "
+        f"{TEACHER_TILE} image px, at "
         "prior_map's default image px per HR px, `scale`). Each measurement runs in a fresh process: peak = its resident "
         "high-water mark (`resource.getrusage`), baseline = the same before the measured call (interpreter, torch, "
         "the teacher, the lazy slide); `teacher alone` = `teacher_features` on the largest window of the slide in "
@@ -166,7 +174,7 @@ def main(argv: list[str] | None = None) -> str:  # noqa: D103
             path = Path(tmp) / f"slide_{size:g}.zarr"
             _child([*common, "--_build", str(size), str(path)])
             r = _child([*common, "--_run", str(path)])
-            win = _largest_window(*r["grid"])
+            win = _largest_window(*r["grid"], r["image_scale"])
             t = _child([*common, "--_teacher", str(win[0]), str(win[1]), str(r["image_scale"])])
             above, teacher = r["peak_mib"] - r["baseline_mib"], t["peak_mib"] - t["baseline_mib"]
             row = (

@@ -222,6 +222,40 @@ def test_teacher_fast_forward_computes_the_reference_layers():
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
 
 
+class _CountingTrunk(torch.nn.Module):
+    """The teacher, counting the pieces it reads."""
+
+    def __init__(self, trunk: torch.nn.Module) -> None:
+        super().__init__()
+        self.trunk, self.pieces = trunk, []
+
+    def forward(self, x):
+        self.pieces.append(tuple(x.shape[2:]))
+        return self.trunk(x)
+
+
+def test_teacher_features_read_only_the_pieces_that_hold_needed_pixels():
+    """``needed`` skips the pieces without a needed HR pixel; the needed pixels get the features they get without it
+    (the same pieces, read the same way), the pixels of skipped pieces none."""
+    rng = np.random.default_rng(1)
+    img = (gaussian_filter(rng.random((3, 320, 320)), (0, 3, 3)) * 255).astype(np.uint8)
+    hr = (20, 20)  # 16 image pixels per HR pixel: pieces of 128 hold 8 x 8 HR pixels, 3 x 3 pieces in all
+    needed = np.zeros(hr, bool)
+    needed[7:9, 2] = True  # HR rows 7-8 are image rows 112-144: the first two pieces of the first column
+    full_trunk, part_trunk = _CountingTrunk(load_teacher()), _CountingTrunk(load_teacher())
+    full = teacher_features(img, hr, teacher=full_trunk, tile=128, halo=32)
+    part = teacher_features(img, hr, teacher=part_trunk, tile=128, halo=32, needed=needed)
+    assert len(full_trunk.pieces) == 9 and len(part_trunk.pieces) == 2
+    np.testing.assert_array_equal(part[:, needed], full[:, needed])
+    np.testing.assert_array_equal(part[-6:], full[-6:])  # the colour statistics are everywhere
+    deep = slice(0, TEACHER_CHANNELS - 6)
+    assert not part[deep, 16:, :].any() and not part[deep, :, 8:].any()  # pixels of skipped pieces only
+    assert np.abs(full[deep, 16:, :]).max() > 0
+    np.testing.assert_array_equal(part[:, :16, :8], full[:, :16, :8])  # all of the two pieces read
+    with pytest.raises(ValueError, match="needed must be a boolean mask of the HR grid"):
+        teacher_features(img, hr, tile=128, needed=np.ones((10, 10), bool))
+
+
 def test_teacher_features_do_not_depend_on_the_tiling():
     rng = np.random.default_rng(0)
     img = (gaussian_filter(rng.random((3, 300, 340)), (0, 3, 3)) * 255).astype(np.uint8)

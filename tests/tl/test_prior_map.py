@@ -89,6 +89,45 @@ def test_slide_prior_reads_each_window_once_when_the_first_pass_fits_in_memory(s
     np.testing.assert_allclose(kept.intercept, again.intercept, rtol=1e-9, atol=1e-12)
 
 
+def test_the_teacher_reads_only_the_tissue_of_each_window(slide, monkeypatch):
+    """Each window asks the teacher for its own tissue pixels (``needed``): over all windows every tissue pixel once,
+    and on a slide whose tissue is a part of the image the trunk reads a matching part of the image."""
+    from dataclasses import replace
+
+    from stsr.models.prior import DenseNetTrunk
+
+    monkeypatch.setattr(_semantic_prior, "PRIOR_WINDOW", 32)
+    monkeypatch.setattr(_semantic_prior, "PRIOR_PCA_WINDOWS", 100)  # every window read once
+    monkeypatch.setattr(_semantic_prior, "TEACHER_TILE", 64)
+    inputs = prepare_inputs(
+        slide, "he", GENES, table_key=None, pixel_size=None, coordinate_system=None, image_channels=3
+    )
+    needed, pixels = [], []
+    trunk_forward = DenseNetTrunk.forward
+
+    def recorded(image, hr_shape, **kwargs):
+        needed.append(int(kwargs["needed"].sum()))
+        return teacher_features(image, hr_shape, **kwargs)
+
+    def counted(self, x):
+        pixels.append(x.shape[2] * x.shape[3])
+        return trunk_forward(self, x)
+
+    monkeypatch.setattr(_semantic_prior, "teacher_features", recorded)
+    monkeypatch.setattr(DenseNetTrunk, "forward", counted)
+    source = ImageSource(inputs.image_levels, inputs.grid, 4)
+    _semantic_prior.slide_prior(inputs, source)
+    assert sum(needed) == int(inputs.mask.sum()) and inputs.mask.mean() > 0.5
+    read_all = sum(pixels)
+    needed.clear(), pixels.clear()
+    part = np.zeros_like(inputs.mask)
+    part[:, : part.shape[1] // 3] = inputs.mask[:, : part.shape[1] // 3]
+    _semantic_prior.clear_scores_cache()
+    _semantic_prior.slide_prior(replace(inputs, mask=part), source)
+    assert sum(needed) == int(part.sum())
+    assert sum(pixels) < 0.5 * read_all
+
+
 def test_a_second_call_on_the_same_slide_reuses_the_scores_and_fits_its_own_genes(
     slide, tmp_path, monkeypatch
 ):

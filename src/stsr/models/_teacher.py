@@ -257,6 +257,7 @@ def teacher_features(
     teacher: DenseNetTrunk | None = None,
     tile: int = 1024,
     halo: int = 96,
+    needed: np.ndarray | None = None,
 ) -> np.ndarray:
     """Pretrained histology features averaged over every pixel of an HR grid.
 
@@ -274,6 +275,10 @@ def teacher_features(
         The image is processed in ``tile`` x ``tile`` pieces read with a ``halo`` of context on each side (memory is
         bounded by the tile); only the inner part of each piece's features is kept, so the result does not depend on
         ``tile`` beyond float rounding.
+    needed
+        Optional ``(h, w)`` boolean mask of the HR pixels whose features are wanted (e.g. the tissue): pieces that
+        overlap none of them are not read by the trunk, and their deep features are left at 0. The features of the
+        needed pixels are those without ``needed`` (the same pieces, read the same way).
 
     Returns
     -------
@@ -291,10 +296,18 @@ def teacher_features(
         )
     if tile % 16 or halo % 16 or tile < 64:
         raise ValueError(f"tile ({tile}) and halo ({halo}) must be multiples of 16, tile at least 64.")
+    if needed is not None:
+        needed = np.asarray(needed, bool)
+        if needed.shape != (h, w):
+            raise ValueError(
+                f"needed must be a boolean mask of the HR grid {(h, w)}, got shape {needed.shape}."
+            )
     maps = [torch.zeros(c, -(-height // s), -(-width // s)) for c, s in zip((128, 256), _STRIDES)]
     with torch.no_grad():
         for y0 in range(0, height, tile):
             for x0 in range(0, width, tile):
+                if needed is not None and not _overlaps(needed, (y0, x0), tile, (height, width)):
+                    continue
                 ya, xa = max(y0 - halo, 0), max(x0 - halo, 0)
                 yb, xb = min(y0 + tile + halo, height), min(x0 + tile + halo, width)
                 piece = img[:, ya:yb, xa:xb]
@@ -316,6 +329,17 @@ def teacher_features(
     rgb_sq = _area_mean(img * img, (height, width), 1, (h, w))
     rgb_sd = (rgb_sq - rgb * rgb).clamp_min(0).sqrt()
     return torch.cat([*pooled, rgb, rgb_sd]).numpy().astype(np.float32)
+
+
+def _overlaps(needed: np.ndarray, origin: tuple[int, int], tile: int, size: tuple[int, int]) -> bool:
+    """Whether the image piece ``[y0, y0 + tile) x [x0, x0 + tile)`` overlaps a needed HR pixel (HR pixel ``i`` spans
+    image rows ``[i H / h, (i + 1) H / h)``)."""
+    (h, w), bounds = needed.shape, []
+    for start, n, length in zip(origin, (h, w), size):
+        end = min(start + tile, length)
+        bounds.append(((start * n) // length, -(-(end * n) // length)))
+    (r0, r1), (c0, c1) = bounds
+    return bool(needed[r0:r1, c0:c1].any())
 
 
 def _area_weights(n_out: int, length: int, n_cells: int, cell: int) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,9 @@ from ._embeddings import EmbeddingSource
 from ._image_tiles import ImageSource
 from ._inputs import SlideInputs
 
-#: HR pixels per side of the windows the teacher reads, and the context read around each window (multiples of 16, so
-#: that the teacher's stride-16 cells of every window line up with those of the whole image at any image scale).
+#: HR pixels per side of the windows the features are read in (a multiple of 16, so that the teacher's stride-16 cells
+#: of every window line up with those of the whole image at any image scale), and the context the encoders other than
+#: the teacher read around each window (the teacher reads its own, :func:`_teacher_halo`).
 PRIOR_WINDOW = 256
 PRIOR_HALO = 32
 #: The principal axes are fitted on at most this many windows, spread evenly over the tissue (all of them on small
@@ -39,9 +41,10 @@ PRIOR_PCA_WINDOWS = 8
 #: them on slides of a few windows, which then go through the teacher once; larger slides keep some and read the
 #: rest again).
 PRIOR_FEATURE_CACHE_BYTES = 256 * 2**20
-#: Largest piece of image (pixels a side, plus the teacher's halo) the teacher reads at once: bounds its memory when
-#: a window of HR pixels holds many image pixels (coarse HR pixels, e.g. 200 µm on legacy ST at 0.75 µm per pixel).
-TEACHER_TILE = 2048
+#: Pieces of image (pixels a side, plus the teacher's halo of ``DenseNetEncoder.halo_px`` on each side) the teacher
+#: reads at once. Pieces without tissue are skipped, so smaller pieces skip more of the background, larger ones read
+#: less halo; its memory is about 250 MB per piece at 1024.
+TEACHER_TILE = 1024
 #: The principal-component scores of the slides fitted last in this process are kept (up to this many bytes in all,
 #: ``k`` float32 per HR pixel a slide: 9 MB for HER2ST C2 at 10 µm, 28 MB for a Visium capture area at 5.5 µm) for
 #: the next call on the same slide: same image, HR grid, tissue and features. The scores depend on the histology
@@ -209,6 +212,40 @@ def describe_features(image_features: Any) -> Any:
     return out[0] if len(out) == 1 else out
 
 
+def _teacher_halo(halo_px: int, image_scale: int) -> int:
+    """HR pixels of context around a window for the image teacher: the fewest that hold ``halo_px`` image pixels and
+    a multiple of 16 of them (the windows start at multiples of 16 HR pixels, so every window's image then starts on
+    the teacher's cell grid of the whole image)."""
+    step = 16 // math.gcd(int(image_scale), 16)
+    pixels = -(-int(halo_px) // int(image_scale))  # HR pixels that hold halo_px image pixels
+    return step * -(-pixels // step)
+
+
+def teacher_window(
+    encoder: DenseNetEncoder, source: ImageSource, mask: np.ndarray, window: tuple[int, int, int, int]
+) -> np.ndarray:
+    """``(TEACHER_CHANNELS, h, w)`` DenseNet features of the window ``(r0, c0, h, w)`` of the grid, as
+    :func:`slide_prior` reads them: the window's image with its own halo of context (:func:`_teacher_halo`), in pieces
+    of :data:`TEACHER_TILE` image pixels, only those that hold tissue of the window (``mask``, the grid's; the
+    features elsewhere are 0)."""
+    r0, c0, h, w = window
+    height, width = mask.shape
+    th = _teacher_halo(encoder.halo_px, source.image_scale)
+    ta, tc = max(r0 - th, 0), max(c0 - th, 0)
+    tb, td = min(r0 + h + th, height), min(c0 + w + th, width)
+    needed = np.zeros((tb - ta, td - tc), bool)
+    needed[r0 - ta : r0 - ta + h, c0 - tc : c0 - tc + w] = mask[r0 : r0 + h, c0 : c0 + w]
+    f = teacher_features(
+        source.region(ta, tc, tb - ta, td - tc),
+        (tb - ta, td - tc),
+        teacher=encoder.teacher,
+        tile=TEACHER_TILE,
+        halo=encoder.halo_px,
+        needed=needed,
+    )
+    return np.ascontiguousarray(f[:, r0 - ta : r0 - ta + h, c0 - tc : c0 - tc + w])
+
+
 def slide_prior(
     inputs: SlideInputs,
     source: ImageSource,
@@ -222,14 +259,15 @@ def slide_prior(
     """Fit the semantic prior of a slide (:func:`stsr.models.semantic_prior`, window by window).
 
     The teacher reads the image through ``source`` (at :func:`stsr.tl._inputs.teacher_image_scale` image pixels per
-    HR pixel in ``super_resolve`` and ``prior_map``: about :data:`stsr.models.TEACHER_UM_PER_PX` µm each) in windows of :data:`PRIOR_WINDOW` HR
-    pixels with :data:`PRIOR_HALO` pixels of context. A first pass over at most :data:`PRIOR_PCA_WINDOWS` windows
+    HR pixel in ``super_resolve`` and ``prior_map``: about :data:`stsr.models.TEACHER_UM_PER_PX` µm each) in windows of
+    :data:`PRIOR_WINDOW` HR pixels, each with its halo of context (``DenseNetEncoder.halo_px`` image pixels), in
+    pieces of :data:`TEACHER_TILE` image pixels, and only the pieces that hold tissue (``inputs.mask``): the
+    background is not read. Other encoders read the window with :data:`PRIOR_HALO` HR pixels of context. A first pass over at most :data:`PRIOR_PCA_WINDOWS` windows
     spread over the tissue (all of them on small slides) accumulates the feature moments of the tissue pixels
     (``inputs.mask``) for the principal axes; a second pass over every window stores the ``k`` scores per pixel and
     sums them per spot; the ridge is fitted on the spots. The features of the first pass are kept for the second up
     to :data:`PRIOR_FEATURE_CACHE_BYTES`, so a slide of a few windows goes through the teacher once. Memory: one
-    window through the teacher (its activations grow with the window's image pixels: about 850 MB for 2240 x 2240,
-    a full window at 7 image pixels per HR pixel), the kept features, the features of one window
+    piece through the teacher (about 250 MB of activations at 1024 x 1024 image pixels), the kept features, the features of one window
     (``TEACHER_CHANNELS`` float32 per pixel, 100 MB) and its scores, a few bytes per HR pixel (the tissue areas of
     the spots are pooled from the mask) and, without ``store``, ``k`` floats per HR pixel
     (``benchmarks/prior_map_memory.py``).
@@ -266,11 +304,8 @@ def slide_prior(
             if isinstance(enc, EmbeddingSource):
                 f = enc.window(ra, ca, rb - ra, cb - ca)
             elif isinstance(enc, DenseNetEncoder):
-                image = images.setdefault("teacher", source.region(ra, ca, rb - ra, cb - ca))
-                # the window in one piece (no second halo inside) up to TEACHER_TILE image pixels a side: beyond it
-                # the teacher's activations (about 850 MB at 2240 x 2240) would grow with the window
-                tile = min(16 * -(-max(image.shape[1:]) // 16), TEACHER_TILE)
-                f = teacher_features(image, (rb - ra, cb - ca), teacher=enc.teacher, tile=tile)
+                parts.append(teacher_window(enc, source, mask, (r0, c0, h, w)))
+                continue
             else:
                 um = enc.um_per_px
                 image = images.setdefault(um, sources[um].region(ra, ca, rb - ra, cb - ca))
