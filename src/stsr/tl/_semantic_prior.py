@@ -262,14 +262,15 @@ def slide_prior(
     HR pixel in ``super_resolve`` and ``prior_map``: about :data:`stsr.models.TEACHER_UM_PER_PX` µm each) in windows of
     :data:`PRIOR_WINDOW` HR pixels, each with its halo of context (``DenseNetEncoder.halo_px`` image pixels), in
     pieces of :data:`TEACHER_TILE` image pixels, and only the pieces that hold tissue (``inputs.mask``): the
-    background is not read. Other encoders read the window with :data:`PRIOR_HALO` HR pixels of context. A first pass over at most :data:`PRIOR_PCA_WINDOWS` windows
-    spread over the tissue (all of them on small slides) accumulates the feature moments of the tissue pixels
-    (``inputs.mask``) for the principal axes; a second pass over every window stores the ``k`` scores per pixel and
-    sums them per spot; the ridge is fitted on the spots. The features of the first pass are kept for the second up
-    to :data:`PRIOR_FEATURE_CACHE_BYTES`, so a slide of a few windows goes through the teacher once. Memory: one
-    piece through the teacher (about 250 MB of activations at 1024 x 1024 image pixels), the kept features, the features of one window
-    (``TEACHER_CHANNELS`` float32 per pixel, 100 MB) and its scores, a few bytes per HR pixel (the tissue areas of
-    the spots are pooled from the mask) and, without ``store``, ``k`` floats per HR pixel
+    background is not read (:func:`teacher_window`). Other encoders read the window with :data:`PRIOR_HALO` HR
+    pixels of context. A first pass over at most :data:`PRIOR_PCA_WINDOWS` windows spread over the tissue (all of
+    them on small slides) accumulates the feature moments of the tissue pixels (``inputs.mask``) for the principal
+    axes; a second pass over every window stores the ``k`` scores per pixel and sums them per spot; the ridge is
+    fitted on the spots. The features of the first pass are kept for the second up to
+    :data:`PRIOR_FEATURE_CACHE_BYTES`, so a slide of a few windows goes through the teacher once. Memory: one piece
+    through the teacher (about 250 MB of activations at 1024 x 1024 image pixels), the kept features, the features of
+    one window (``TEACHER_CHANNELS`` float32 per pixel, 100 MB) and its scores, a few bytes per HR pixel (the tissue
+    areas of the spots are pooled from the mask) and, without ``store``, ``k`` floats per HR pixel
     (``benchmarks/prior_map_memory.py``).
 
     With ``store`` (a path for a new zarr array, replaced if it exists), the scores are written there window by
@@ -301,11 +302,11 @@ def slide_prior(
         images: dict[Any, Any] = {}
         parts = []
         for enc in encoders:
-            if isinstance(enc, EmbeddingSource):
-                f = enc.window(ra, ca, rb - ra, cb - ca)
-            elif isinstance(enc, DenseNetEncoder):
+            if isinstance(enc, DenseNetEncoder):  # reads its own context around the window
                 parts.append(teacher_window(enc, source, mask, (r0, c0, h, w)))
                 continue
+            if isinstance(enc, EmbeddingSource):
+                f = enc.window(ra, ca, rb - ra, cb - ca)
             else:
                 um = enc.um_per_px
                 image = images.setdefault(um, sources[um].region(ra, ca, rb - ra, cb - ca))
