@@ -181,9 +181,11 @@ def test_both_commands_take_the_image_features_and_the_device(store, weights, tm
     out = tmp_path / "sr.zarr"
     argv = ["super-resolve", str(store), "--image-key", "he", "--genes", "gene_000", "--model", str(weights),
             "--steps", "1", "--tile-size", "32", "--overlap", "8", "--no-self-check", "--image-features", "nuclei",
-            "--out", str(out), "-q"]  # fmt: skip
+            "--um-per-unit", "0.5", "--out", str(out), "-q"]  # fmt: skip
     assert main(argv) == 0
-    assert sd.read_zarr(out).attrs["stsr"]["stsr"]["image_features"] == "nuclei"
+    record = sd.read_zarr(out).attrs["stsr"]["stsr"]
+    assert record["image_features"] == "nuclei"
+    assert (record["um_per_unit"], record["um_per_unit_from"]) == (0.5, "given (um_per_unit=)")
 
 
 def test_layer_reads_the_counts_of_a_normalised_table(tmp_path, capsys):

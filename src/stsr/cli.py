@@ -309,6 +309,7 @@ def _prior_map(args: argparse.Namespace) -> int:
             layer=args.layer,
             pixel_size=args.pixel_size,
             coordinate_system=args.coordinate_system,
+            um_per_unit=args.um_per_unit,
             key_added=args.key_added,
             overwrite=args.overwrite,
             cache_dir=args.cache_dir,
@@ -342,6 +343,7 @@ def _super_resolve(args: argparse.Namespace) -> int:
             model=model,
             pixel_size=args.pixel_size,
             coordinate_system=args.coordinate_system,
+            um_per_unit=args.um_per_unit,
             steps=args.steps,
             cache_interval=args.cache_interval,
             n_samples=args.n_samples,
@@ -433,6 +435,13 @@ def _slide_options(p: argparse.ArgumentParser, key_added: str, verb: str) -> Non
         "--coordinate-system",
         default=None,
         help="coordinate system of --pixel-size (default: one shared by image and spots, 'global' when present)",
+    )
+    p.add_argument(
+        "--um-per-unit",
+        type=_positive_float,
+        default=None,
+        help="micrometres per unit of the coordinate system (default: read off the spots: Visium and legacy ST "
+        "lattices, Visium HD bins, else micrometres)",
     )
     p.add_argument(
         "--tissue",

@@ -397,3 +397,35 @@ def test_the_spots_are_read_once_and_describe_the_slide(slide, monkeypatch):
     assert spots.pitch_on(inputs.grid) == pytest.approx(inputs.observation.pitch())
     # Visium's lattice: 55 um spots of 55 units, 1 um per unit
     assert inputs.um_per_unit == pytest.approx(1.0)
+
+
+def test_um_per_unit_sets_the_scale_the_image_is_read_at(slide):
+    """The synthetic slide is in µm on Visium's lattice (read off the spots: 1 µm per unit); ``um_per_unit=``
+    overrides it: the same grid of 5.5 units is then 2.75 µm per pixel, so the image teacher reads 4 image pixels per
+    HR pixel instead of 7 (0.75 µm each) and the map differs. Recorded in the provenance."""
+    kw = {"progress": False}
+    stsr.tl.prior_map(slide, "he", GENES, key_added="read_off", **kw)
+    stsr.tl.prior_map(slide, "he", GENES, key_added="given", um_per_unit=0.5, **kw)
+    read_off, given = (slide.attrs["stsr"][k] for k in ("read_off", "given"))
+    assert (read_off["um_per_unit"], read_off["image_scale"]) == (1.0, 7)
+    assert "hexagonal lattice of disks: visium" in read_off["um_per_unit_from"]
+    assert (given["um_per_unit"], given["um_per_unit_from"], given["image_scale"]) == (
+        0.5,
+        "given (um_per_unit=)",
+        4,
+    )
+    assert given["pixel_size"] == read_off["pixel_size"]
+    a, b = (np.asarray(slide[k]["scale0"]["image"]) for k in ("read_off", "given"))
+    assert a.shape == b.shape and not np.allclose(a, b, rtol=1e-3)
+
+
+def _fail_if_called(*args, **kwargs):
+    raise AssertionError("the spots were read before the bad argument was refused")
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "1"])
+def test_bad_um_per_unit_is_refused_before_work(slide, bad, monkeypatch):
+    monkeypatch.setattr(_inputs, "read_spots", _fail_if_called)
+    for call in (stsr.tl.prior_map, stsr.tl.super_resolve):
+        with pytest.raises(ValueError, match="um_per_unit must be a positive number"):
+            call(slide, "he", GENES, um_per_unit=bad, progress=False)

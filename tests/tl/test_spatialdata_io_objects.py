@@ -89,6 +89,10 @@ def test_visium_hd_square_bins(tmp_path, data_dir, tiny_model):
         image_channels=3,
     )
     assert inputs.observation.kind == "squares" and inputs.observation.is_disjoint
+    # the reader's coordinates are the full-resolution image's pixels: 50 um bins of 16 px are 3.125 um per unit,
+    # read off the bins' name (square_050um), so the image is read at its physical scale
+    assert inputs.um_per_unit == pytest.approx(50 / 16) == pytest.approx(prov["um_per_unit"])
+    assert "Visium HD (50 µm bins)" in prov["um_per_unit_from"]
     # bins start on pixel edges: each owns whole pixels (4 x 4 HR pixels per 16 px bin)
     np.testing.assert_allclose(inputs.observation.support_area[inputs.observation.support_area > 15], 16.0)
     _pooled_matches_counts(sdata, image_key, table_key, genes)

@@ -188,7 +188,7 @@ def semi_synthetic(
             f"semi_synthetic segments nuclei in an RGB H&E image; {image_key!r} has {channels} channel(s). "
             "Pass the key of the slide's H&E (3 channels) as image_key."
         )
-    table_key = find_spot_table(sdata, table_key)
+    table_key = find_spot_table(sdata, table_key, image_key)
     from ..pp import select_genes
 
     # the slide's own genes set the depth: its 50 most expressed, as super_resolve's default

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,12 +13,14 @@ import numpy as np
 from scipy import sparse
 
 from .._constants import IMAGE_HE, RASTER_LR, TABLE
-from .._elements import element_affine, shared_coordinate_system
+from .._elements import coordinate_systems, element_affine, shared_coordinate_system
 from .._validate import check_counts, check_element, check_genes, check_new_key
 from ..observation import Grid, ObservationModel
 from ._grid import ImageFrame, frame_grid, image_frame, raster_element
 from ._provenance import grid_to_dict, record
 from ._transforms import spatial_shape
+
+log = logging.getLogger("stsr")
 
 __all__ = [
     "Spots",
@@ -272,8 +275,18 @@ def spots_observation_model(
     return read_spots(sdata, spots_key, image_key, coordinate_system).operator(grid, supersample=supersample)
 
 
-def table_region(sdata: Any, table_key: str, spots_key: str | None = None) -> tuple[Any, str, str, str]:
+def table_region(
+    sdata: Any,
+    table_key: str,
+    spots_key: str | None = None,
+    image_key: str | None = None,
+    coordinate_system: str | None = None,
+) -> tuple[Any, str, str, str]:
     """The table, the spots element it annotates, and its region/instance columns.
+
+    A table may annotate several spot elements (samples put together with :func:`spatialdata.concatenate`, each
+    placed with its own image). Without ``spots_key``, the one placed with ``image_key`` (in ``coordinate_system``
+    when given) is chosen: the only one sharing a coordinate system with the image.
 
     Returns
     -------
@@ -291,15 +304,53 @@ def table_region(sdata: Any, table_key: str, spots_key: str | None = None) -> tu
         ) from err
     regions = [region] if isinstance(region, str) else list(region)
     if spots_key is None:
-        if len(regions) != 1:
-            raise ValueError(
-                f"Table {table_key!r} annotates several elements {regions}; pass spots_key= to choose."
-            )
-        spots_key = regions[0]
+        spots_key = (
+            regions[0]
+            if len(regions) == 1
+            else _region_on_image(sdata, table_key, regions, image_key, coordinate_system)
+        )
     elif spots_key not in regions:
         raise ValueError(f"Table {table_key!r} does not annotate {spots_key!r}; it annotates {regions}.")
     check_element(sdata, spots_key, "shapes")
     return table, spots_key, region_key, instance_key
+
+
+def _region_on_image(
+    sdata: Any, table_key: str, regions: list[str], image_key: str | None, coordinate_system: str | None
+) -> str:
+    """Of the elements ``regions`` a table annotates, the one placed with the image (see :func:`table_region`)."""
+    if image_key is None:
+        raise ValueError(
+            f"Table {table_key!r} annotates several elements {regions}; pass spots_key= to choose."
+        )
+    on_image = set(coordinate_systems(check_element(sdata, image_key, "images")))
+    if coordinate_system is not None:
+        on_image &= {coordinate_system}
+    shapes = [r for r in regions if r in sdata.shapes]
+    placed = [r for r in shapes if on_image & set(coordinate_systems(sdata.shapes[r]))]
+    where = f"coordinate system {coordinate_system!r}" if coordinate_system else "a coordinate system"
+    if len(placed) == 1:
+        log.info(
+            "table %r annotates %d elements; using %r, the one that shares %s with image %r",
+            table_key,
+            len(regions),
+            placed[0],
+            where,
+            image_key,
+        )
+        return placed[0]
+    if not placed:
+        raise ValueError(
+            f"Table {table_key!r} annotates several elements {regions}, and none of its spots shares {where} with "
+            f"image {image_key!r} (its coordinate systems: {sorted(coordinate_systems(sdata[image_key]))}). Pass the "
+            "image of one of these samples, or place the spots with the image (spatialdata.transformations."
+            "set_transformation)."
+        )
+    raise ValueError(
+        f"Table {table_key!r} annotates several spot elements placed with image {image_key!r} in {where}: "
+        f"{placed}. Keep one sample, e.g. sdata.subset([{image_key!r}, {placed[0]!r}], filter_tables=True), or "
+        "pass coordinate_system= naming the coordinate system of the one to use."
+    )
 
 
 def check_unique_instances(

@@ -2,13 +2,17 @@
 
 spatialdata records no unit. stsr's loaders use micrometres; readers such as ``spatialdata_io.visium`` use the
 pixels of the full-resolution image. The spot lattice tells them apart: a hexagonal lattice of disks is Visium
-(55 µm spots), a square lattice of disks is legacy ST (100 µm spots). Elsewhere (square bins, cells, irregular
-spots) the unit is taken to be the micrometre, which the caller can override.
+(55 µm spots), a square lattice of disks is legacy ST (100 µm spots). Square bins named as
+``spatialdata_io.visium_hd`` names them (``..._square_016um``) are Visium HD bins of that side. Elsewhere (other
+square bins, cells, irregular spots) the unit is taken to be the micrometre; the caller overrides any of these with
+``um_per_unit=`` (:func:`stsr.tl.super_resolve`, :func:`stsr.tl.prior_map`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import re
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,7 +20,7 @@ import numpy as np
 if TYPE_CHECKING:
     from ._spots import Spots
 
-__all__ = ["microns_per_unit", "SPOT_DIAMETER_UM"]
+__all__ = ["microns_per_unit", "check_um_per_unit", "SPOT_DIAMETER_UM"]
 
 log = logging.getLogger("stsr")
 
@@ -45,18 +49,41 @@ def lattice(centres: np.ndarray) -> str | None:
     return {6: "hexagonal", 4: "square"}.get(mode)
 
 
-def microns_per_unit(spots: Spots) -> tuple[float, str]:
+def check_um_per_unit(value: float) -> float:
+    """``value`` as a float, or a clear error unless it is a positive finite number."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            "um_per_unit must be a positive number: micrometres per unit of the coordinate system (e.g. the "
+            f"image's µm per pixel when the spots are given in its pixels), got {value!r}."
+        )
+    return float(value)
+
+
+#: ``spatialdata_io.visium_hd`` names each bin size's shapes ``f"{dataset_id}_square_{size:03d}um"``.
+VISIUM_HD_BINS = re.compile(r"(?:^|_)square_(\d{3})um$")
+
+
+def microns_per_unit(spots: Spots, given: float | None = None) -> tuple[float, str]:
     """Micrometres per unit of the spots' coordinate system, and how it was found.
 
     Parameters
     ----------
     spots
         The :class:`~stsr.pp._spots.Spots` (centres and diameter in units of their coordinate system, footprint).
+    given
+        The caller's value (``um_per_unit=``), used as it is once checked; ``None`` reads it off the spots.
 
     Returns
     -------
     ``(µm per unit, reason)``.
     """
+    if given is not None:
+        return check_um_per_unit(given), "given (um_per_unit=)"
+    hd = VISIUM_HD_BINS.search(spots.key) if spots.footprint == "squares" else None
+    if hd is not None and spots.diameter > 0:
+        um = float(hd.group(1))
+        return um / spots.diameter, f"square bins named {spots.key!r}: Visium HD ({um:g} µm bins)"
     if spots.footprint == "disks" and spots.diameter > 0:
         kind = lattice(spots.centres)
         platform = {"hexagonal": "visium", "square": "legacy_st"}.get(kind or "")

@@ -23,7 +23,7 @@ from ..pp import select_genes, tissue_mask
 from ..pp._grid import frame_grid
 from ..pp._spots import Spots, check_unique_instances, read_spots, spot_counts, spot_footprint, table_region
 from ..pp._transforms import raster_levels
-from ..pp._units import microns_per_unit
+from ..pp._units import check_um_per_unit, microns_per_unit
 from ._image_tiles import ImageLevels
 
 __all__ = [
@@ -84,6 +84,8 @@ class SlideInputs:
     image_levels: ImageLevels
     um_per_unit: float = 1.0
     spots: Spots | None = None
+    #: how :attr:`um_per_unit` was found (:func:`stsr.pp._units.microns_per_unit`)
+    um_per_unit_from: str = ""
     layer: str | None = None  # the table's layer of counts (None: X)
 
     @property
@@ -127,9 +129,18 @@ def teacher_image_scale(inputs: SlideInputs) -> int:
     return max(1, int(round(inputs.um_per_px / TEACHER_UM_PER_PX)))
 
 
-def find_spot_table(sdata: sd.SpatialData, table_key: str | None) -> str:
-    """The table of spot counts: ``table_key`` if given, else the only table annotating spots (circles or bins)."""
+def find_spot_table(
+    sdata: sd.SpatialData,
+    table_key: str | None,
+    image_key: str | None = None,
+    coordinate_system: str | None = None,
+) -> str:
+    """The table of spot counts: ``table_key`` if given, else the only table annotating spots (circles or bins);
+    of several (one per sample), the only one whose spots share a coordinate system with ``image_key`` (in
+    ``coordinate_system`` when given)."""
     from spatialdata.models import get_table_keys
+
+    from .._elements import coordinate_systems
 
     if table_key is not None:
         check_element(sdata, table_key, "tables")
@@ -142,7 +153,17 @@ def find_spot_table(sdata: sd.SpatialData, table_key: str | None) -> str:
             continue
         regions = [region] if isinstance(region, str) else list(region)
         if any(r in sdata.shapes and _is_spots(sdata.shapes[r], r) for r in regions):
-            candidates.append(key)
+            candidates.append((key, regions))
+    if len(candidates) > 1 and image_key is not None and image_key in sdata.images:
+        on_image = set(coordinate_systems(sdata.images[image_key]))
+        on_image &= {coordinate_system} if coordinate_system is not None else on_image
+        placed = [
+            c
+            for c in candidates
+            if any(r in sdata.shapes and on_image & set(coordinate_systems(sdata.shapes[r])) for r in c[1])
+        ]
+        candidates = placed or candidates
+    candidates = [key for key, _ in candidates]
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
@@ -167,6 +188,7 @@ def prepare_inputs(
     integer_counts: bool = True,
     tissue: Any = None,
     layer: str | None = None,
+    um_per_unit: float | None = None,
 ) -> SlideInputs:
     """Validate the inputs of :func:`stsr.tl.super_resolve` and build the grid, operator and LR counts.
 
@@ -207,7 +229,12 @@ def prepare_inputs(
         The layer of the table that holds the raw counts (e.g. ``"counts"`` after ``sc.pp.normalize_total`` and
         ``sc.pp.log1p`` replaced ``X``); ``None`` (default): ``X``. Gene choice, checks, counts and size factors all
         read it.
+    um_per_unit
+        Micrometres per unit of the coordinate system; ``None`` (default): read off the spots
+        (:func:`stsr.pp._units.microns_per_unit`).
     """
+    if um_per_unit is not None:
+        check_um_per_unit(um_per_unit)
     image = check_element(sdata, image_key, "images")
     levels = raster_levels(image)
     channels = [str(c) for c in levels[0].coords["c"].values] if "c" in levels[0].coords else []
@@ -219,17 +246,15 @@ def prepare_inputs(
             f"{levels[0].shape[0]}))."
         )
     image_value_scale(levels, image_key)  # an image of unknown value scale fails here, not in the tile loop
-    table_key = find_spot_table(sdata, table_key)
+    table_key = find_spot_table(sdata, table_key, image_key, coordinate_system)
     table = sdata.tables[table_key]
     if layer is not None and layer not in table.layers:
         raise KeyError(
             f"Table {table_key!r} has no layer {layer!r}; its layers: {list(table.layers)}. Pass the layer that "
             "holds the raw counts, or layer=None for X."
         )
-    from spatialdata.models import get_table_keys
-
-    spots_key = get_table_keys(table)[0]
-    spots_key = spots_key if isinstance(spots_key, str) else list(spots_key)[0]
+    # the spots element of the table that lies on the image (a table of several samples annotates several)
+    _, spots_key, region_key, _ = table_region(sdata, table_key, None, image_key, coordinate_system)
     # the spots, read once: footprint, shared coordinate system, the image's grid frame, centres, size (checked)
     spots = read_spots(sdata, spots_key, image_key, coordinate_system)
     cs = spots.coordinate_system
@@ -242,7 +267,8 @@ def prepare_inputs(
             cs,
         )
     if genes is None:
-        genes = select_genes(table, n_top=n_default_genes, layer=layer)
+        rows = (table.obs[region_key] == spots_key).to_numpy()
+        genes = select_genes(table if rows.all() else table[rows], n_top=n_default_genes, layer=layer)
         log.info("super_resolve: %d highly expressed genes chosen (pass genes= to choose)", len(genes))
     elif isinstance(genes, str):
         genes = [genes]
@@ -276,7 +302,7 @@ def prepare_inputs(
     else:
         mask = given & _near_spots(op, pitch)
         _check_tissue_covers_spots(op, lr, mask, tissue, spots_key)
-    um_per_unit, why = microns_per_unit(spots)
+    um_per_unit, why = microns_per_unit(spots, um_per_unit)
     log.info("%.4g µm per unit of %r (%s)", um_per_unit, cs, why)
     return SlideInputs(
         sdata=sdata,
@@ -292,6 +318,7 @@ def prepare_inputs(
         mask=mask,
         image_levels=ImageLevels(levels, spots.frame.to_image),
         um_per_unit=float(um_per_unit),
+        um_per_unit_from=why,
         spots=spots,
         layer=layer,
     )

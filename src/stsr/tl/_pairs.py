@@ -164,7 +164,7 @@ def training_pair(
         cs = frame.coordinate_system
         valid = tissue_mask(sdata, image_key, grid=grid, coordinate_system=cs) if mask is True else None
     else:
-        _, spots_key_t, _, _ = table_region(sdata, table_key)
+        _, spots_key_t, _, _ = table_region(sdata, table_key, None, image_key)
         frame = _frame(sdata, spots_key_t, image_key)
         grid, hr, genes, valid, frame = _lattice(sdata, table_key, image_key, genes, frame)
         valid = valid if mask is True else None
@@ -243,7 +243,7 @@ def _lattice(
     Returns the raster's grid, its values, genes and measured positions, and the frame the grid lies in: ``frame``
     when the lattice runs along its axes (:data:`LATTICE_ROTATION_TOL`), else a frame laid along the lattice (the
     image is then read through the rotation)."""
-    table, spots_key, region_key, instance_key = table_region(sdata, table_key)
+    table, spots_key, region_key, instance_key = table_region(sdata, table_key, None, image_key)
     for col in ("array_row", "array_col"):
         if col not in table.obs:
             raise ValueError(

@@ -27,6 +27,7 @@ def prior_map(
     *,
     table_key: str | None = None,
     layer: str | None = None,
+    um_per_unit: float | None = None,
     pixel_size: float | None = None,
     coordinate_system: str | None = None,
     prior_strength: float = PRIOR_MAP_STRENGTH,
@@ -59,7 +60,7 @@ def prior_map(
         The image element holding the histology: RGB (H&E) or one channel (bright field), read by the image teacher.
     genes
         Genes to map; default: 50 highly expressed genes of the table (as :func:`super_resolve`).
-    table_key, layer, pixel_size, coordinate_system
+    table_key, layer, pixel_size, coordinate_system, um_per_unit
         As in :func:`super_resolve`: the counts are read from the table's ``layer`` (default ``X``), and the HR grid
         is the same, so the two results can be compared pixel by pixel.
     prior_strength
@@ -125,6 +126,7 @@ def prior_map(
         integer_counts=integer_counts,
         tissue=tissue,
         layer=layer,
+        um_per_unit=um_per_unit,
     )
     inputs = expected_inputs(inputs) if poisson else inputs
     image_scale = teacher_image_scale(inputs) if image_scale is None else image_scale
@@ -186,6 +188,8 @@ def _write_map(
         "genes": inputs.genes,
         "pixel_size": inputs.pixel_size,
         "coordinate_system": inputs.coordinate_system,
+        "um_per_unit": inputs.um_per_unit,
+        "um_per_unit_from": inputs.um_per_unit_from,
         "prior_strength": strength,
         "tissue": tissue,
         "counts": EXPECTED_COUNTS if poisson else "measured",

@@ -74,6 +74,7 @@ def super_resolve(
     *,
     table_key: str | None = None,
     layer: str | None = None,
+    um_per_unit: float | None = None,
     model: Any = None,
     pixel_size: float | None = None,
     coordinate_system: str | None = None,
@@ -109,7 +110,9 @@ def super_resolve(
     genes
         Genes to super-resolve; default: 50 highly expressed genes of the table (no MT-/ribosomal genes).
     table_key
-        Table holding the spot counts; found automatically when only one table annotates a shapes element.
+        Table holding the spot counts; found automatically when only one table annotates spots, or only one of
+        them annotates spots placed with ``image_key`` (one table per sample). A table of several samples
+        (:func:`spatialdata.concatenate`) gives the spots placed with ``image_key`` only.
     layer
         Layer of the table holding the raw counts (e.g. ``"counts"`` once ``X`` holds normalised or log values, as
         after ``sc.pp.normalize_total`` and ``sc.pp.log1p``); default: ``X``.
@@ -121,6 +124,13 @@ def super_resolve(
     coordinate_system
         Coordinate system in which ``pixel_size`` is given; default: one shared by image and spots (``"global"``
         when present).
+    um_per_unit
+        Micrometres per unit of the coordinate system: sets the scale the image is read at (the image model reads
+        cells at about 0.75 µm per pixel). Default: read off the spots -- a hexagonal lattice of disks is Visium
+        (55 µm spots), a square lattice of disks legacy ST (100 µm), square bins named ``..._square_016um`` (as
+        ``spatialdata_io.visium_hd`` names them) Visium HD bins of that size, anything else micrometres. Pass it
+        when the spots are in other units (e.g. the image's µm per pixel for spots given in its pixels). Logged and
+        recorded in the provenance (``um_per_unit``, ``um_per_unit_from``).
     steps
         DDIM denoising steps.
     cache_interval
@@ -258,6 +268,7 @@ def super_resolve(
         integer_counts=integer_counts,
         tissue=tissue,
         layer=layer,
+        um_per_unit=um_per_unit,
     )
     check_new_keys(sdata, out_keys, overwrite, inputs=(image_key, inputs.table_key, inputs.spots_key))
     measured = inputs.lr
@@ -277,6 +288,8 @@ def super_resolve(
         "genes": inputs.genes,
         "pixel_size": inputs.pixel_size,
         "coordinate_system": inputs.coordinate_system,
+        "um_per_unit": inputs.um_per_unit,
+        "um_per_unit_from": inputs.um_per_unit_from,
         "steps": steps,
         "cache_interval": cache_interval,
         "n_samples": n_samples,
