@@ -69,6 +69,7 @@ exclude_patterns = [
             "default_call.md",
             "image_features.md",
             "repeat_call.md",
+            "visium_geometry.md",
         )
     ),
     "tutorials/README.md",

@@ -221,3 +221,40 @@ def test_semi_synthetic_scores_the_public_maps_on_the_truths_grid(her2st_c2_semi
     scored = slide.score(prior)
     assert 0.3 < interp["r"] < 0.99 and scored["within"] > interp["within"] + 0.1, (interp, scored)
     assert S.MAP_KEY not in slide.sdata  # the benchmark leaves the slide as it found it
+
+
+def test_visium_geometry_counts_the_truth_in_the_maps_own_pixels():
+    """``benchmarks/visium_geometry.py``: transcripts are counted in the pixels of the raster the public call wrote
+    (read off its transformation), and the spot baselines are what they say."""
+    import visium_geometry as V
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Scale, Sequence, Translation
+
+    # 2 genes on 4 x 5 pixels of 10 units, the first pixel's corner at (y, x) = (100, 200)
+    to_global = Sequence([Scale([10.0, 10.0], axes=("y", "x")), Translation([100.0, 200.0], axes=("y", "x"))])
+    raster = Image2DModel.parse(
+        np.zeros((2, 4, 5), np.float32), dims=("c", "y", "x"), transformations={"global": to_global}
+    )
+    y = np.array([105.0, 105.0, 139.9, 120.0, 99.9, 120.0])
+    x = np.array([201.0, 249.9, 210.0, 230.0, 210.0, 250.1])
+    gene = np.array([0, 1, 0, -1, 0, 1])  # -1: not a scored gene; the last two lie outside the raster
+    truth, gy, gx = V.truth_on_raster(raster, y, x, gene, 2)
+    assert truth.shape == (2, 4, 5) and truth.sum() == 3
+    assert truth[0, 0, 0] == truth[1, 0, 4] == truth[0, 3, 1] == 1
+    assert (gy[0, 0], gx[0, 0], gy[3, 4], gx[3, 4]) == (105.0, 205.0, 135.0, 245.0)
+    centres = np.array([[105.0, 205.0], [135.0, 245.0]])
+    density = np.array([[1.0, 2.0], [3.0, 4.0]])
+    maps = V.spot_baselines(centres, density, gy, gx, pitch=40.0)
+    nearest = maps["nearest spot"]
+    np.testing.assert_array_equal(nearest[:, 0, 0], [1.0, 2.0])
+    np.testing.assert_array_equal(nearest[:, 3, 4], [3.0, 4.0])
+    smooth = maps["Gaussian smoothing, sigma 0.5 pitch"]
+    assert (
+        1.0 < smooth[0, 0, 0] < smooth[0, 1, 1] < smooth[0, 3, 4] < 3.0
+    )  # between the spots' values, rising
+    flat = V.spot_baselines(centres, np.ones((2, 2)), gy, gx, pitch=40.0)
+    for v in flat.values():
+        np.testing.assert_allclose(v, 1.0)  # weights sum to one
+    field = truth + np.arange(20.0).reshape(4, 5)
+    assert V.mean_r(field, field, np.ones((4, 5), bool)) == pytest.approx(1.0)
+    np.testing.assert_array_equal(V.box_sum(np.ones((1, 7, 8)), 3), np.full((1, 2, 2), 9.0))
