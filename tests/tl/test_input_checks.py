@@ -429,3 +429,44 @@ def test_bad_um_per_unit_is_refused_before_work(slide, bad, monkeypatch):
     for call in (stsr.tl.prior_map, stsr.tl.super_resolve):
         with pytest.raises(ValueError, match="um_per_unit must be a positive number"):
             call(slide, "he", GENES, um_per_unit=bad, progress=False)
+
+
+@pytest.mark.parametrize("multiscale", [True, False])
+def test_an_rgba_image_is_refused_with_code_that_fixes_it(multiscale):
+    """An RGBA image (e.g. read from a PNG) is refused before work by both calls; the message's code adds its RGB
+    channels as a new element, which the same call then maps exactly as it maps the RGB image."""
+    import spatialdata  # noqa: F401  (the message's code names it)
+
+    sdata = stsr.datasets.synthetic(size_um=(300, 300), n_genes=3, seed=3)
+    rgb = sdata["he"]["scale0"]["image"]
+    rgba = np.concatenate([np.asarray(rgb), np.full_like(np.asarray(rgb)[:1], 255)])
+    sdata.images["he4"] = Image2DModel.parse(
+        rgba,
+        dims=("c", "y", "x"),
+        c_coords=["r", "g", "b", "a"],
+        transformations=get_transformation(rgb, get_all=True),
+        scale_factors=[2] if multiscale else None,
+    )
+    for call in (stsr.tl.prior_map, stsr.tl.super_resolve):
+        with pytest.raises(ValueError, match="alpha channel") as err:
+            call(sdata, "he4", GENES[:1], progress=False)
+    code = str(err.value).split("pass 'he4_rgb': ")[1].rstrip(".")
+    exec(code, {"sdata": sdata, "spatialdata": spatialdata})
+    assert sdata["he4_rgb"].keys() if multiscale else sdata["he4_rgb"].shape == rgb.shape
+    sdata.images["reference"] = Image2DModel.parse(  # the RGB image with the same pyramid
+        np.asarray(rgb),
+        dims=("c", "y", "x"),
+        c_coords=["r", "g", "b"],
+        transformations=get_transformation(rgb, get_all=True),
+        scale_factors=[2] if multiscale else None,
+    )
+    for key in ("reference", "he4_rgb"):
+        stsr.tl.prior_map(sdata, key, GENES[:1], key_added=f"map_{key}", progress=False)
+    maps = [np.asarray(sdata[f"map_{k}"]["scale0"]["image"]) for k in ("reference", "he4_rgb")]
+    assert maps[0].max() > 0
+    np.testing.assert_array_equal(*maps)
+    # four channels that are not RGBA get no such advice
+    sdata.images["four"] = Image2DModel.parse(rgba, dims=("c", "y", "x"), c_coords=["c0", "c1", "c2", "c3"])
+    with pytest.raises(ValueError, match="4 channels") as err:
+        stsr.tl.prior_map(sdata, "four", GENES[:1], progress=False)
+    assert "alpha" not in str(err.value)

@@ -11,6 +11,7 @@ import numpy as np
 import spatialdata as sd
 
 from .._validate import (
+    alpha_fix,
     available_memory,
     check_counts,
     check_element,
@@ -243,7 +244,7 @@ def prepare_inputs(
             f"Image {image_key!r} has {levels[0].shape[0]} channel(s) {channels}, but the model expects "
             f"{image_channels} ({'RGB H&E' if image_channels == 3 else 'image channels'}). Pass an RGB H&E image, "
             f"or train a model for this image type with stsr.tl.train (ModelConfig(image_channels="
-            f"{levels[0].shape[0]}))."
+            f"{levels[0].shape[0]})). {alpha_fix(image_key, levels)}".rstrip()
         )
     image_value_scale(levels, image_key)  # an image of unknown value scale fails here, not in the tile loop
     table_key = find_spot_table(sdata, table_key, image_key, coordinate_system)

@@ -9,7 +9,7 @@ import spatialdata as sd
 
 from .. import __version__
 from .._constants import KEY_PRIOR_MAP
-from .._validate import check_element
+from .._validate import alpha_fix, check_element
 from ..models.prior import PRIOR_MAP_STRENGTH, check_strength
 from ..pp._transforms import raster_levels
 from ._cache import RunCache
@@ -109,11 +109,13 @@ def prior_map(
         raise ValueError(
             f"image_scale must be a positive integer (image pixels per HR pixel), got {image_scale!r}."
         )
-    n_channels = raster_levels(check_element(sdata, image_key, "images"))[0].shape[0]
+    levels = raster_levels(check_element(sdata, image_key, "images"))
+    n_channels = levels[0].shape[0]
     if n_channels not in (1, 3):
         raise ValueError(
             f"Image {image_key!r} has {n_channels} channels; the image teacher of the prior reads RGB (3) or "
-            "greyscale (1) images: pass an H&E or bright-field image, or turn fluorescence into a virtual H&E first."
+            "greyscale (1) images: pass an H&E or bright-field image, or turn fluorescence into a virtual H&E first. "
+            f"{alpha_fix(image_key, levels)}".rstrip()
         )
     inputs = prepare_inputs(
         sdata,
