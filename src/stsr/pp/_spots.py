@@ -315,6 +315,17 @@ def table_region(
     return table, spots_key, region_key, instance_key
 
 
+def placed_with_image(
+    sdata: Any, keys: Sequence[str], image_key: str, coordinate_system: str | None = None
+) -> list[str]:
+    """Of the shapes elements ``keys`` (others are skipped), those sharing a coordinate system with the image
+    ``image_key`` (``coordinate_system`` when given)."""
+    on_image = set(coordinate_systems(sdata.images[image_key]))
+    if coordinate_system is not None:
+        on_image &= {coordinate_system}
+    return [k for k in keys if k in sdata.shapes and on_image & set(coordinate_systems(sdata.shapes[k]))]
+
+
 def _region_on_image(
     sdata: Any, table_key: str, regions: list[str], image_key: str | None, coordinate_system: str | None
 ) -> str:
@@ -323,11 +334,8 @@ def _region_on_image(
         raise ValueError(
             f"Table {table_key!r} annotates several elements {regions}; pass spots_key= to choose."
         )
-    on_image = set(coordinate_systems(check_element(sdata, image_key, "images")))
-    if coordinate_system is not None:
-        on_image &= {coordinate_system}
-    shapes = [r for r in regions if r in sdata.shapes]
-    placed = [r for r in shapes if on_image & set(coordinate_systems(sdata.shapes[r]))]
+    check_element(sdata, image_key, "images")
+    placed = placed_with_image(sdata, regions, image_key, coordinate_system)
     where = f"coordinate system {coordinate_system!r}" if coordinate_system else "a coordinate system"
     if len(placed) == 1:
         log.info(

@@ -22,7 +22,15 @@ from .._validate import (
 from ..observation import Grid, ObservationModel
 from ..pp import select_genes, tissue_mask
 from ..pp._grid import frame_grid
-from ..pp._spots import Spots, check_unique_instances, read_spots, spot_counts, spot_footprint, table_region
+from ..pp._spots import (
+    Spots,
+    check_unique_instances,
+    placed_with_image,
+    read_spots,
+    spot_counts,
+    spot_footprint,
+    table_region,
+)
 from ..pp._transforms import raster_levels
 from ..pp._units import check_um_per_unit, microns_per_unit
 from ._image_tiles import ImageLevels
@@ -141,8 +149,6 @@ def find_spot_table(
     ``coordinate_system`` when given)."""
     from spatialdata.models import get_table_keys
 
-    from .._elements import coordinate_systems
-
     if table_key is not None:
         check_element(sdata, table_key, "tables")
         return table_key
@@ -156,13 +162,7 @@ def find_spot_table(
         if any(r in sdata.shapes and _is_spots(sdata.shapes[r], r) for r in regions):
             candidates.append((key, regions))
     if len(candidates) > 1 and image_key is not None and image_key in sdata.images:
-        on_image = set(coordinate_systems(sdata.images[image_key]))
-        on_image &= {coordinate_system} if coordinate_system is not None else on_image
-        placed = [
-            c
-            for c in candidates
-            if any(r in sdata.shapes and on_image & set(coordinate_systems(sdata.shapes[r])) for r in c[1])
-        ]
+        placed = [c for c in candidates if placed_with_image(sdata, c[1], image_key, coordinate_system)]
         candidates = placed or candidates
     candidates = [key for key, _ in candidates]
     if len(candidates) == 1:
