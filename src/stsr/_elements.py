@@ -483,3 +483,25 @@ def sample_nearest(
     block = np.asarray(arr.isel(y=slice(r0, r1), x=slice(c0, c1)).values)
     out[inside] = block[r[inside] - r0, c[inside] - c0]
     return out
+
+
+ALPHA_NAMES = ("a", "alpha")
+
+
+def alpha_fix(key: str, levels: Sequence[Any], new_key: str | None = None) -> str:
+    """For an image of four channels whose last is named ``a``/``alpha`` (RGBA, e.g. read from a PNG): the code that
+    adds its RGB channels as a new element (same pyramid and transformations); else ``""``. (In this module, the
+    one that reads transformations, since the code it gives reads them.)"""
+    level = levels[0]
+    names = [str(c) for c in level.coords["c"].values] if "c" in level.coords else []
+    if level.shape[0] != 4 or not names or names[-1].lower() not in ALPHA_NAMES:
+        return ""
+    new_key = new_key or f"{key}_rgb"
+    factors = [2] * (len(levels) - 1)
+    source = f'sdata[{key!r}]["scale0"]["image"]' if len(levels) > 1 else f"sdata[{key!r}]"
+    return (
+        f"Its last channel is an alpha channel; add the RGB channels as an image of their own and pass "
+        f"{new_key!r}: rgba = {source}; sdata[{new_key!r}] = spatialdata.models.Image2DModel.parse(rgba.data[:3], "
+        f'dims=("c", "y", "x"), c_coords={names[:3]!r}, transformations=spatialdata.transformations.'
+        f"get_transformation(rgba, get_all=True)" + (f", scale_factors={factors}" if factors else "") + ")."
+    )

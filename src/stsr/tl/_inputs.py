@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import spatialdata as sd
 
+from .._elements import alpha_fix
 from .._validate import (
-    alpha_fix,
     available_memory,
     check_counts,
     check_element,

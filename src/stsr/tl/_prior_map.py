@@ -9,7 +9,8 @@ import spatialdata as sd
 
 from .. import __version__
 from .._constants import KEY_PRIOR_MAP
-from .._validate import alpha_fix, check_element
+from .._elements import alpha_fix
+from .._validate import check_element
 from ..models.prior import PRIOR_MAP_STRENGTH, check_strength
 from ..pp._transforms import raster_levels
 from ._cache import RunCache
