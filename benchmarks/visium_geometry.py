@@ -102,6 +102,8 @@ class Result:
     on_spots: float
     rows: dict[str, tuple[float, float, float, float, float]]  # r: all, on spots, between, 3x3 sums; seconds
     self_estimated_r: float
+    self_estimated_between_r: float
+    gap_share: float
     um_per_unit: float
     um_per_unit_from: str
     coverage: float
@@ -183,6 +185,8 @@ def run_geometry(sdata, genes: list[str], rest: list[str], geometry: tuple) -> R
         float(under[region].mean()),
         scores,
         float(record["self_check"]["self_estimated_r"]),
+        float(record["self_check"].get("self_estimated_between_r") or np.nan),
+        float(record["self_check"].get("gap_share", 0.0)),
         float(record["um_per_unit"]),
         str(record["um_per_unit_from"]),
         float(covered(cdf_at, cdf_below, LEVEL).mean()),
@@ -208,7 +212,9 @@ def report(results: list[Result], header: str) -> str:
             ),
             "",
             f"Self-estimated r (provenance `self_check.self_estimated_r`): {res.self_estimated_r:.3f}; true r on every "
-            f"pixel {sr[0]:.3f} (difference {res.self_estimated_r - sr[0]:+.3f}). Central {LEVEL:.0%} interval of "
+            f"pixel {sr[0]:.3f} (difference {res.self_estimated_r - sr[0]:+.3f}); between the spots "
+            f"(`self_estimated_between_r`, scored on whole hidden spots, {res.gap_share:.0%} of the lattice's area by "
+            f"`gap_share`) {res.self_estimated_between_r:.3f}, true {sr[2]:.3f}. Central {LEVEL:.0%} interval of "
             f"`stsr_std`'s negative binomial (`dispersion` of the provenance) over the truth counts: {res.coverage:.3f} "
             f"covered, {res.pit:.3f} by the randomised PIT.",
             "",

@@ -310,3 +310,88 @@ def test_spot_groups_lie_along_a_turned_lattice(angle):
 def test_scattered_centres_have_no_lattice_angle():
     centres = np.random.default_rng(0).uniform(0, 200, (300, 2))
     assert lattice_angle(centres, cKDTree(centres), 4) == 0.0
+
+
+def _visium_like(n: int = 20, pitch: float = 10.0, radius: float = 2.75) -> ObservationModel:
+    """Disks on a hexagonal lattice with Visium's proportions (55 µm spots every 100 µm)."""
+    centres = [
+        (i * pitch * np.sqrt(3) / 2 + pitch / 2, j * pitch + (pitch / 2 if i % 2 else 0) + pitch / 2)
+        for i in range(n)
+        for j in range(n)
+    ]
+    shape = (int(n * pitch * np.sqrt(3) / 2 + pitch), int((n + 1) * pitch))
+    return ObservationModel.disks(shape, np.array(centres), radius)
+
+
+def test_gap_share_and_hidden_classes_of_visium_legacy_st_and_bins():
+    from stsr.tl._self_check import gap_share, hidden_classes
+
+    visium = _visium_like()
+    # 1 - (pi 27.5^2) / (100^2 sqrt(3) / 2) = 0.73 (the disks' pixels round it)
+    assert gap_share(visium) == pytest.approx(
+        1 - visium.support_area.mean() / (100 * np.sqrt(3) / 2), abs=0.01
+    )
+    assert 0.65 < gap_share(visium) < 0.8
+    assert 0.7 < gap_share(_square_spots(12, 10, 2.5)) < 0.85  # legacy ST: 100 µm spots every 200 µm
+    assert gap_share(ObservationModel.blocks((40, 40), 4)) == 0.0  # bins tile the slide
+    classes = hidden_classes(visium)
+    tree = cKDTree(visium.centres)
+    for i, j in tree.query_pairs(1.9 * visium.pitch()):
+        assert classes[i] != classes[j]  # a hidden spot's neighbours and next neighbours stay measured
+    assert classes.max() + 1 == 4 and np.bincount(classes).min() > 0.2 * len(classes)  # a quarter each
+    assert hidden_classes(_square_spots(12)).max() + 1 == 4
+
+
+def test_the_self_estimate_counts_the_map_between_the_spots():
+    """On a Visium-like slide most of the map lies between the spots, where it is interpolated from the spots
+    around. The self-check scores it on whole hidden spots and weighs it by its share of the lattice: the score
+    tracks the true r of the map's pixels between the spots, and the self-estimate of every pixel comes closer to
+    the truth than the estimate from inside the spots alone."""
+    from scipy.ndimage import gaussian_filter
+
+    from stsr.metrics import _corr_rows
+    from stsr.models.prior import PriorReweighting
+
+    op = _visium_like()
+    h, w = op.shape
+    genes = 6
+    rng = np.random.default_rng(0)
+    z = gaussian_filter(rng.normal(size=(genes, h, w)), (0, 12, 12), mode="wrap")
+    z = (z - z.mean((1, 2), keepdims=True)) / z.std((1, 2), keepdims=True)
+    rate = np.exp(0.8 * z) * np.linspace(1.0, 4.0, genes)[:, None, None]
+    counts = rng.poisson(rate).astype(float)
+    lr = op.pool(counts)
+    mask = np.ones((h, w), bool)
+    prior = _prior(np.zeros((1, h, w)), genes)  # no histology: the map is the interpolated spots
+    check = run_self_check(op, lr, mask, prior, window=256)
+    assert 0.65 < check.gap_share < 0.8 and np.isfinite(check.between_r)
+
+    rw = PriorReweighting(
+        op, lr, lambda r0, c0, hh, ww: prior.weights(r0, c0, hh, ww, check.strength), mask * 1.0
+    )
+    base = op.interpolate(lr, area=op.tissue_area(mask))
+    rw.fit(*rw.pooled(base, 0, 0))
+    mapped = rw.apply(base, 0, 0)
+    between = op.coverage.reshape(h, w) == 0
+    true_r = np.mean(_corr_rows(mapped.reshape(genes, -1), counts.reshape(genes, -1)))
+    true_between = np.mean(_corr_rows(mapped[:, between], counts[:, between]))
+    assert abs(check.between_r - true_between) < 0.03
+    assert abs(check.pixel_r - true_r) < 0.05
+    spots_alone = (check.pixel_r - check.gap_share * check.between_r) / (1 - check.gap_share)
+    assert (
+        abs(spots_alone - true_r) > abs(check.pixel_r - true_r) + 0.03
+    )  # without the gaps it was further off
+    record = check.provenance()
+    assert record["gap_share"] == round(check.gap_share, 3)
+    assert record["self_estimated_between_r"] == round(check.between_r, 4)
+    # bins that tile the slide have no gaps: nothing is hidden, the estimate is that of the spots
+    bins = ObservationModel.blocks((h - h % 8, w - w % 8), 8)
+    tiled = run_self_check(
+        bins,
+        bins.pool(counts[:, : bins.shape[0], : bins.shape[1]]),
+        mask[: bins.shape[0], : bins.shape[1]],
+        _prior(np.zeros((1, *bins.shape)), genes),
+        window=256,
+    )
+    assert tiled.gap_share == 0.0 and np.isnan(tiled.between_r)
+    assert tiled.provenance()["self_estimated_between_r"] is None

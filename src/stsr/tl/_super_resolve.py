@@ -169,7 +169,9 @@ def super_resolve(
         :func:`prior_map`). The best configuration is used; its scores against the measured spots (Pearson r across
         spots, r within the groups) and the same carried to the map's pixels (the self-estimate of the result's
         accuracy, ``self_estimated_r`` and ``self_estimated_within_r``) are logged and kept in the provenance as
-        ``self_check``. The
+        ``self_check``. Where the spots leave gaps (Visium, legacy ST), whole spots are also hidden and mapped from
+        the others, which scores the map between the spots (``self_estimated_between_r``); the self-estimated r
+        weighs it by the share of the lattice between the spots (``gap_share``). The
         same predictions calibrate ``f"{key_added}_std"``: per gene, the standard deviation ``sqrt(phi) x map`` of a
         Gamma spread of the rate whose negative-binomial 90 % interval (variance ``m + phi m^2`` for a pixel
         count of mean ``m``) covers 90 % of the hidden spots; ``phi`` is in the provenance as ``dispersion``.
