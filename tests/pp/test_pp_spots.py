@@ -172,3 +172,37 @@ def test_spot_counts_and_stale_record(tiny_sd, unchanged):
     tiny_sd.tables["table"] = tiny_sd.tables["table"][:3].copy()
     with pytest.raises(ValueError, match="changed since 'lr' was built"):
         get_observations(tiny_sd, "lr")
+
+
+def test_a_bounding_box_crop_of_a_real_slide_keeps_its_edge_spots():
+    """``spatialdata.bounding_box_query`` keeps the spots whose centres lie in the box and crops the image to whole
+    pixels: on this crop of HER2ST C2 one edge spot's centre lies 0.2 image pixels outside the cropped image. It is
+    on the slide (within :data:`EDGE_TOLERANCE_PX`); spots further out are still refused."""
+    from spatialdata import bounding_box_query
+
+    import stsr
+    from stsr._elements import element_affine
+    from stsr.pp._spots import EDGE_TOLERANCE_PX
+    from stsr.pp._transforms import spatial_shape
+
+    sdata = stsr.datasets.her2st("C2")
+    centre = np.median(sdata["spots"].geometry.get_coordinates().to_numpy(), 0)
+    sub = bounding_box_query(
+        sdata,
+        axes=("x", "y"),
+        min_coordinate=centre - 400,
+        max_coordinate=centre + 400,
+        target_coordinate_system="global",
+        filter_table=True,
+    )
+    spots, image = sub["spots"], sub["he"]
+    h, w = spatial_shape(image)
+    pts = spots.geometry
+    yx = np.stack([pts.y.to_numpy(float), pts.x.to_numpy(float), np.ones(len(spots))])
+    img = (element_affine(spots, "global", "spots", to=image, to_key="he") @ yx)[:2].T
+    beyond = np.maximum.reduce([-img[:, 0], img[:, 0] - h, -img[:, 1], img[:, 1] - w])
+    assert 0 < beyond.max() < EDGE_TOLERANCE_PX  # the crop's edge spot, a fraction of a pixel out
+    grid = pp.hr_grid(sub, "he", 10.0)
+    op = pp.spots_observation_model(sub, "spots", grid, "he")
+    assert op.n_obs == len(spots) == 18
+    assert (op.support_area > 0).all()  # every spot has pixels on the grid

@@ -36,6 +36,9 @@ __all__ = [
 
 #: Above this many genes, :func:`rasterize_spots` asks for an explicit gene list.
 MAX_DEFAULT_GENES = 500
+#: Spot centres up to this many image pixels outside the image still count as on it (the crop of
+#: ``spatialdata.bounding_box_query`` rounds the image to whole pixels and keeps the spots by their centres).
+EDGE_TOLERANCE_PX = 1.0
 
 
 def spot_footprint(spots: Any, spots_key: str) -> str:
@@ -226,7 +229,10 @@ def read_spots(
         )
     h, w = spatial_shape(image)
     img = (element_affine(spots, cs, spots_key, to=image, to_key=image_key) @ yx)[:2].T
-    outside = ~((img[:, 0] >= 0) & (img[:, 0] <= h) & (img[:, 1] >= 0) & (img[:, 1] <= w))
+    # a centre within one pixel of the image's edge is on it: spatialdata.bounding_box_query keeps the spots whose
+    # centres lie in the box and crops the image to whole pixels, which can leave an edge spot a fraction outside
+    tol = EDGE_TOLERANCE_PX
+    outside = ~((img[:, 0] >= -tol) & (img[:, 0] <= h + tol) & (img[:, 1] >= -tol) & (img[:, 1] <= w + tol))
     if outside.any():
         i = int(np.flatnonzero(outside)[0])
         raise ValueError(
