@@ -395,3 +395,33 @@ def test_the_self_estimate_counts_the_map_between_the_spots():
     )
     assert tiled.gap_share == 0.0 and np.isnan(tiled.between_r)
     assert tiled.provenance()["self_estimated_between_r"] is None
+
+
+def test_a_slide_of_too_few_spot_groups_is_checked_spot_by_spot():
+    """A small crop (2 x 4 spots: 2 groups of 2 x 2) has too few groups to refit the prior on: each spot is predicted
+    from the other spots instead, which calibrates the spread and gives the self-estimate; the prior map at
+    prior_map's strength is used, without the diffusion core. Under 4 spots on tissue the check says what to do."""
+    from stsr.metrics import _corr_rows
+    from stsr.tl._self_check import hidden_spot_predictions
+
+    yy, xx = np.meshgrid(np.arange(2), np.arange(4), indexing="ij")
+    centres = np.stack([yy.ravel(), xx.ravel()], 1) * 10.0 + 5.0
+    op = ObservationModel.disks((20, 40), centres, 3.5)
+    truth = np.stack([_field(op.shape, g) * 30 * (g + 1) for g in range(3)])
+    lr = op.pool(truth)
+    mask = np.ones(op.shape, bool)
+    prior = _prior(np.log1p(truth.mean(0))[None], 3)
+    called = []
+    check = run_self_check(op, lr, mask, prior, window=64, coarse_tiles=lambda *a: called.append(a))
+    assert check.n_groups == 2 and check.strength == 0.25 and check.residual == 0.0 and not called
+    pred, idx = hidden_spot_predictions(op, lr, mask, prior, 64, 0.25, None)
+    assert sorted(idx.tolist()) == list(range(8))  # every spot predicted from the others
+    assert check.r == pytest.approx(np.mean(_corr_rows(pred, lr[:, idx])))
+    np.testing.assert_allclose(check.dispersion, calibrate_dispersion(pred, lr[:, idx]))
+    assert np.isnan(check.within_r) and check.candidates == []
+    assert (
+        run_self_check(op, lr, mask, prior, window=64, strengths=(0.5,)).strength == 0.5
+    )  # a strength given
+    few = ObservationModel.disks((20, 40), centres[:3], 3.5)
+    with pytest.raises(ValueError, match=r"3 spot\(s\) on tissue, too few .*self_check=False"):
+        run_self_check(few, few.pool(truth), mask, prior, window=64)

@@ -72,6 +72,9 @@ INTERVAL = 0.9
 #: leave gaps (:func:`between_spot_r`), and how far apart (pitches) the spots hidden at once lie.
 GAP_SPOTS = 300
 GAP_RADIUS = 1.9
+#: Spot groups on tissue the check needs to refit the prior on them; with fewer (a small crop) each spot is predicted
+#: from the other spots instead (:func:`_spots_from_spots`).
+MIN_GROUPS = 3
 #: Below this share of the lattice between the spots (:func:`gap_share`) the map between spots is not checked.
 MIN_GAP_SHARE = 0.05
 
@@ -308,6 +311,37 @@ def hidden_classes(observation: ObservationModel, radius: float = GAP_RADIUS) ->
     return classes
 
 
+def hidden_spot_predictions(
+    observation: ObservationModel,
+    lr: np.ndarray,
+    mask: np.ndarray,
+    prior: SlidePrior,
+    window: int,
+    strength: float,
+    n_hidden: int | None = GAP_SPOTS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(G, m)`` predicted counts of ``m`` whole spots hidden from the map, and their indices ``(m,)``: a class of
+    :func:`hidden_classes` at a time (until ``n_hidden`` spots, or all of them with None) is left out, the prior map
+    of ``strength`` is made from the other spots, and pooled over each hidden spot's footprint -- there the map is the
+    one between spots, interpolated from the spots around. Only spots on tissue are hidden, and only while at least 3
+    others on tissue remain."""
+    classes = hidden_classes(observation)
+    on_tissue = observation.tissue_area(mask) > 0
+    order = np.argsort(-np.bincount(classes[on_tissue], minlength=int(classes.max()) + 1), kind="stable")
+    preds, hidden_all = [np.zeros((np.shape(lr)[0], 0))], [np.zeros(0, np.int64)]
+    for c in order:
+        hidden = (classes == c) & on_tissue
+        if hidden.sum() == 0 or (~hidden & on_tissue).sum() < 3:
+            continue
+        groups = np.where(classes == c, -1, np.arange(observation.n_obs))
+        slide = CoarseSlide(observation, lr, mask, prior, window, groups=groups)
+        preds.append(slide.predicted_spots(slide.prior_map(strength))[:, hidden])
+        hidden_all.append(np.flatnonzero(hidden))
+        if n_hidden is not None and sum(len(h) for h in hidden_all) >= n_hidden:
+            break
+    return np.concatenate(preds, axis=1), np.concatenate(hidden_all)
+
+
 def between_spot_r(
     observation: ObservationModel,
     lr: np.ndarray,
@@ -319,30 +353,14 @@ def between_spot_r(
     factors: np.ndarray,
     n_hidden: int = GAP_SPOTS,
 ) -> float:
-    """Self-estimated r of the map's pixels between the spots: whole spots are hidden (a class of
-    :func:`hidden_classes` at a time, until ``n_hidden`` spots or all of them), the prior map of ``strength`` is made
-    from the other spots, and its pooled value over each hidden spot's footprint -- there the map is the one between
-    spots, interpolated from the spots around -- is scored against the spot's ``target`` count (Pearson r across
-    hidden spots per gene, times its pixel factor ``factors`` as for the spots: :func:`pixel_factors`; mean over
-    genes). NaN with fewer than 3 hidden spots on tissue."""
-    classes = hidden_classes(observation)
-    on_tissue = observation.tissue_area(mask) > 0
-    order = np.argsort(-np.bincount(classes[on_tissue], minlength=int(classes.max()) + 1), kind="stable")
-    preds, hidden_all = [], []
-    for c in order:
-        hidden = (classes == c) & on_tissue
-        if hidden.sum() == 0 or (~hidden & on_tissue).sum() < 3:
-            continue
-        groups = np.where(classes == c, -1, np.arange(observation.n_obs))
-        slide = CoarseSlide(observation, lr, mask, prior, window, groups=groups)
-        preds.append(slide.predicted_spots(slide.prior_map(strength))[:, hidden])
-        hidden_all.append(np.flatnonzero(hidden))
-        if sum(len(h) for h in hidden_all) >= n_hidden:
-            break
-    if not hidden_all or sum(len(h) for h in hidden_all) < 3:
+    """Self-estimated r of the map's pixels between the spots: whole spots hidden from the map
+    (:func:`hidden_spot_predictions`) scored against their ``target`` counts (Pearson r across hidden spots per gene,
+    times its pixel factor ``factors`` as for the spots: :func:`pixel_factors`; mean over genes). NaN with fewer
+    than 3 hidden spots on tissue."""
+    pred, idx = hidden_spot_predictions(observation, lr, mask, prior, window, strength, n_hidden)
+    if len(idx) < 3:
         return float("nan")
-    idx = np.concatenate(hidden_all)
-    r = _corr_rows(np.concatenate(preds, axis=1), np.asarray(target, np.float64)[:, idx])
+    r = _corr_rows(pred, np.asarray(target, np.float64)[:, idx])
     return _nanmean(r * factors)
 
 
@@ -495,8 +513,11 @@ def run_self_check(
         The measured counts, when ``lr`` are expected counts: the predictions are scored against them and the
         spread is calibrated to cover them.
     """
-    slide = CoarseSlide(observation, lr, mask, prior, window)
-    groups = slide.groups
+    groups = spot_groups(observation)
+    n_groups = int((observation.grouped(groups).tissue_area(mask) > 0.5).sum())
+    if n_groups < MIN_GROUPS:
+        return _spots_from_spots(observation, lr, mask, prior, window, strengths, measured, groups, n_groups)
+    slide = CoarseSlide(observation, lr, mask, prior, window, groups=groups)
     target = slide.lr if measured is None else np.asarray(measured, np.float64)
     candidates: list[Candidate] = []
     maps: dict[float, PriorReweighting] = {}
@@ -672,6 +693,69 @@ def run_self_check(
         f" (r {between:.3f} between the spots, {share:.0%} of the lattice)" if np.isfinite(between) else "",
     )
     return check
+
+
+def _spots_from_spots(
+    observation: ObservationModel,
+    lr: np.ndarray,
+    mask: np.ndarray,
+    prior: SlidePrior,
+    window: int,
+    strengths: tuple[float, ...],
+    measured: np.ndarray | None,
+    groups: np.ndarray,
+    n_groups: int,
+) -> SelfCheck:
+    """The check of a slide with too few spot groups to refit the prior on (a small crop): every spot is predicted
+    from the other spots (:func:`hidden_spot_predictions`), which calibrates the spread and gives the self-estimate;
+    the prior's strength is ``prior_map``'s (or the one given) and no diffusion core is kept."""
+    from ..models.prior import PRIOR_MAP_STRENGTH
+
+    lr = np.asarray(lr, np.float64)
+    target = lr if measured is None else np.asarray(measured, np.float64)
+    strength = strengths[0] if len(strengths) == 1 else PRIOR_MAP_STRENGTH
+    pred, idx = hidden_spot_predictions(observation, lr, mask, prior, window, strength, None)
+    n_on = int((observation.tissue_area(mask) > 0).sum())
+    if len(idx) < 3:
+        raise ValueError(
+            f"super_resolve's self-check predicts spots it hides from the other spots, and this slide has {n_on} "
+            "spot(s) on tissue, too few (it needs at least 4): map a larger region of the slide, or pass "
+            "self_check=False."
+        )
+    area = observation.support_area
+    k = float(np.median(area[area > 0])) if (area > 0).any() else 1.0
+    y = target[:, idx]
+    r = _corr_rows(pred, y)
+    factors = pixel_factors(target, groups, k)
+    px_r = _nanmean(r * factors[0])
+    log.warning(
+        "super_resolve self-check: the slide's %d spots on tissue make %d group(s) of spots, too few to check the "
+        "configurations on (at least %d): the prior map at strength %g is used without the diffusion core, and each "
+        "spot predicted from the others calibrates the spread (r %.3f against the spots; self-estimated on the "
+        "map's pixels: r %.3f). Map a larger region of the slide for the full check.",
+        n_on,
+        n_groups,
+        MIN_GROUPS,
+        strength,
+        _nanmean(r),
+        px_r,
+    )
+    return SelfCheck(
+        strength,
+        0.0,
+        _nanmean(r),
+        float("nan"),
+        calibrate_dispersion(pred, y),
+        n_groups,
+        [],
+        px_r,
+        float("nan"),
+        k,
+        float("nan"),
+        0,
+        px_r,
+        gap_share(observation),
+    )
 
 
 def _whole_groups(groups: np.ndarray, keep: np.ndarray) -> np.ndarray:
