@@ -652,7 +652,8 @@ def run_self_check(
     px_w = min(px_w + gain[1] * _nanmean(factors[1]), 1.0)
     # where the spots leave gaps (Visium, legacy ST on a fine grid) most of the map's pixels lie between them, where
     # the map is interpolated from the spots around: r there is scored on whole hidden spots, and the self-estimated
-    # r is the mean of the two, weighed by the share of the lattice each covers (r within the spots stays as it is)
+    # r is the mean of the two, weighed by the share of the lattice each covers (r within the spots stays as it is;
+    # the hidden spots are mapped by the prior map of the strength used, without a kept diffusion residual)
     between, share = float("nan"), gap_share(observation)
     if share >= MIN_GAP_SHARE:
         between = between_spot_r(
