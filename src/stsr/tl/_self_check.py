@@ -514,7 +514,9 @@ def run_self_check(
         spread is calibrated to cover them.
     """
     groups = spot_groups(observation)
-    n_groups = int((observation.grouped(groups).tissue_area(mask) > 0.5).sum())
+    # the groups' tissue areas (what the prior's refit on them counts), without building their operator twice
+    ok = groups >= 0
+    n_groups = int((np.bincount(groups[ok], weights=observation.tissue_area(mask)[ok]) > 0.5).sum())
     if n_groups < MIN_GROUPS:
         return _spots_from_spots(observation, lr, mask, prior, window, strengths, measured, groups, n_groups)
     slide = CoarseSlide(observation, lr, mask, prior, window, groups=groups)
