@@ -2,7 +2,11 @@
 
 spatialdata records no unit. stsr's loaders use micrometres; readers such as ``spatialdata_io.visium`` use the
 pixels of the full-resolution image. The spot lattice tells them apart: a hexagonal lattice of disks is Visium
-(55 µm spots), a square lattice of disks is legacy ST (100 µm spots). Square bins named as
+(centres 100 µm apart), a square lattice of disks is legacy ST (100 µm spots), each only where the disks' diameter
+is the share of the pitch the platform has (:data:`DIAMETER_PER_PITCH`). Visium's unit is read off the pitch, which
+the centres give exactly, not off the diameter, which readers record by different conventions (Space Ranger's
+``spot_diameter_fullres``, which ``spatialdata_io.visium`` makes the circles' diameter, is that of a 65 µm spot, not
+the 55 µm of the capture area). Square bins named as
 ``spatialdata_io.visium_hd`` names them (``..._square_016um``) are Visium HD bins of that side. Elsewhere (other
 square bins, cells, irregular spots) the unit is taken to be the micrometre; the caller overrides any of these with
 ``um_per_unit=`` (:func:`stsr.tl.super_resolve`, :func:`stsr.tl.prior_map`).
@@ -20,12 +24,18 @@ import numpy as np
 if TYPE_CHECKING:
     from ._spots import Spots
 
-__all__ = ["microns_per_unit", "check_um_per_unit", "SPOT_DIAMETER_UM"]
+__all__ = ["microns_per_unit", "check_um_per_unit", "PLATFORM_UM"]
 
 log = logging.getLogger("stsr")
 
-#: Spot diameters of the platforms recognised by their lattice, in micrometres.
-SPOT_DIAMETER_UM = {"visium": 55.0, "legacy_st": 100.0}
+#: The size that gives a recognised lattice its unit, in micrometres: Visium's pitch (centre to centre, exact on
+#: every slide), legacy ST's spot diameter (arrays and their aligned centres vary in pitch; stsr's loaders and
+#: exports give its spots 100 µm).
+PLATFORM_UM = {"visium": ("pitch", 100.0), "legacy_st": ("diameter", 100.0)}
+#: Range of spot diameter / pitch in which a lattice of disks is taken for its platform: Visium 0.55 (0.65 with Space
+#: Ranger's 65 µm ``spot_diameter_fullres``), legacy ST 0.5. Disks that touch (e.g. bins drawn as circles) or lie
+#: far apart are some other platform, whose unit the lattice does not tell.
+DIAMETER_PER_PITCH = (0.3, 0.8)
 
 
 def lattice(centres: np.ndarray) -> str | None:
@@ -88,6 +98,15 @@ def microns_per_unit(spots: Spots, given: float | None = None) -> tuple[float, s
         kind = lattice(spots.centres)
         platform = {"hexagonal": "visium", "square": "legacy_st"}.get(kind or "")
         if platform is not None:
-            um = SPOT_DIAMETER_UM[platform]
-            return um / spots.diameter, f"{kind} lattice of disks: {platform} ({um:g} µm spots)"
+            ratio = spots.diameter / spots.pitch
+            lo, hi = DIAMETER_PER_PITCH
+            if lo <= ratio <= hi:
+                size, um = PLATFORM_UM[platform]
+                if size == "pitch":  # to 6 digits: the median distance of float centres is not exact
+                    return float(f"{um / spots.pitch:.6g}"), f"{kind} lattice of disks: {platform} (centres {um:g} µm apart)"
+                return um / spots.diameter, f"{kind} lattice of disks: {platform} ({um:g} µm spots)"
+            return 1.0, (
+                f"coordinate system taken to be in micrometres ({kind} lattice of disks {ratio:.2g} pitch across: "
+                f"not {platform}, whose disks are {lo:g}-{hi:g} pitch across)"
+            )
     return 1.0, "coordinate system taken to be in micrometres"
