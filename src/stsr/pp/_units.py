@@ -103,7 +103,9 @@ def microns_per_unit(spots: Spots, given: float | None = None) -> tuple[float, s
             if lo <= ratio <= hi:
                 size, um = PLATFORM_UM[platform]
                 if size == "pitch":  # to 6 digits: the median distance of float centres is not exact
-                    return float(f"{um / spots.pitch:.6g}"), f"{kind} lattice of disks: {platform} (centres {um:g} µm apart)"
+                    return float(
+                        f"{um / spots.pitch:.6g}"
+                    ), f"{kind} lattice of disks: {platform} (centres {um:g} µm apart)"
                 return um / spots.diameter, f"{kind} lattice of disks: {platform} ({um:g} µm spots)"
             return 1.0, (
                 f"coordinate system taken to be in micrometres ({kind} lattice of disks {ratio:.2g} pitch across: "
