@@ -32,7 +32,7 @@ from PIL import Image
 from stsr.datasets._build import read_dense_counts
 from stsr.datasets._fetch import REGISTRY, data_path
 
-__all__ = ["write_visium_folder", "write_visium_hd_folder"]
+__all__ = ["write_visium_folder", "write_visium_hd_folder", "write_synthetic_visium_folder"]
 
 _HER2ST = "her2st"
 _DBIT = "dbit_mouse_embryo_ffpe2"
@@ -347,6 +347,95 @@ def write_visium_folder(
         shutil.copyfile(image_file, out / "tissue_image.jpg")
         kwargs["fullres_image_file"] = "tissue_image.jpg"
     return kwargs
+
+
+#: Space Ranger's ``spot_diameter_fullres`` is the diameter of a theoretical 65 µm spot (the capture area is 55 µm).
+_SPACERANGER_SPOT_UM = 65.0
+
+
+def write_synthetic_visium_folder(
+    sdata: Any,
+    path: str | os.PathLike[str],
+    *,
+    image_key: str = "he",
+    spots_key: str = "spots",
+    table_key: str = "table",
+    dataset_id: str = "synthetic",
+    hires_size: int = 2000,
+    lowres_size: int = 600,
+    overwrite: bool = False,
+) -> dict[str, str]:
+    """Write a slide of :func:`stsr.datasets.synthetic` (Visium geometry, in µm) as a Space Ranger Visium folder.
+
+    The full-resolution image is the slide's H&E at its own pixel size (``um_per_px``); spot positions are its
+    pixels (rounded, as Space Ranger writes them); ``spot_diameter_fullres`` follows Space Ranger's convention, the
+    diameter of a 65 µm spot in full-resolution pixels (not the 55 µm of the spots' footprint); ``array_row`` /
+    ``array_col`` are Visium's hexagonal array coordinates (columns doubled, odd rows shifted). Spots with tissue are
+    ``in_tissue`` = 1 and the filtered matrix holds them. Returns the keyword arguments for
+    :func:`spatialdata_io.visium` (``dataset_id``).
+    """
+    from spatialdata.transformations import get_transformation
+
+    out = _prepare_folder(path, overwrite)
+    spatial = out / "spatial"
+    spatial.mkdir()
+    scale = np.diag(get_transformation(sdata[image_key], "global").to_affine_matrix(("y", "x"), ("y", "x")))[
+        :2
+    ]
+    if not np.allclose(scale, scale[0]):
+        raise ValueError(f"image {image_key!r} must have square pixels, got {scale} µm per pixel.")
+    um_per_px = float(scale[0])
+    image = np.asarray(sdata[image_key]["scale0"]["image"].values).transpose(1, 2, 0)
+    hires_scalef, lowres_scalef = _write_pyramid_pngs(
+        Image.fromarray(image), spatial, hires_size, lowres_size
+    )
+
+    spots = sdata[spots_key]
+    table = sdata[table_key]
+    xy = np.stack([spots.geometry.x.to_numpy(), spots.geometry.y.to_numpy()], 1)
+    # columns lie half a pitch apart (odd rows shifted), rows sqrt(3) / 2 pitch apart
+    half = float(np.median(np.diff(np.unique(np.round(xy[:, 0], 3)))))
+    rows = np.round((xy[:, 1] - xy[:, 1].min()) / (half * np.sqrt(3))).astype(int)
+    cols = np.round((xy[:, 0] - xy[:, 0].min()) / half).astype(int)
+    barcodes = _visium_like_barcodes(np.arange(len(spots)))
+    counts = sp.csr_matrix(table.X)
+    position = spots.index.get_indexer(table.obs["instance_id"])  # each table row's spot
+    if np.any(position < 0):
+        raise ValueError(f"table {table_key!r} has rows whose instance_id is no spot of {spots_key!r}.")
+    keep = np.flatnonzero(np.asarray(counts.sum(1)).ravel() > 0)  # rows with counts: the filtered matrix
+    in_tissue = np.zeros(len(spots), bool)
+    in_tissue[position[keep]] = True
+    positions = pd.DataFrame(
+        {
+            "barcode": barcodes,
+            "in_tissue": in_tissue.astype(int),
+            "array_row": rows,
+            "array_col": cols,
+            "pxl_row_in_fullres": np.round(xy[:, 1] / um_per_px).astype(int),
+            "pxl_col_in_fullres": np.round(xy[:, 0] / um_per_px).astype(int),
+        }
+    )
+    positions.to_csv(spatial / "tissue_positions.csv", index=False)
+    _write_10x_h5(
+        out / "filtered_feature_bc_matrix.h5",
+        counts[keep],
+        [barcodes[i] for i in position[keep]],
+        [str(g) for g in table.var_names],
+        genome="synthetic",
+        library_id=dataset_id,
+        chemistry="Visium-like export of stsr.datasets.synthetic",
+    )
+    spot_diameter = _SPACERANGER_SPOT_UM / um_per_px
+    _write_json(
+        spatial / "scalefactors_json.json",
+        {
+            "tissue_hires_scalef": hires_scalef,
+            "tissue_lowres_scalef": lowres_scalef,
+            "fiducial_diameter_fullres": spot_diameter * _FIDUCIAL_RATIO,
+            "spot_diameter_fullres": spot_diameter,
+        },
+    )
+    return {"dataset_id": dataset_id}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Objects made by spatialdata-io readers are super-resolved unchanged (Space Ranger Visium and Visium HD layouts
-written from real HER2ST and DBiT-seq data)."""
+written from real HER2ST and DBiT-seq data, and a Visium layout of a synthetic slide on Visium's hexagonal
+lattice)."""
 
 from __future__ import annotations
 
@@ -96,3 +97,34 @@ def test_visium_hd_square_bins(tmp_path, data_dir, tiny_model):
     # bins start on pixel edges: each owns whole pixels (4 x 4 HR pixels per 16 px bin)
     np.testing.assert_allclose(inputs.observation.support_area[inputs.observation.support_area > 15], 16.0)
     _pooled_matches_counts(sdata, image_key, table_key, genes)
+
+
+def test_visium_hexagonal_lattice_in_image_pixels(tmp_path):
+    """A Visium slide as ``spatialdata_io.visium`` reads it: a hexagonal lattice in full-resolution pixels, circles
+    of Space Ranger's 65 µm ``spot_diameter_fullres``, the hires image (half the full resolution) placed by its scale
+    factor. The unit is read off the pitch: 0.5 µm per pixel, the slide's own (read off the 65 µm circles as 55 µm
+    spots it was 0.42, and the image teacher read the H&E at another scale). ``prior_map`` with its defaults, on the
+    same HR grid (5.5 µm = 11 pixels), gives the map it gives on the slide in micrometres, spread over the footprints
+    the reader gives: each spot's count over a 65 µm disk, so the map's counts per pixel are (55 / 65)^2 of those
+    over the 55 µm disks."""
+    from spaceranger_writer import write_synthetic_visium_folder
+
+    slide = stsr.datasets.synthetic(size_um=(800.0, 800.0), n_genes=4, um_per_px=0.5, seed=3)
+    genes = [str(g) for g in slide["table"].var_names[:3]]
+    kw = write_synthetic_visium_folder(slide, tmp_path / "visium", hires_size=800)
+    sdata = sdio.visium(tmp_path / "visium", **kw)
+    image_key = f"{kw['dataset_id']}_hires_image"
+    stsr.tl.prior_map(sdata, image_key, genes, pixel_size=11.0, key_added="px", progress=False)
+    stsr.tl.prior_map(slide, "he", genes, pixel_size=5.5, key_added="um", progress=False)
+    px, um = sdata.attrs["stsr"]["px"], slide.attrs["stsr"]["um"]
+    assert px["um_per_unit"] == pytest.approx(0.5, rel=1e-3)
+    assert "visium" in px["um_per_unit_from"]
+    assert px["image_scale"] == um["image_scale"] == 7
+    a = np.asarray(sdata["px"]["scale0"]["image"].values, np.float64)
+    b = np.asarray(slide["um"]["scale0"]["image"].values, np.float64)
+    assert a.shape == b.shape
+    for g in range(len(genes)):
+        tissue = (a[g] > 0) & (b[g] > 0)
+        assert tissue.mean() > 0.3
+        assert np.corrcoef(a[g][tissue], b[g][tissue])[0, 1] > 0.95
+        assert a[g].sum() / b[g].sum() == pytest.approx((55 / 65) ** 2, rel=0.05)
