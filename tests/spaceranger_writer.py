@@ -149,6 +149,22 @@ def _write_json(file: Path, content: dict[str, Any]) -> None:
     file.write_text(json.dumps(content, indent=2) + "\n")
 
 
+def _write_visium_scalefactors(
+    spatial: Path, hires_scalef: float, lowres_scalef: float, spot_diameter: float
+) -> None:
+    """``spatial/scalefactors_json.json`` of a Visium folder (``fiducial_diameter_fullres`` from Visium's
+    fiducial/spot ratio, unused by readers)."""
+    _write_json(
+        spatial / "scalefactors_json.json",
+        {
+            "tissue_hires_scalef": hires_scalef,
+            "tissue_lowres_scalef": lowres_scalef,
+            "fiducial_diameter_fullres": spot_diameter * _FIDUCIAL_RATIO,
+            "spot_diameter_fullres": spot_diameter,
+        },
+    )
+
+
 def _visium_like_barcodes(keys: np.ndarray) -> list[str]:
     """Deterministic, distinct 16-nt barcodes (``"ACGT...-1"``) for distinct non-negative integer ``keys``."""
     # multiplication by an odd constant is a bijection modulo 2**32 = 4**16
@@ -333,15 +349,7 @@ def write_visium_folder(
     image_file = _source(data_dir, _HER2ST, image_name)
     hires_scalef, lowres_scalef = _write_pyramid_pngs(image_file, spatial, hires_size, lowres_size)
     spot_diameter = _HER2ST_SPOT_DIAMETER_UM / _her2st_um_per_px(spots)
-    _write_json(
-        spatial / "scalefactors_json.json",
-        {
-            "tissue_hires_scalef": hires_scalef,
-            "tissue_lowres_scalef": lowres_scalef,
-            "fiducial_diameter_fullres": spot_diameter * _FIDUCIAL_RATIO,
-            "spot_diameter_fullres": spot_diameter,
-        },
-    )
+    _write_visium_scalefactors(spatial, hires_scalef, lowres_scalef, spot_diameter)
     kwargs = {"dataset_id": dataset_id}
     if fullres_image:
         shutil.copyfile(image_file, out / "tissue_image.jpg")
@@ -426,15 +434,7 @@ def write_synthetic_visium_folder(
         chemistry="Visium-like export of stsr.datasets.synthetic",
     )
     spot_diameter = _SPACERANGER_SPOT_UM / um_per_px
-    _write_json(
-        spatial / "scalefactors_json.json",
-        {
-            "tissue_hires_scalef": hires_scalef,
-            "tissue_lowres_scalef": lowres_scalef,
-            "fiducial_diameter_fullres": spot_diameter * _FIDUCIAL_RATIO,
-            "spot_diameter_fullres": spot_diameter,
-        },
-    )
+    _write_visium_scalefactors(spatial, hires_scalef, lowres_scalef, spot_diameter)
     return {"dataset_id": dataset_id}
 
 

@@ -429,7 +429,8 @@ def _slide_options(p: argparse.ArgumentParser, key_added: str, verb: str) -> Non
         "--pixel-size",
         type=_positive_float,
         default=None,
-        help="HR pixel size in units of the coordinate system (default: a tenth of the spot diameter)",
+        help="HR pixel size in units of the coordinate system (default: a tenth of the spot diameter, no finer "
+        "than 2 µm)",
     )
     p.add_argument(
         "--coordinate-system",

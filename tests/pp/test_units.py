@@ -8,6 +8,7 @@ import pytest
 import stsr
 from stsr.pp._spots import Spots
 from stsr.pp._units import microns_per_unit
+from stsr.tl._inputs import default_pixel_size
 
 
 def _hexagonal(pitch: float, n: int = 12) -> np.ndarray:
@@ -70,5 +71,24 @@ def test_touching_disks_on_a_square_lattice_are_read_at_their_scale():
     stsr.tl.prior_map(sdata, "he", genes, key_added="p", progress=False)
     record = sdata.attrs["stsr"]["p"]
     assert record["um_per_unit"] == 1.0
-    assert record["pixel_size"] == pytest.approx(1.6)
-    assert record["image_scale"] == 2  # 0.8 µm per teacher pixel
+    # the default pixel: a tenth of the 16 µm disks is 1.6 µm, finer than the 2 µm floor
+    assert record["pixel_size"] == pytest.approx(2.0)
+    assert record["image_scale"] == 3  # 0.67 µm per teacher pixel
+    assert sdata["p"]["scale0"]["image"].shape[1:] == (120, 120)
+
+
+@pytest.mark.parametrize(
+    ("diameter", "um_per_unit", "expected"),
+    [
+        (55.0, 1.0, 5.5),  # Visium in µm: a tenth
+        (100.0, 1.0, 10.0),  # legacy ST
+        (145.0, 0.379, 14.5),  # Visium in full-resolution pixels: a tenth, 5.5 µm
+        (16.0, 1.0, 2.0),  # Visium HD 16 µm bins: 2 µm, not 1.6
+        (8.0, 1.0, 2.0),  # 8 µm bins: 2 µm (a quarter), not 0.8
+        (8.0 / 0.25, 0.25, 8.0),  # 8 µm bins in 0.25 µm image pixels: 2 µm = 8 units
+        (2.0, 1.0, 0.5),  # 2 µm bins: a quarter of the bin (still 4 pixels across)
+        (4.0, 1.0, 1.0),
+    ],
+)
+def test_default_pixel_size(diameter, um_per_unit, expected):
+    assert default_pixel_size(diameter, um_per_unit) == pytest.approx(expected)

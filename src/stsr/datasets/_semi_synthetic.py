@@ -119,7 +119,7 @@ def semi_synthetic(
     """A slide with the real histology and spots of ``sdata`` and a generated expression field that follows them.
 
     The HR grid, tissue and spots are those :func:`stsr.tl.super_resolve` uses on ``sdata`` (same ``pixel_size``
-    default, a tenth of the spot diameter). On it, the nuclei of the H&E are segmented
+    default, a tenth of the spot diameter, no finer than 2 µm). On it, the nuclei of the H&E are segmented
     (:class:`stsr.models.prior.NucleiEncoder`) and the tissue pixels clustered into ``n_classes`` classes by their
     nuclear morphology and stain (:data:`CLASS_CHANNELS`). The expected count of gene ``g`` in HR pixel ``p`` is::
 

@@ -47,6 +47,11 @@ log = logging.getLogger("stsr")
 
 #: Default HR pixel size as a fraction of the spot diameter.
 PIXELS_PER_SPOT_DIAMETER = 10
+#: Finest default HR pixel, in micrometres: Visium HD's barcode pitch, the finest that any sequencing platform in
+#: scope measures (a fifth of a cell). Finer pixels add time (the HR grid of a whole Visium HD slide of 8 µm bins
+#: at a tenth of a bin is 66 M pixels; at 2 µm, 10.6 M), not measured detail. Spots under 4 x this get a quarter of
+#: their diameter (:func:`default_pixel_size`).
+MIN_DEFAULT_PIXEL_UM = 2.0
 #: Largest HR grid accepted (pixels): past 32-bit pixel indices, and far beyond a whole slide at sub-micron pixels.
 MAX_GRID_PIXELS = 2**31 - 1
 #: Peak bytes per HR pixel while the inputs are prepared (distances to the spots, closing of the spot lattice, tissue
@@ -204,7 +209,8 @@ def prepare_inputs(
     sdata, image_key, genes, table_key, coordinate_system
         As in :func:`stsr.tl.super_resolve`.
     pixel_size
-        HR pixel side in units of the coordinate system (default: a tenth of the spot diameter). A pixel at least
+        HR pixel side in units of the coordinate system (default: a tenth of the spot diameter, no finer than
+        :data:`MIN_DEFAULT_PIXEL_UM` µm; :func:`default_pixel_size`). A pixel at least
         as large as the spot diameter is refused (a spot would not cover a whole pixel: there is nothing to resolve
         within it); one larger than a quarter of the diameter gives a warning (fewer than 4 pixels across a spot:
         the map hardly resolves anything within a spot and the disk footprints are coarse). The grid is refused
@@ -275,12 +281,14 @@ def prepare_inputs(
         genes = [genes]
     genes, n_spots = _check_table(sdata, table_key, spots_key, genes, integer_counts, layer)
     diameter = spots.diameter
+    um_per_unit, why = microns_per_unit(spots, um_per_unit)
+    log.info("%.4g µm per unit of %r (%s)", um_per_unit, cs, why)
     if pixel_size is None:
-        pixel_size = diameter / PIXELS_PER_SPOT_DIAMETER
+        pixel_size = default_pixel_size(diameter, um_per_unit)
     else:
-        _check_pixel_size(pixel_size, diameter, cs)
+        _check_pixel_size(pixel_size, diameter, cs, um_per_unit)
     grid = frame_grid(spots.frame, pixel_size)
-    _check_grid(grid, float(pixel_size), diameter, n_spots, spots.footprint, cs)
+    _check_grid(grid, float(pixel_size), diameter, n_spots, spots.footprint, cs, um_per_unit)
     if spots.footprint == "squares":
         grid = _align_to_bins(spots, grid)
     given = None
@@ -303,8 +311,6 @@ def prepare_inputs(
     else:
         mask = given & _near_spots(op, pitch)
         _check_tissue_covers_spots(op, lr, mask, tissue, spots_key)
-    um_per_unit, why = microns_per_unit(spots, um_per_unit)
-    log.info("%.4g µm per unit of %r (%s)", um_per_unit, cs, why)
     return SlideInputs(
         sdata=sdata,
         image_key=image_key,
@@ -390,28 +396,49 @@ def _raw_counts_fix(table: Any, table_key: str, layer: str | None = None) -> str
     )
 
 
-def _check_pixel_size(pixel_size: float, diameter: float, cs: str) -> None:
+def default_pixel_size(diameter: float, um_per_unit: float) -> float:
+    """The default HR pixel side, in units of the coordinate system: a tenth of the spot diameter
+    (:data:`PIXELS_PER_SPOT_DIAMETER`), but no finer than :data:`MIN_DEFAULT_PIXEL_UM` µm, and for spots under
+    4 x that (e.g. Visium HD's 2 µm bins) a quarter of their diameter."""
+    floor = min(MIN_DEFAULT_PIXEL_UM / um_per_unit, diameter / 4)
+    return max(diameter / PIXELS_PER_SPOT_DIAMETER, floor)
+
+
+def _default_text(diameter: float, um_per_unit: float) -> str:
+    return (
+        f"the default is {default_pixel_size(diameter, um_per_unit):.4g} (a tenth of the spot diameter, no finer "
+        f"than {MIN_DEFAULT_PIXEL_UM:g} µm)"
+    )
+
+
+def _check_pixel_size(pixel_size: float, diameter: float, cs: str, um_per_unit: float) -> None:
     if isinstance(pixel_size, bool) or not np.isfinite(pixel_size) or pixel_size <= 0:
         raise ValueError(f"pixel_size must be a positive number, got {pixel_size!r}.")
-    default = diameter / PIXELS_PER_SPOT_DIAMETER
+    default = _default_text(diameter, um_per_unit)
     if pixel_size >= diameter:
         raise ValueError(
             f"pixel_size={pixel_size:g} ({cs!r} units) is at least the spot diameter ({diameter:.4g}): an HR pixel "
             "would be as large as a spot, so there is nothing to resolve within the spots. Use a pixel_size of at "
-            f"most a quarter of the diameter ({diameter / 4:.4g}); the default is a tenth ({default:.4g})."
+            f"most a quarter of the diameter ({diameter / 4:.4g}); {default}."
         )
     if pixel_size > diameter / 4:
         msg = (
             f"pixel_size={pixel_size:g} ({cs!r} units) is more than a quarter of the spot diameter "
             f"({diameter:.4g}): fewer than 4 HR pixels across a spot, so the map resolves little within a spot and "
-            f"the spot footprints are coarse. The default is a tenth of the diameter ({default:.4g})."
+            f"the spot footprints are coarse. {default[0].upper()}{default[1:]}."
         )
         log.warning(msg)
         warnings.warn(msg, UserWarning, stacklevel=4)
 
 
 def _check_grid(
-    grid: Grid, pixel_size: float, diameter: float, n_spots: int, footprint: str, cs: str
+    grid: Grid,
+    pixel_size: float,
+    diameter: float,
+    n_spots: int,
+    footprint: str,
+    cs: str,
+    um_per_unit: float,
 ) -> None:
     """Refuse an HR grid larger than :data:`MAX_GRID_PIXELS` or than the memory can hold, before it is built."""
     h, w = grid.shape
@@ -421,7 +448,7 @@ def _check_grid(
         f"pixel_size={pixel_size:g} ({cs!r} units) gives an HR grid of {h} x {w} = {n_px / 1e6:.4g} M pixels, with "
         f"spots {2 * radius_px:.3g} HR pixels across"
     )
-    default = f"the default is a tenth of the spot diameter, {diameter / PIXELS_PER_SPOT_DIAMETER:.3g}"
+    default = _default_text(diameter, um_per_unit)
     if n_px > MAX_GRID_PIXELS:
         suggest = _round_up(pixel_size * np.sqrt(n_px / MAX_GRID_PIXELS))
         raise ValueError(

@@ -134,7 +134,7 @@ def training_pair(
         default to 50 as in ``super_resolve``; the pair's ``hr`` is a stand-in (the spots' interpolation).
     pixel_size
         With ``weak``: the HR pixel side, in units of the coordinate system (default as in ``super_resolve``: a
-        tenth of the spot diameter).
+        tenth of the spot diameter, no finer than 2 µm).
 
     Returns
     -------

@@ -120,7 +120,8 @@ def super_resolve(
         A model object, a name of shipped weights, or a path to saved weights; default: set by the device
         (:data:`DEVICE_DEFAULTS`: the shipped ``fast`` weights on a CPU, ``default`` on a GPU).
     pixel_size
-        HR pixel size in units of ``coordinate_system``; default: a tenth of the spot diameter.
+        HR pixel size in units of ``coordinate_system``; default: a tenth of the spot diameter, no finer than 2 µm
+        (a quarter of the diameter for spots under 8 µm).
     coordinate_system
         Coordinate system in which ``pixel_size`` is given; default: one shared by image and spots (``"global"``
         when present).
