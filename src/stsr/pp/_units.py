@@ -102,10 +102,10 @@ def microns_per_unit(spots: Spots, given: float | None = None) -> tuple[float, s
             lo, hi = DIAMETER_PER_PITCH
             if lo <= ratio <= hi:
                 size, um = PLATFORM_UM[platform]
-                if size == "pitch":  # to 6 digits: the median distance of float centres is not exact
-                    return float(
-                        f"{um / spots.pitch:.6g}"
-                    ), f"{kind} lattice of disks: {platform} (centres {um:g} µm apart)"
+                if size == "pitch":
+                    # to 6 digits: the median distance of float centres is not exact
+                    per_unit = float(f"{um / spots.pitch:.6g}")
+                    return per_unit, f"{kind} lattice of disks: {platform} (centres {um:g} µm apart)"
                 return um / spots.diameter, f"{kind} lattice of disks: {platform} ({um:g} µm spots)"
             return 1.0, (
                 f"coordinate system taken to be in micrometres ({kind} lattice of disks {ratio:.2g} pitch across: "
